@@ -1,0 +1,56 @@
+# edgefl: the two commands a new machine needs are `make demo` and `make test`.
+# Everything else here is what those two call.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: all setup build broker demo test test-compiled test-numpy bench clean
+
+all: test
+
+# A virtual environment with edgefl (editable), its server, simulation and test extras.
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=2.0"
+	$(PY) -m pip install -q --no-build-isolation -e '.[server,sim,test]'
+	touch $@
+
+setup: $(VENV)/.installed build broker
+
+# Rebuild the compiled kernels whenever a .pyx/.pxd changed (a no-op when nothing did).
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+# Mosquitto, the real broker the demo and the integration tests run against.
+broker:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing mosquitto from Debian's packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is missing: install it (apt-get install mosquitto / brew install mosquitto)"; exit 1; \
+	fi
+
+# The main job: a federated run of 10 devices on the digits task over a local broker.
+demo: setup
+	$(PY) -m edgefl simulate --devices 10 --rounds 30 --out demo-output
+
+# The whole suite twice: compiled kernels, then the pure-NumPy twin.
+test: setup
+	$(MAKE) --no-print-directory test-compiled test-numpy
+
+test-compiled:
+	$(PY) -c "import edgefl.kernels as k; assert k.BACKEND == 'cython', 'compiled kernels did not import'"
+	$(PYTEST) -q
+
+test-numpy:
+	EDGEFL_PUREPYTHON=1 $(PYTEST) -q
+
+# Kernel microbenchmarks (JSON + PNG in benchmarks/results/).
+bench: setup
+	$(PY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info edgefl/_kernels/*.c edgefl/_kernels/*.so

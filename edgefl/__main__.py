@@ -1,0 +1,4 @@
+"""``python -m edgefl``: the same as the ``edgefl`` command."""
+from edgefl.cli import main
+
+raise SystemExit(main())

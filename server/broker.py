@@ -1,0 +1,140 @@
+"""An MQTT broker for a zero-install start and for the test suite: Mosquitto on a free loopback port.
+
+Production runs its own broker (Mosquitto, EMQX, VerneMQ, HiveMQ) and passes ``--broker``; this
+module starts one only when none is given.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker could be started here."""
+
+
+def find_mosquitto() -> str | None:
+    """Path of the ``mosquitto`` executable, or None. Debian installs it in /usr/sbin."""
+    return shutil.which("mosquitto", path=_SEARCH_PATH)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class MosquittoBroker:
+    """A private Mosquitto process listening on one loopback port.
+
+    Parameters
+    ----------
+    port : int, optional
+        Port to listen on; a free one by default.
+    persistence_dir : path, optional
+        Keep retained messages and persistent sessions here across :meth:`restart` (a real
+        broker restart keeps them too). A temporary directory by default.
+    max_packet_size : int
+        Largest MQTT packet the broker accepts, in bytes.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, port: int | None = None, *, persistence_dir=None, max_packet_size=16 << 20):
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgefl-mosquitto-")
+        self.dir = Path(persistence_dir or self._tmp.name)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_packet_size = max_packet_size
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.dir / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def _write_config(self) -> Path:
+        config = self.dir / "mosquitto.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} {self.host}",
+                    "allow_anonymous true",
+                    "persistence true",
+                    f"persistence_location {self.dir}/",
+                    "autosave_interval 1",
+                    f"max_packet_size {self.max_packet_size}",
+                    # Devices may be offline for hours: keep their queued QoS 1 messages.
+                    "max_queued_messages 10000",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                    "",
+                ]
+            )
+        )
+        return config
+
+    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+        exe = find_mosquitto()
+        if exe is None:
+            raise BrokerUnavailable(
+                "mosquitto is not installed: `apt-get install mosquitto` (Debian/Ubuntu), "
+                "`brew install mosquitto` (macOS), or pass --broker mqtt://HOST:PORT"
+            )
+        config = self._write_config()
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [exe, "-c", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerUnavailable(
+                    f"mosquitto exited with code {self.process.returncode}: "
+                    f"{self.log_path.read_text(errors='replace')[-2000:]}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        """Stop the broker gracefully (it saves retained messages and sessions)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop, wait ``downtime`` seconds, start again on the same port with the same state."""
+        self.stop()
+        time.sleep(downtime)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "MosquittoBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
