@@ -5,6 +5,7 @@ module starts one only when none is given.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -30,6 +31,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 class MosquittoBroker:
@@ -69,6 +78,9 @@ class MosquittoBroker:
                 [
                     f"listener {self.port} {self.host}",
                     "allow_anonymous true",
+                    # Started as root, mosquitto would drop to the "mosquitto" user, which
+                    # cannot write our persistence directory: stay who we are.
+                    f"user {getpass.getuser()}",
                     "persistence true",
                     f"persistence_location {self.dir}/",
                     "autosave_interval 1",
@@ -91,6 +103,11 @@ class MosquittoBroker:
                 "mosquitto is not installed: `apt-get install mosquitto` (Debian/Ubuntu), "
                 "`brew install mosquitto` (macOS), or pass --broker mqtt://HOST:PORT"
             )
+        if _listening(self.host, self.port):
+            raise BrokerUnavailable(
+                f"port {self.port} on {self.host} is already in use: choose another port "
+                "or pass --broker to use the broker that listens there"
+            )
         config = self._write_config()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -104,11 +121,9 @@ class MosquittoBroker:
                     f"mosquitto exited with code {self.process.returncode}: "
                     f"{self.log_path.read_text(errors='replace')[-2000:]}"
                 )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+            if _listening(self.host, self.port):
+                return self
+            time.sleep(0.02)
         self.stop()
         raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
 
