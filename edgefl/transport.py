@@ -1,0 +1,338 @@
+"""The one MQTT connection wrapper of edgefl, used by devices and by the aggregation server.
+
+Built on paho-mqtt 2.x the way the protocol needs it (``docs/protocol.md``, Sessions and delivery):
+
+* MQTT v5 with a fixed client id, ``clean_start=False`` and a Session Expiry Interval, so QoS 1
+  messages queued by the broker while a peer is away reach it when it returns. paho's default
+  (``MQTT_CLEAN_START_FIRST_ONLY``) starts clean on the first connect of every process, which
+  would throw those messages away after a reboot, so ``clean_start=False`` is passed explicitly.
+* Reconnection with exponential back-off (``reconnect_delay_set``); subscriptions are renewed in
+  ``on_connect`` after checking the CONNACK reason code, so a broker that lost its state still
+  routes our topics after a restart.
+* paho's callbacks only put events on a queue. One dispatcher thread runs the user's message
+  handler and the connect hooks, never paho's network thread, so slow handlers cannot stall
+  keep-alives, and an exception from a handler is logged and never reaches paho (an exception in a
+  paho callback kills its network thread).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+#: A message as paho delivers it (``.topic``, ``.payload``, ``.qos``, ``.retain``, ``.mid``).
+Message = mqtt.MQTTMessage
+
+
+class BrokerUnreachable(ConnectionError):
+    """The broker did not accept a connection within the time given to :meth:`MqttConnection.start`."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where a broker listens: host, port and whether the connection uses TLS."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt://host:port``, ``mqtts://host:port`` or ``host:port`` into a :class:`BrokerAddress`.
+
+    The port defaults to 1883 for ``mqtt`` and 8883 for ``mqtts``.
+
+    Raises
+    ------
+    ValueError
+        For another scheme, a missing host or a port outside 1-65535, naming the bad value.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"broker URL {url!r} is empty: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+    text = url.strip()
+    if "://" not in text:
+        text = "mqtt://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(
+            f"broker URL {url!r}: scheme {parts.scheme!r} is not supported; use mqtt:// or mqtts://"
+        )
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker URL {url!r}: the port must be a number in 1-65535") from None
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host: use mqtt://HOST:PORT")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"broker URL {url!r}: a path or query is not allowed, only HOST:PORT")
+    if port == 0:
+        raise ValueError(f"broker URL {url!r}: the port must be a number in 1-65535")
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+# Events the paho callbacks hand to the dispatcher thread.
+_MESSAGE, _CONNECTED, _STOP = "message", "connected", "stop"
+
+
+class MqttConnection:
+    """A persistent MQTT v5 session to one broker, with a dispatcher thread for incoming messages.
+
+    Parameters
+    ----------
+    client_id : str
+        Fixed MQTT client id; the broker keeps this id's session (subscriptions and queued QoS 1
+        messages) for ``session_expiry`` seconds while it is away.
+    broker_url : str
+        ``mqtt://host:port``, ``mqtts://host:port`` or ``host:port``.
+    username, password : str, optional
+        Credentials passed to the broker.
+    tls : bool or ssl.SSLContext, optional
+        True for TLS with the system's (or ``ca_certs``') trust store, an ``SSLContext`` for full
+        control; by default TLS is on exactly for ``mqtts://`` URLs.
+    ca_certs : str, optional
+        CA bundle to verify the broker with (when ``tls`` is not an ``SSLContext``).
+    session_expiry : int
+        Session Expiry Interval in seconds.
+    keepalive : int
+        MQTT keep-alive in seconds.
+    will : tuple, optional
+        ``(topic, payload, qos, retain)`` the broker publishes if this client vanishes.
+    subscriptions : list of (topic, qos)
+        Renewed on every connect. ``qos`` may also be a paho ``SubscribeOptions``.
+    on_message : callable(Message), optional
+        Runs on the dispatcher thread for every incoming message; exceptions are logged.
+    manual_ack : bool
+        If True, a QoS 1 message is acknowledged only when :meth:`ack` is called (after the
+        handler stored it durably); a message never acknowledged is redelivered by the broker on
+        the next connection.
+    reconnect_delay : (float, float)
+        Minimum and maximum back-off between reconnection attempts, in seconds.
+
+    Attributes
+    ----------
+    connected : threading.Event
+        Set while a CONNACK with success is in force.
+    on_connect_hooks : list of callable(session_present: bool)
+        Run on the dispatcher thread after every successful connect, after the subscriptions were
+        renewed (e.g. to publish a retained status or to resend an outbox).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        broker_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
+        ca_certs: str | None = None,
+        session_expiry: int = 86400,
+        keepalive: int = 30,
+        will: tuple | None = None,
+        subscriptions=(),
+        on_message: Callable[[Message], None] | None = None,
+        manual_ack: bool = False,
+        reconnect_delay: tuple[float, float] = (0.5, 30),
+    ):
+        if not isinstance(client_id, str) or not client_id:
+            raise ValueError(f"client id {client_id!r} must be a non-empty string")
+        self.client_id = client_id
+        self.address = parse_broker_url(broker_url)
+        self.session_expiry = int(session_expiry)
+        self.keepalive = int(keepalive)
+        self.subscriptions = list(subscriptions)
+        self.on_message = on_message
+        self.manual_ack = manual_ack
+        self.connected = threading.Event()
+        self.on_connect_hooks: list[Callable[[bool], None]] = []
+        self.last_error: str | None = None
+
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._dispatcher: threading.Thread | None = None
+        self._started = False
+
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        min_delay, max_delay = reconnect_delay
+        client.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
+        if username is not None:
+            client.username_pw_set(username, password)
+        use_tls = self.address.tls if tls is None else tls
+        if isinstance(use_tls, ssl.SSLContext):
+            client.tls_set_context(use_tls)
+        elif use_tls:
+            client.tls_set(ca_certs=ca_certs)
+        if will is not None:
+            topic, payload, qos, retain = will
+            client.will_set(topic, payload, qos=qos, retain=retain)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> "MqttConnection":
+        """Connect and start the network and dispatcher threads; wait up to ``timeout`` seconds.
+
+        Raises
+        ------
+        BrokerUnreachable
+            If no successful CONNACK arrived in time (the broker is down, refuses the
+            credentials, ...); the threads are stopped again.
+        """
+        if self._started:
+            raise RuntimeError(f"MQTT connection {self.client_id!r} is already started")
+        self._started = True
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name=f"edgefl-mqtt-{self.client_id}", daemon=True
+        )
+        self._dispatcher.start()
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.session_expiry
+        self._client.connect_async(
+            self.address.host,
+            self.address.port,
+            keepalive=self.keepalive,
+            clean_start=False,
+            properties=properties,
+        )
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            reason = self.last_error or "no answer"
+            self.stop()
+            raise BrokerUnreachable(
+                f"could not connect to the MQTT broker at {self.address.url} as {self.client_id!r} "
+                f"within {timeout:g} s ({reason}); check that the broker runs and the URL, "
+                f"credentials and TLS settings are right"
+            )
+        return self
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the Last Will is not published) and stop both threads."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            self._client.disconnect()
+        except Exception:  # noqa: BLE001 - already disconnected is fine when stopping
+            log.debug("disconnect of %s failed", self.client_id, exc_info=True)
+        self._client.loop_stop()
+        self.connected.clear()
+        self._events.put((_STOP, None))
+        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+            self._dispatcher.join(timeout=10)
+        self._dispatcher = None
+
+    def __enter__(self) -> "MqttConnection":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                timeout: float | None = None) -> bool:
+        """Publish one message.
+
+        Without ``timeout`` it returns once paho took the message: True if it went out on the
+        current connection, False if there is none right now (paho keeps a QoS 1 message and sends
+        it after reconnecting while this process lives). With ``timeout`` it waits for the PUBACK
+        and returns True only if the broker confirmed it in time.
+        """
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if timeout is None:
+            return info.rc == mqtt.MQTT_ERR_SUCCESS
+        try:
+            info.wait_for_publish(timeout)
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            # Not connected or paho's queue is full: not confirmed.
+            return False
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge ``msg`` (PUBACK) after it has been stored; only with ``manual_ack=True``."""
+        if self.manual_ack and msg.qos > 0:
+            self._client.ack(msg.mid, msg.qos)
+
+    # -- paho callbacks: run on paho's network thread, so they only record and enqueue -------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        try:
+            if reason_code.is_failure:
+                self.last_error = f"broker refused the connection: {reason_code}"
+                log.warning("%s: %s", self.client_id, self.last_error)
+                return
+            for topic, qos in self.subscriptions:
+                client.subscribe(topic, qos)
+            self.last_error = None
+            self.connected.set()
+            self._events.put((_CONNECTED, bool(flags.session_present)))
+        except Exception:  # noqa: BLE001 - never let an exception reach paho's network thread
+            log.exception("%s: on_connect failed", self.client_id)
+
+    def _on_connect_fail(self, client, userdata):
+        try:
+            self.last_error = "connection failed (is the broker running?)"
+            log.debug("%s: %s", self.client_id, self.last_error)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        try:
+            self.connected.clear()
+            if self._started:
+                log.info("%s: disconnected from %s (%s); reconnecting",
+                         self.client_id, self.address.url, reason_code)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            self._events.put((_MESSAGE, msg))
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- dispatcher thread -----------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while True:
+            kind, item = self._events.get()
+            if kind == _STOP:
+                return
+            if kind == _CONNECTED:
+                for hook in list(self.on_connect_hooks):
+                    try:
+                        hook(item)
+                    except Exception:  # noqa: BLE001 - a hook's bug must not stop the others
+                        log.exception("%s: connect hook %r failed", self.client_id, hook)
+            elif self.on_message is not None:
+                try:
+                    self.on_message(item)
+                except Exception:  # noqa: BLE001 - a handler's bug must not stop the dispatcher
+                    log.exception(
+                        "%s: handler for a message on %s failed%s", self.client_id, item.topic,
+                        " (not acknowledged: the broker redelivers it on the next connection)"
+                        if self.manual_ack and item.qos > 0 else "",
+                    )

@@ -1,0 +1,250 @@
+"""edgefl.transport against a real Mosquitto, with raw paho clients as the other side."""
+import queue
+import socket
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgefl.transport import BrokerAddress, BrokerUnreachable, MqttConnection, parse_broker_url
+
+pytestmark = pytest.mark.integration
+
+
+def raw_client(broker, client_id, *, on_message=None, subscribe=()):
+    """A plain paho MQTT v5 client, connected and looping, as an independent peer."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        for topic in subscribe:
+            c.subscribe(topic, 1)
+        if not subscribe:
+            subscribed.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *a: subscribed.set()
+    if on_message is not None:
+        client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert subscribed.wait(5), "raw peer did not connect"
+    return client
+
+
+def collector():
+    """An on_message callback that puts (topic, payload, retain) on a queue."""
+    got = queue.Queue()
+    return got, lambda c, u, msg: got.put((msg.topic, msg.payload, msg.retain))
+
+
+def stop_raw(client):
+    client.disconnect()
+    client.loop_stop()
+
+
+# -- broker URLs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("mqtt://10.0.0.5:1884", BrokerAddress("10.0.0.5", 1884, False)),
+        ("mqtts://broker.example.org", BrokerAddress("broker.example.org", 8883, True)),
+        ("mqtt://localhost", BrokerAddress("localhost", 1883, False)),
+        ("gateway:2000", BrokerAddress("gateway", 2000, False)),
+        ("  mqtt://h:1/ ", BrokerAddress("h", 1, False)),
+    ],
+)
+def test_parse_broker_url(url, expected):
+    assert parse_broker_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://h:1883", "scheme 'http'"),
+        ("mqtt://h:99999", "1-65535"),
+        ("mqtt://h:port", "1-65535"),
+        ("mqtt://:1883", "no host"),
+        ("", "empty"),
+        ("mqtt://h:1883/topic", "path"),
+    ],
+)
+def test_parse_broker_url_rejects_with_the_bad_value(url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_broker_url(url)
+
+
+def test_address_url_round_trips():
+    address = BrokerAddress("h", 8883, True)
+    assert parse_broker_url(address.url) == address
+
+
+# -- connecting ----------------------------------------------------------------------------------
+
+def test_start_fails_clearly_when_no_broker_listens():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        conn = MqttConnection("dev-a", f"mqtt://127.0.0.1:{port}", reconnect_delay=(0.1, 0.2))
+        started = time.monotonic()
+        with pytest.raises(BrokerUnreachable, match=f"127.0.0.1:{port}.*dev-a"):
+            conn.start(timeout=0.5)
+        assert time.monotonic() - started < 5
+    assert not conn.connected.is_set()
+
+
+def test_publish_and_receive_through_the_dispatcher_thread(broker):
+    got, on_raw = collector()
+    peer = raw_client(broker, "peer", on_message=on_raw, subscribe=["t/out"])
+    handled = queue.Queue()
+
+    def handler(msg):
+        handled.put((msg.topic, msg.payload, threading.current_thread().name))
+
+    conn = MqttConnection("dev-a", broker.url, subscriptions=[("t/in", 1)], on_message=handler)
+    with conn:
+        assert conn.connected.is_set()
+        assert conn.publish("t/out", b"hello", qos=1, timeout=5) is True
+        assert got.get(timeout=5) == ("t/out", b"hello", False)
+        peer.publish("t/in", b"to-device", qos=1).wait_for_publish(5)
+        topic, payload, thread = handled.get(timeout=5)
+        assert (topic, payload) == ("t/in", b"to-device")
+        assert thread == "edgefl-mqtt-dev-a"  # never paho's network thread
+    stop_raw(peer)
+
+
+def test_a_failing_handler_is_logged_and_the_next_message_still_arrives(broker, caplog):
+    handled = queue.Queue()
+
+    def handler(msg):
+        if msg.payload == b"boom":
+            raise RuntimeError("handler bug")
+        handled.put(msg.payload)
+
+    conn = MqttConnection("dev-a", broker.url, subscriptions=[("t/in", 1)], on_message=handler)
+    peer = raw_client(broker, "peer")
+    with conn:
+        peer.publish("t/in", b"boom", qos=1).wait_for_publish(5)
+        peer.publish("t/in", b"fine", qos=1).wait_for_publish(5)
+        assert handled.get(timeout=5) == b"fine"
+        assert conn.connected.is_set()
+    assert "handler bug" in caplog.text
+    stop_raw(peer)
+
+
+def test_last_will_is_published_when_the_client_vanishes(broker):
+    got, on_raw = collector()
+    peer = raw_client(broker, "watcher", on_message=on_raw, subscribe=["s/dev-a"])
+    conn = MqttConnection("dev-a", broker.url, keepalive=1, will=("s/dev-a", b"offline", 1, True))
+    conn.start(timeout=5)
+    # Kill the socket under paho, as a crash or a pulled cable would: no DISCONNECT packet.
+    conn._client.loop_stop()
+    conn._client.socket().close()
+    topic, payload, _ = got.get(timeout=10)
+    assert (topic, payload) == ("s/dev-a", b"offline")
+    conn._started = False
+    stop_raw(peer)
+
+
+def test_clean_stop_does_not_publish_the_will(broker):
+    got, on_raw = collector()
+    peer = raw_client(broker, "watcher", on_message=on_raw, subscribe=["s/dev-a"])
+    with MqttConnection("dev-a", broker.url, will=("s/dev-a", b"offline", 1, True)) as conn:
+        conn.publish("s/dev-a", b"online", qos=1, retain=True, timeout=5)
+    assert got.get(timeout=5)[1] == b"online"
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.5)
+    stop_raw(peer)
+
+
+# -- sessions and reconnection -------------------------------------------------------------------
+
+def test_messages_sent_while_away_arrive_after_restart_of_the_process(broker):
+    """clean_start=False + Session Expiry: the broker queues QoS 1 messages for a stopped client."""
+    first = queue.Queue()
+    conn = MqttConnection("dev-a", broker.url, subscriptions=[("t/in", 1)], on_message=first.put)
+    conn.start(timeout=5)
+    conn.stop()
+    peer = raw_client(broker, "peer")
+    peer.publish("t/in", b"queued while away", qos=1).wait_for_publish(5)
+    again = queue.Queue()
+    conn = MqttConnection("dev-a", broker.url, subscriptions=[("t/in", 1)], on_message=again.put)
+    with conn:
+        assert again.get(timeout=5).payload == b"queued while away"
+    assert first.empty()
+    stop_raw(peer)
+
+
+def test_reconnects_after_a_broker_restart_and_renews_subscriptions(broker):
+    handled = queue.Queue()
+    reconnects = queue.Queue()
+    conn = MqttConnection(
+        "dev-a", broker.url, subscriptions=[("t/in", 1)], on_message=handled.put,
+        reconnect_delay=(0.1, 0.5),
+    )
+    conn.on_connect_hooks.append(reconnects.put)
+    with conn:
+        assert reconnects.get(timeout=5) is False  # a new session the first time
+        broker.restart()
+        assert reconnects.get(timeout=10) is True  # the persisted session is resumed
+        assert conn.connected.wait(5)
+        peer = raw_client(broker, "peer")
+        peer.publish("t/in", b"after restart", qos=1).wait_for_publish(5)
+        assert handled.get(timeout=5).payload == b"after restart"
+        stop_raw(peer)
+
+
+def test_publish_without_a_connection_reports_false_and_is_delivered_after_reconnect(broker):
+    got, on_raw = collector()
+    conn = MqttConnection("dev-a", broker.url, reconnect_delay=(0.1, 0.3))
+    with conn:
+        broker.stop()
+        assert _wait_until(lambda: not conn.connected.is_set())
+        assert conn.publish("t/out", b"late", qos=1, timeout=0.2) is False
+        broker.start()
+        peer = raw_client(broker, "peer", on_message=on_raw, subscribe=["t/out"])
+        assert conn.connected.wait(10)
+        assert got.get(timeout=5)[:2] == ("t/out", b"late")
+        stop_raw(peer)
+
+
+def _wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_manual_ack_redelivers_a_message_that_was_not_acknowledged(broker):
+    received = queue.Queue()
+    conn = MqttConnection("server", broker.url, subscriptions=[("t/up", 1)],
+                          on_message=received.put, manual_ack=True)
+    conn.start(timeout=5)
+    peer = raw_client(broker, "peer")
+    peer.publish("t/up", b"update-1", qos=1).wait_for_publish(5)
+    assert received.get(timeout=5).payload == b"update-1"
+    conn.stop()  # crashed before storing it: no PUBACK was sent
+
+    redelivered = queue.Queue()
+    conn = MqttConnection("server", broker.url, subscriptions=[("t/up", 1)],
+                          on_message=redelivered.put, manual_ack=True)
+    with conn:
+        msg = redelivered.get(timeout=5)
+        assert msg.payload == b"update-1"
+        conn.ack(msg)
+    # Acknowledged now: a third session receives nothing.
+    third = queue.Queue()
+    with MqttConnection("server", broker.url, subscriptions=[("t/up", 1)],
+                        on_message=third.put, manual_ack=True):
+        with pytest.raises(queue.Empty):
+            third.get(timeout=0.5)
+    stop_raw(peer)
+
+
+def test_rejects_an_empty_client_id():
+    with pytest.raises(ValueError, match="client id"):
+        MqttConnection("", "mqtt://127.0.0.1:1883")
