@@ -1,0 +1,126 @@
+"""The arithmetic of aggregation, as plain functions over flat float32 weight vectors.
+
+Every strategy class in :mod:`edgefl_server.strategies` orchestrates these functions; none of them
+knows about MQTT, rounds or storage, so each can be checked against hand-computed values.
+
+A client's update is a *delta* (local weights minus the round's global weights) in the manifest's
+canonical flat layout, either dense (``indices is None``, ``values`` has one entry per parameter)
+or sparse (sorted, unique ``indices`` with one value each). Sums accumulate in float64 so that the
+order in which updates arrive does not change the result beyond float32 rounding.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+import numpy as np
+
+
+class WeightedDelta(NamedTuple):
+    """One client's delta and its weight in the average (usually its sample count)."""
+
+    indices: np.ndarray | None
+    values: np.ndarray
+    weight: float
+
+
+def weighted_delta_sum(deltas: Iterable[WeightedDelta], num_params: int) -> tuple[np.ndarray, float]:
+    """Sum ``weight * delta`` over clients into one dense float64 vector.
+
+    Sparse deltas are scattered into the single accumulator (``np.add.at``), never expanded to a
+    dense vector per client, so the cost is O(num_params + total kept coordinates).
+
+    Parameters
+    ----------
+    deltas : iterable of WeightedDelta
+        Dense or sparse deltas; weights must be finite and non-negative.
+    num_params : int
+        Length of the flat weight vector.
+
+    Returns
+    -------
+    total : ndarray of float64, shape (num_params,)
+        The weighted sum.
+    weight : float
+        The sum of the weights.
+
+    Raises
+    ------
+    ValueError
+        If a delta's shape does not fit ``num_params`` or a weight is negative or not finite.
+    """
+    total = np.zeros(num_params, dtype=np.float64)
+    weight_sum = 0.0
+    for n, (indices, values, weight) in enumerate(deltas):
+        if not (np.isfinite(weight) and weight >= 0):
+            raise ValueError(f"delta {n}: weight must be finite and >= 0, got {weight!r}")
+        if indices is None:
+            if values.shape != (num_params,):
+                raise ValueError(
+                    f"delta {n}: a dense delta needs {num_params} values, got shape {values.shape}"
+                )
+            total += weight * values.astype(np.float64)
+        else:
+            if indices.shape != values.shape:
+                raise ValueError(
+                    f"delta {n}: {indices.size} indices but {values.size} values"
+                )
+            if indices.size and int(indices[-1]) >= num_params:
+                raise ValueError(
+                    f"delta {n}: index {int(indices[-1])} is out of range for {num_params} parameters"
+                )
+            np.add.at(total, indices, weight * values.astype(np.float64))
+        weight_sum += float(weight)
+    return total, weight_sum
+
+
+def weighted_mean_delta(deltas: Iterable[WeightedDelta], num_params: int) -> np.ndarray | None:
+    """The weighted mean of the deltas as float32, or None when the weights sum to zero.
+
+    A coordinate a sparse client did not send counts as zero for that client (it did not move
+    it), which is what averaging the dense deltas would give.
+    """
+    total, weight = weighted_delta_sum(deltas, num_params)
+    if weight <= 0:
+        return None
+    return (total / weight).astype(np.float32)
+
+
+def apply_delta(weights: np.ndarray, delta: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """New float32 weights ``weights + scale * delta`` (the inputs are left unchanged)."""
+    out = weights.astype(np.float64) + scale * delta.astype(np.float64)
+    return out.astype(np.float32)
+
+
+def first_moment(m: np.ndarray, delta: np.ndarray, beta_1: float) -> np.ndarray:
+    """Server momentum ``m_t = beta_1 * m_{t-1} + (1 - beta_1) * delta_t`` (Reddi et al., Alg. 2)."""
+    return beta_1 * m + (1.0 - beta_1) * delta
+
+
+def second_moment_adam(v: np.ndarray, delta: np.ndarray, beta_2: float) -> np.ndarray:
+    """FedAdam: ``v_t = beta_2 * v_{t-1} + (1 - beta_2) * delta_t**2``."""
+    return beta_2 * v + (1.0 - beta_2) * np.square(delta)
+
+
+def second_moment_yogi(v: np.ndarray, delta: np.ndarray, beta_2: float) -> np.ndarray:
+    """FedYogi: ``v_t = v_{t-1} - (1 - beta_2) * delta_t**2 * sign(v_{t-1} - delta_t**2)``.
+
+    Unlike Adam's, this moment moves additively, so it cannot forget a large past step at once.
+    """
+    d2 = np.square(delta)
+    return v - (1.0 - beta_2) * d2 * np.sign(v - d2)
+
+
+def second_moment_adagrad(v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """FedAdagrad: ``v_t = v_{t-1} + delta_t**2``."""
+    return v + np.square(delta)
+
+
+def adaptive_step(weights: np.ndarray, m: np.ndarray, v: np.ndarray, *, eta: float,
+                  tau: float) -> np.ndarray:
+    """The server update ``x_{t+1} = x_t + eta * m_t / (sqrt(v_t) + tau)`` as float32.
+
+    ``tau`` bounds the step where ``v`` is tiny; Yogi's ``v`` stays non-negative because it starts
+    at ``tau**2`` and each step moves it towards ``delta**2`` by less than the gap.
+    """
+    step = eta * m / (np.sqrt(np.maximum(v, 0.0)) + tau)
+    return (weights.astype(np.float64) + step).astype(np.float32)
