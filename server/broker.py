@@ -153,3 +153,13 @@ class MosquittoBroker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def embedded_broker(**kwargs):
+    """A broker for a zero-install start, not yet started: Mosquitto when installed, otherwise
+    edgefl's in-process MQTT v5 broker (:mod:`edgefl_server.inprocess_broker`)."""
+    if find_mosquitto() is not None:
+        return MosquittoBroker(**kwargs)
+    from edgefl_server.inprocess_broker import InProcessBroker
+
+    return InProcessBroker(max_packet_size=kwargs.get("max_packet_size", 16 << 20))
