@@ -1,0 +1,236 @@
+"""Durable server state in one SQLite database: model, round, strategy state, accepted updates.
+
+The database runs in WAL mode with ``synchronous=FULL``, so a transaction that returned is on disk
+and survives ``kill -9`` or a power cut; every change that must be all-or-nothing (closing a round:
+new model + optimizer state + next round + the round's history record) is one transaction. An
+update is written here *before* the server acknowledges it to the broker, so an acknowledged
+update is never lost, and the primary key (round, client) makes a redelivered duplicate a no-op.
+
+Arrays are stored as raw little-endian bytes (weights) or ``.npy`` bytes loaded with
+``allow_pickle=False`` (optimizer state): nothing in the state directory can execute code.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from edgefl.model import Model, ModelManifest
+
+from .rounds import RoundState
+
+#: Bumped when the tables change incompatibly; an older server refuses a newer state directory.
+SCHEMA_VERSION = 1
+DB_NAME = "server.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS model (
+    version INTEGER PRIMARY KEY, round_id INTEGER NOT NULL, manifest BLOB NOT NULL,
+    weights BLOB NOT NULL, onnx BLOB NOT NULL, onnx_sha256 BLOB NOT NULL, signature BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS strategy_state (name TEXT PRIMARY KEY, array BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    round_id INTEGER NOT NULL, client_id TEXT NOT NULL, update_id TEXT NOT NULL,
+    base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, nbytes INTEGER NOT NULL,
+    received_at REAL NOT NULL, payload BLOB, PRIMARY KEY (round_id, client_id));
+CREATE TABLE IF NOT EXISTS history (round_id INTEGER PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+
+class StateError(RuntimeError):
+    """The state directory cannot be used by this server (another fleet, strategy or schema)."""
+
+
+class StoredUpdate(NamedTuple):
+    """An accepted update as stored: who sent it, its id and the payload exactly as received."""
+
+    client_id: str
+    update_id: int
+    payload: bytes
+
+
+@dataclass
+class SavedState:
+    """Everything a restarted server resumes from."""
+
+    model: Model
+    round: RoundState
+    strategy_state: dict[str, np.ndarray]
+    history: list[dict]
+
+
+class ServerStore:
+    """The server's state directory. Thread-safe: one connection guarded by a lock.
+
+    Parameters
+    ----------
+    state_dir : path
+        Created if missing; holds ``server.sqlite`` (plus SQLite's ``-wal``/``-shm`` files).
+    fleet, strategy : str
+        Recorded on first use; a later start with another fleet or strategy is refused, because
+        the saved optimizer state and rounds belong to the first.
+    """
+
+    def __init__(self, state_dir, *, fleet: str, strategy: str):
+        self.path = Path(state_dir) / DB_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._claim(fleet=fleet, strategy=strategy, schema=str(SCHEMA_VERSION))
+
+    def _claim(self, **expected: str) -> None:
+        with self._transaction() as db:
+            for key, value in expected.items():
+                row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+                elif row[0] != value:
+                    raise StateError(
+                        f"state directory {self.path.parent} belongs to {key} {row[0]!r}, not "
+                        f"{value!r}: pass --{key} {row[0]} to resume it, or use a new --state-dir"
+                    )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction (``BEGIN IMMEDIATE``), committed on success, else rolled back."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- model, round, strategy state ------------------------------------------------------------
+
+    def load(self) -> SavedState | None:
+        """The saved state, or None for a state directory that never held a model."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT version, round_id, manifest, weights, onnx, onnx_sha256, signature "
+                "FROM model ORDER BY version DESC LIMIT 1").fetchone()
+            if row is None:
+                return None
+            version, round_id, manifest, weights, onnx_bytes, sha, signature = row
+            manifest = ModelManifest.from_bytes(manifest)
+            model = Model(version, round_id, manifest,
+                          np.frombuffer(weights, dtype="<f4").astype(np.float32),
+                          bytes(onnx_bytes), bytes(sha), bytes(signature))
+            (round_json,) = db.execute("SELECT value FROM meta WHERE key = 'round'").fetchone()
+            state = {name: _load_array(blob)
+                     for name, blob in db.execute("SELECT name, array FROM strategy_state")}
+            history = [json.loads(r) for (r,) in
+                       db.execute("SELECT record FROM history ORDER BY round_id")]
+        return SavedState(model, RoundState.from_dict(json.loads(round_json)), state, history)
+
+    def initialize(self, model: Model, round_state: RoundState) -> None:
+        """Record the first model and round of a new state directory."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM model").fetchone():
+                raise StateError(f"state directory {self.path.parent} is already initialized")
+            _put_model(db, model)
+            _put_round(db, round_state)
+
+    def save_round(self, round_state: RoundState) -> None:
+        """Persist a round that opened or got its deadline extended."""
+        with self._transaction() as db:
+            _put_round(db, round_state)
+
+    def commit_round(self, *, closed_round: int, model: Model, next_round: RoundState,
+                     strategy_state: dict[str, np.ndarray], record: dict) -> None:
+        """Close ``closed_round`` atomically: new model, optimizer state, next round, history.
+
+        The closed round's payloads are dropped (they are in the model now) but their keys stay,
+        so a late QoS 1 duplicate of a counted update is recognised and never counted again.
+
+        Raises
+        ------
+        StateError
+            If ``model`` is older than the stored one: versions only ever increase.
+        """
+        with self._transaction() as db:
+            (current,) = db.execute("SELECT MAX(version) FROM model").fetchone()
+            if model.version < current:
+                raise StateError(f"model version {model.version} is older than the stored "
+                                 f"version {current}; versions only increase")
+            if model.version > current:
+                _put_model(db, model)
+                db.execute("DELETE FROM model WHERE version < ?", (model.version,))
+            db.execute("DELETE FROM strategy_state")
+            db.executemany("INSERT INTO strategy_state VALUES (?, ?)",
+                           [(k, _dump_array(v)) for k, v in strategy_state.items()])
+            _put_round(db, next_round)
+            db.execute("INSERT OR REPLACE INTO history VALUES (?, ?)",
+                       (closed_round, json.dumps(record, allow_nan=False)))
+            db.execute("UPDATE updates SET payload = NULL WHERE round_id = ?", (closed_round,))
+
+    # -- updates ---------------------------------------------------------------------------------
+
+    def find_update(self, round_id: int, client_id: str) -> int | None:
+        """The id of ``client_id``'s accepted update in ``round_id``, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT update_id FROM updates WHERE round_id = ? AND client_id = ?",
+                (round_id, client_id)).fetchone()
+        return None if row is None else int(row[0])
+
+    def add_update(self, *, round_id: int, client_id: str, update_id: int, base_version: int,
+                   num_samples: int, payload: bytes, received_at: float) -> int | None:
+        """Store an accepted update durably; return None, or the id already stored for this
+        (round, client), in which case nothing is written."""
+        with self._transaction() as db:
+            row = db.execute("SELECT update_id FROM updates WHERE round_id = ? AND client_id = ?",
+                             (round_id, client_id)).fetchone()
+            if row is not None:
+                return int(row[0])
+            db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round_id, client_id, str(update_id), base_version, num_samples,
+                        len(payload), received_at, payload))
+        return None
+
+    def round_updates(self, round_id: int) -> list[StoredUpdate]:
+        """The accepted updates of an open round, in arrival order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client_id, update_id, payload FROM updates WHERE round_id = ? "
+                "AND payload IS NOT NULL ORDER BY received_at, client_id", (round_id,)).fetchall()
+        return [StoredUpdate(c, int(u), bytes(p)) for c, u, p in rows]
+
+
+def _put_model(db, model: Model) -> None:
+    db.execute("INSERT INTO model VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (model.version, model.round_id, model.manifest.to_bytes(),
+                model.weights.astype("<f4").tobytes(), model.onnx, model.onnx_sha256,
+                model.signature))
+
+
+def _put_round(db, round_state: RoundState) -> None:
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)",
+               (json.dumps(round_state.to_dict(), allow_nan=False),))
+
+
+def _dump_array(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_array(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
