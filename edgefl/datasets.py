@@ -1,0 +1,91 @@
+"""The shared evaluation task: scikit-learn's digits, split non-IID over devices.
+
+scikit-learn is not a device dependency: it is imported only inside :func:`load_digits` (the
+digits ship inside the scikit-learn package, nothing is downloaded).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def load_digits(seed: int = 0, test_size: float = 0.25):
+    """The 8x8 digits as ``(X_train, y_train, X_test, y_test)``, stratified by label.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the train/test shuffle.
+    test_size : float
+        Fraction of the 1797 samples held out, in (0, 1).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``X`` float32 of shape ``(m, 64)`` scaled to [0, 1] (pixel / 16); ``y`` int32 in 0..9.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size!r}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise ImportError("edgefl.datasets.load_digits needs scikit-learn, which ships the digits: "
+                          "pip install 'edgefl[sim]' (or scikit-learn)") from None
+    data = sklearn_digits()
+    X = (data.data / 16.0).astype(np.float32)
+    y = data.target.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):  # stratified: every digit in both splits in the same proportion
+        members = rng.permutation(np.flatnonzero(y == label))
+        test[members[: int(round(test_size * len(members)))]] = True
+    train_idx = rng.permutation(np.flatnonzero(~test))
+    test_idx = np.flatnonzero(test)
+    return (np.ascontiguousarray(X[train_idx]), y[train_idx],
+            np.ascontiguousarray(X[test_idx]), y[test_idx])
+
+
+def dirichlet_partition(y, num_parts: int, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+    """Split sample indices over ``num_parts`` devices with label skew Dirichlet(``alpha``).
+
+    For every label, the share each device gets is drawn from a symmetric Dirichlet(alpha)
+    (small alpha: each device sees few labels). A device left empty by the draw takes one sample
+    from the largest part, so every part is non-empty.
+
+    Parameters
+    ----------
+    y : array_like of int
+        Labels, one per sample.
+    num_parts : int
+        Number of devices, 1 <= num_parts <= len(y).
+    alpha : float
+        Concentration, > 0.
+    seed : int
+        Seed of the draw.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``num_parts`` sorted int64 index arrays, disjoint, covering every sample.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D labels, got shape {y.shape}")
+    if not isinstance(num_parts, (int, np.integer)) or not 1 <= num_parts <= len(y):
+        raise ValueError(f"num_parts must be an integer from 1 to the {len(y)} samples, "
+                         f"got {num_parts!r}")
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        shares = rng.dirichlet(np.full(num_parts, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+        for part, chunk in zip(parts, np.split(members, cuts)):
+            part.append(chunk)
+    out = [np.concatenate(p) for p in parts]
+    for i in range(num_parts):
+        if out[i].size == 0:
+            donor = max(range(num_parts), key=lambda j: out[j].size)
+            out[i], out[donor] = out[donor][-1:], out[donor][:-1]
+    return [np.sort(p) for p in out]

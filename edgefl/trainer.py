@@ -1,0 +1,147 @@
+"""On-device training of the model's dense head with the compiled SGD kernels.
+
+The device keeps its own labelled samples in a fixed-size buffer and, when selected for a round,
+runs a few epochs of minibatch SGD from the round's global weights. The kernels release the GIL,
+so the :class:`~edgefl.predictor.Predictor` keeps serving on other threads while this runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from edgefl import kernels
+from edgefl.model import ModelManifest
+from edgefl.protocol import TrainingConfig
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training produced.
+
+    ``delta`` is local minus global weights (flat float32, canonical layout), ``num_samples`` the
+    number of samples trained on (the weight FedAvg gives this update), ``loss`` the mean
+    cross-entropy over the minibatches of the last epoch (each measured before its step).
+    """
+
+    delta: np.ndarray
+    num_samples: int
+    loss: float
+
+
+class LocalTrainer:
+    """A bounded buffer of the device's own samples and the local SGD that trains on them.
+
+    Parameters
+    ----------
+    manifest : ModelManifest
+        The model whose head is trained.
+    capacity : int
+        Most samples kept. The buffer is allocated once: ``capacity * (head_width + 1) * 4`` bytes
+        (260 KiB per 1000 samples for the 64-wide digits), so memory never grows.
+    seed : int
+        Seed of the minibatch shuffling.
+    featurizer : callable, optional
+        Maps raw samples ``(m, input_width)`` to the head's input ``(m, head_width)``; pass
+        :meth:`Predictor.features <edgefl.predictor.Predictor.features>` for a model with a frozen
+        extractor. Without one, samples must already be the head's input.
+
+    Notes
+    -----
+    Eviction rule: the buffer is a ring. Once full, each new sample overwrites the oldest one, so
+    the device trains on its most recent ``capacity`` samples (its current data distribution).
+    """
+
+    def __init__(self, manifest: ModelManifest, *, capacity: int = 4096, seed: int = 0,
+                 featurizer: Callable[[np.ndarray], np.ndarray] | None = None):
+        if not isinstance(capacity, (int, np.integer)) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        if manifest.features_name and featurizer is None:
+            raise ValueError("this model has a frozen feature extractor: pass "
+                             "featurizer=predictor.features so samples are trained in feature space")
+        self.manifest = manifest
+        self.capacity = int(capacity)
+        self._featurizer = featurizer
+        self._X = np.zeros((self.capacity, manifest.head_width), np.float32)
+        self._y = np.zeros(self.capacity, np.int32)
+        self._seen = 0  # samples ever added; the next one goes to _seen % capacity
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the buffer now."""
+        return min(self._seen, self.capacity)
+
+    def add(self, X, y) -> None:
+        """Add labelled samples (one ``(d,)`` or a batch ``(m, d)``); see the eviction rule.
+
+        Raises
+        ------
+        ValueError
+            On a shape mismatch, NaN/Inf features or a label outside ``0..num_classes-1``;
+            nothing is added then.
+        """
+        X = np.asarray(X, dtype=np.float32)
+        y = np.atleast_1d(np.asarray(y))
+        if X.ndim == 1:
+            X = X[None, :]
+        if self._featurizer is not None:
+            X = np.asarray(self._featurizer(X), dtype=np.float32)
+        width = self.manifest.head_width
+        if X.ndim != 2 or X.shape[1] != width or y.shape != (X.shape[0],):
+            raise ValueError(f"add expects X of shape (m, {width}) and y of shape (m,), got "
+                             f"{X.shape} and {y.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("samples contain NaN or Inf features; clean them before adding")
+        if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0
+                       or y.max() >= self.manifest.num_classes):
+            raise ValueError(f"labels must be integers in 0..{self.manifest.num_classes - 1}, "
+                             f"got values from {y.min()} to {y.max()} ({y.dtype})")
+        if X.shape[0] > self.capacity:  # only the newest `capacity` would survive anyway
+            X, y = X[-self.capacity:], y[-self.capacity:]
+        slots = (self._seen + np.arange(X.shape[0])) % self.capacity
+        self._X[slots] = X
+        self._y[slots] = y
+        self._seen += X.shape[0]
+
+    def train(self, global_weights: np.ndarray, config: TrainingConfig) -> TrainResult:
+        """Run ``config.epochs`` epochs of minibatch SGD from ``global_weights``.
+
+        Synchronous; the SGD kernels release the GIL, so call this on a background thread and
+        predictions continue. With ``config.mu > 0`` every step adds the FedProx proximal term
+        ``mu * (w - w_global)``.
+
+        Raises
+        ------
+        ValueError
+            If the buffer is empty or the weights do not fit the manifest.
+        FloatingPointError
+            If training diverged (a non-finite loss or weight): lower ``lr``.
+        """
+        self.manifest.check_weights(global_weights)
+        n = self.num_samples
+        if n == 0:
+            raise ValueError("no local samples to train on: add(X, y) some first")
+        local = global_weights.copy()
+        layers = self.manifest.layers(local)
+        reference = self.manifest.layers(global_weights.copy()) if config.mu > 0 else None
+        state = kernels.SGDState() if config.momentum > 0 else None
+        X, y = self._X[:n], self._y[:n]
+        batch = min(int(config.batch_size), n)
+        losses = []
+        for _ in range(config.epochs):
+            order = self._rng.permutation(n)
+            losses = []
+            for start in range(0, n, batch):
+                take = order[start:start + batch]
+                losses.append(kernels.mlp_sgd_step_(
+                    layers, np.ascontiguousarray(X[take]), np.ascontiguousarray(y[take]),
+                    config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                    mu=config.mu, ref=reference, state=state))
+        loss = float(np.mean(losses))
+        delta = local - global_weights
+        if not np.isfinite(loss) or not np.isfinite(delta).all():
+            raise FloatingPointError(f"local training diverged (loss {loss}) with lr "
+                                     f"{config.lr}: lower the learning rate")
+        return TrainResult(delta, n, loss)
