@@ -1,1 +1,158 @@
-"""placeholder"""
+"""Norm clipping in place, in NumPy: the twin of the compiled ``clip`` kernels.
+
+The norm is accumulated in double in the compiled kernel's lane order (``clip_impl.h``): element i
+of the first ``n - n % LANES`` goes to lane ``i % LANES``, each lane sums in index order, then the
+lanes are added in order, then the tail. A reduction over axis 0 of a C-contiguous
+``(rows, LANES)`` block adds row after row, which is exactly one lane per column, so the results
+are bit-identical to the compiled backend.
+"""
+import math
+
+import numpy as np
+
+#: Lanes of the double accumulator; must equal EDGEFL_LANES in clip_impl.h.
+LANES = 32
+# Rows per block: bounds the float64 temporary at 2 MiB whatever the size of x.
+_BLOCK_ROWS = 8192
+# Shrinks the clip factor so float32 rounding can never push the clipped norm above the bound.
+_SHRINK = 1.0 - 2.0**-22
+
+
+def lane_sum(terms):
+    """Sum float64 ``terms`` (1-D, C-contiguous) in the compiled kernels' lane order.
+
+    Parameters
+    ----------
+    terms : numpy.ndarray
+        float64 values to add (squares or magnitudes of float32 values, which are exact).
+
+    Returns
+    -------
+    float
+        The sum, bit-identical to ``edgefl_sum_squares`` / ``edgefl_sum_abs`` in C.
+    """
+    n = terms.shape[0]
+    body = n - n % LANES
+    lanes = np.zeros(LANES)
+    rows = terms[:body].reshape(-1, LANES)
+    for start in range(0, rows.shape[0], _BLOCK_ROWS):
+        block = np.concatenate((lanes[None, :], rows[start:start + _BLOCK_ROWS]))
+        lanes = np.add.reduce(block, axis=0)
+    total = 0.0
+    for value in lanes.tolist() + terms[body:].tolist():
+        total += value
+    return total
+
+
+def _lane_sum_of(x, term):
+    """``lane_sum(term(x))`` without a float64 copy of all of x at once."""
+    n = x.shape[0]
+    body = n - n % LANES
+    lanes = np.zeros(LANES)
+    step = _BLOCK_ROWS * LANES
+    for start in range(0, body, step):
+        rows = term(x[start:min(start + step, body)].astype(np.float64)).reshape(-1, LANES)
+        lanes = np.add.reduce(np.concatenate((lanes[None, :], rows)), axis=0)
+    total = 0.0
+    for value in lanes.tolist() + term(x[body:].astype(np.float64)).tolist():
+        total += value
+    return total
+
+
+def _writeable_float32(x):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(
+            f"x must have dtype float32, got {x.dtype}; convert it first "
+            "(x = x.astype(np.float32)) and clip that array"
+        )
+    if not x.flags.c_contiguous:
+        raise ValueError(
+            f"x must be C-contiguous (strides {x.strides}); in-place kernels never copy, so pass "
+            "x = np.ascontiguousarray(x) and use that array"
+        )
+    if not x.flags.writeable:
+        raise ValueError("x is read-only; clipping works in place, so pass a writeable array (x.copy())")
+    return x.reshape(-1)
+
+
+def _check_bound(max_norm):
+    try:
+        bound = float(max_norm)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}") from None
+    if not (math.isfinite(bound) and bound > 0.0):
+        raise ValueError(f"max_norm must be finite and > 0, got {max_norm!r}")
+    return bound
+
+
+def _raise_non_finite(flat):
+    i = int(np.flatnonzero(~np.isfinite(flat))[0])
+    raise ValueError(
+        f"x contains a non-finite value ({flat[i]} at flat index {i}); x is left unchanged. "
+        "Clip only finite updates: check the training step that produced it"
+    )
+
+
+def _clip(x, max_norm, term, root):
+    flat = _writeable_float32(x)
+    bound = _check_bound(max_norm)
+    norm = root(_lane_sum_of(flat, term)) if flat.shape[0] else 0.0
+    if not math.isfinite(norm):
+        _raise_non_finite(flat)
+    if norm > bound:
+        np.multiply(flat, np.float32(bound / norm * _SHRINK), out=flat)
+    return norm
+
+
+def clip_l2_(x, max_norm):
+    """Scale ``x`` in place so that its L2 norm is at most ``max_norm``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float32, C-contiguous, writeable, any shape (the norm is over all elements).
+    max_norm : float
+        The bound, finite and > 0.
+
+    Returns
+    -------
+    float
+        The L2 norm of ``x`` before clipping, accumulated in double.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float32 ndarray, or ``max_norm`` is not a number.
+    ValueError
+        ``x`` is non-contiguous or read-only, contains NaN or Inf (``x`` is left unchanged), or
+        ``max_norm`` is not finite and positive.
+    """
+    return _clip(x, max_norm, np.square, math.sqrt)
+
+
+def clip_l1_(x, max_norm):
+    """Scale ``x`` in place so that its L1 norm is at most ``max_norm``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float32, C-contiguous, writeable, any shape (the norm is over all elements).
+    max_norm : float
+        The bound, finite and > 0.
+
+    Returns
+    -------
+    float
+        The L1 norm of ``x`` before clipping, accumulated in double.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float32 ndarray, or ``max_norm`` is not a number.
+    ValueError
+        ``x`` is non-contiguous or read-only, contains NaN or Inf (``x`` is left unchanged), or
+        ``max_norm`` is not finite and positive.
+    """
+    return _clip(x, max_norm, np.abs, float)
