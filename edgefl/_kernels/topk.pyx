@@ -1,1 +1,555 @@
-# placeholder: replaced by the topk kernel
+"""Top-k sparsification kernels: which coordinates of an update a device sends.
+
+``topk`` picks the k entries of largest magnitude, ``topk_ef_`` does the same with error feedback
+fused in, ``threshold_select`` keeps every entry above a threshold and ``randomk`` picks k
+coordinates from a seed the server announces. Results equal the NumPy twin
+(:mod:`edgefl._kernels.fallback.topk`) bit for bit; the argument checks are the twin's.
+
+How top-k is selected: a radix select on the float bit patterns. With the sign bit cleared, the
+bits of a float read as an unsigned integer order exactly like its magnitude (the *key*). Pass 1
+counts the keys' top 12 bits in a histogram (which also finds NaN/Inf: they fill the top bins);
+the bin holding the k-th largest key follows from a scan of the counts. Pass 2 collects, in index
+order, every entry whose bin is at or above that boundary bin: a short candidate list. The keys
+of the candidates in the boundary bin are then narrowed with two more radix levels (11 and 8 bits)
+to the exact k-th largest key and the number of entries equal to it that still fit; a final walk
+over the candidates emits them sorted by index, ties going to the lower index. Two passes over
+the data instead of NumPy's introselect, and no sort of the output.
+"""
+from libc.stdlib cimport calloc, free, malloc
+from libc.math cimport nextafterf
+from libc.float cimport FLT_MAX
+
+import numpy as np
+
+from edgefl._kernels._typedefs cimport float32_t, intp_t, uint32_t, uint64_t
+from edgefl._kernels.topk cimport magnitude_key
+
+from edgefl._kernels.fallback.topk import (
+    _check_array, _check_k, _check_no_overlap, _check_randomk_args, _check_tau,
+    _empty_selection, _raise_non_finite, _raise_non_finite_sum,
+)
+
+cdef enum:
+    # Level 1 of the radix select: the top 12 of the key's 31 bits (8 exponent + 4 mantissa
+    # bits), so the counters stay in L1/L2 cache.
+    LEVEL1_SHIFT = 19
+    LEVEL1_BINS = 1 << 12
+    # Keys of NaN and Inf start at 0x7f800000: they land in the level-1 bins from here up.
+    NON_FINITE_BIN = 0x7f800000 >> LEVEL1_SHIFT
+    # Levels 2 and 3 resolve the remaining 19 bits inside the boundary bin: 11, then 8.
+    LEVEL2_SHIFT = 8
+    LEVEL2_BINS = 1 << 11
+    LEVEL3_BINS = 1 << 8
+    # Interleaved copies of the level-1 counters: consecutive elements of smooth data fall in the
+    # same bin, and a single set of counters would serialise on store-to-load forwarding.
+    COPIES = 4
+
+cdef enum Status:
+    # What the nogil cores report; the wrappers raise after the loop, never inside it.
+    OK = 0
+    NON_FINITE = 1
+    NO_MEMORY = 2
+
+
+cdef intp_t _boundary_bin(const intp_t* counts, intp_t bins, intp_t k, intp_t* above) noexcept nogil:
+    """The bin holding the k-th largest key (1 <= k <= total count); ``above`` gets the number of
+    keys in higher bins."""
+    cdef intp_t b = bins - 1
+    cdef intp_t higher = 0
+    while higher + counts[b] < k:
+        higher += counts[b]
+        b -= 1
+    above[0] = higher
+    return b
+
+
+cdef int _merge_counts(uint32_t* copies, intp_t* counts) noexcept nogil:
+    """Add the interleaved counter copies into ``counts``; NON_FINITE if a NaN/Inf bin is used."""
+    cdef intp_t b
+    cdef int c
+    for b in range(LEVEL1_BINS):
+        counts[b] = 0
+        for c in range(COPIES):
+            counts[b] += copies[c * LEVEL1_BINS + b]
+    for b in range(NON_FINITE_BIN, LEVEL1_BINS):
+        if counts[b]:
+            return NON_FINITE
+    return OK
+
+
+cdef int _histogram(const float32_t* x, intp_t n, intp_t* counts) noexcept nogil:
+    """Pass 1 of topk: level-1 counts of the keys of ``x``."""
+    cdef uint32_t* copies = <uint32_t*> calloc(COPIES * LEVEL1_BINS, sizeof(uint32_t))
+    cdef intp_t i
+    cdef intp_t body = n - n % COPIES
+    if copies == NULL:
+        return NO_MEMORY
+    for i in range(0, body, 4):  # 4 == COPIES
+        copies[magnitude_key(x[i]) >> LEVEL1_SHIFT] += 1
+        copies[LEVEL1_BINS + (magnitude_key(x[i + 1]) >> LEVEL1_SHIFT)] += 1
+        copies[2 * LEVEL1_BINS + (magnitude_key(x[i + 2]) >> LEVEL1_SHIFT)] += 1
+        copies[3 * LEVEL1_BINS + (magnitude_key(x[i + 3]) >> LEVEL1_SHIFT)] += 1
+    for i in range(body, n):
+        copies[magnitude_key(x[i]) >> LEVEL1_SHIFT] += 1
+    status = _merge_counts(copies, counts)
+    free(copies)
+    return status
+
+
+cdef int _histogram_sum(const float32_t* r, const float32_t* u, intp_t n,
+                        intp_t* counts) noexcept nogil:
+    """Pass 1 of topk_ef_: level-1 counts of the keys of ``r + u``, without writing ``r`` (so an
+    error leaves the residual as it was)."""
+    cdef uint32_t* copies = <uint32_t*> calloc(COPIES * LEVEL1_BINS, sizeof(uint32_t))
+    cdef intp_t i
+    cdef intp_t body = n - n % COPIES
+    if copies == NULL:
+        return NO_MEMORY
+    for i in range(0, body, 4):  # 4 == COPIES
+        copies[magnitude_key(r[i] + u[i]) >> LEVEL1_SHIFT] += 1
+        copies[LEVEL1_BINS + (magnitude_key(r[i + 1] + u[i + 1]) >> LEVEL1_SHIFT)] += 1
+        copies[2 * LEVEL1_BINS + (magnitude_key(r[i + 2] + u[i + 2]) >> LEVEL1_SHIFT)] += 1
+        copies[3 * LEVEL1_BINS + (magnitude_key(r[i + 3] + u[i + 3]) >> LEVEL1_SHIFT)] += 1
+    for i in range(body, n):
+        copies[magnitude_key(r[i] + u[i]) >> LEVEL1_SHIFT] += 1
+    status = _merge_counts(copies, counts)
+    free(copies)
+    return status
+
+
+cdef intp_t _collect(const float32_t* x, intp_t n, uint32_t lowest_bin,
+                     uint32_t* candidates) noexcept nogil:
+    """Pass 2 of topk: indices of the entries whose bin is >= ``lowest_bin``, in index order.
+
+    Branch-free: every index is written, and the cursor advances only for a candidate, so
+    ``candidates`` needs one slot of slack."""
+    cdef intp_t i
+    cdef intp_t m = 0
+    for i in range(n):
+        candidates[m] = <uint32_t> i
+        m += (magnitude_key(x[i]) >> LEVEL1_SHIFT) >= lowest_bin
+    return m
+
+
+cdef intp_t _accumulate_collect(float32_t* r, const float32_t* u, intp_t n, uint32_t lowest_bin,
+                                uint32_t* candidates) noexcept nogil:
+    """Pass 2 of topk_ef_: ``r += u`` fused with :func:`_collect` on the new ``r``."""
+    cdef intp_t i
+    cdef intp_t m = 0
+    cdef float32_t s
+    for i in range(n):
+        s = r[i] + u[i]
+        r[i] = s
+        candidates[m] = <uint32_t> i
+        m += (magnitude_key(s) >> LEVEL1_SHIFT) >= lowest_bin
+    return m
+
+
+cdef uint32_t _kth_largest_key(uint32_t* keys, intp_t m, intp_t k, intp_t* ties) noexcept nogil:
+    """The k-th largest of ``m`` keys that share their level-1 bin (1 <= k <= m).
+
+    ``ties`` gets how many keys equal to the result are among the k largest. ``keys`` is
+    reordered (compacted in place)."""
+    cdef intp_t level2[LEVEL2_BINS]
+    cdef intp_t level3[LEVEL3_BINS]
+    cdef intp_t j, above, kept = 0
+    cdef intp_t bin2, bin3
+    cdef uint32_t key
+    for j in range(LEVEL2_BINS):
+        level2[j] = 0
+    for j in range(m):
+        level2[(keys[j] >> LEVEL2_SHIFT) & (LEVEL2_BINS - 1)] += 1
+    bin2 = _boundary_bin(level2, LEVEL2_BINS, k, &above)
+    k -= above
+    for j in range(m):
+        key = keys[j]
+        if <intp_t> ((key >> LEVEL2_SHIFT) & (LEVEL2_BINS - 1)) == bin2:
+            keys[kept] = key
+            kept += 1
+    for j in range(LEVEL3_BINS):
+        level3[j] = 0
+    for j in range(kept):
+        level3[keys[j] & (LEVEL3_BINS - 1)] += 1
+    bin3 = _boundary_bin(level3, LEVEL3_BINS, k, &above)
+    ties[0] = k - above
+    return (keys[0] & ~<uint32_t> (LEVEL3_BINS - 1)) | <uint32_t> bin3
+
+
+cdef int _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t k,
+               intp_t above, uint32_t boundary, uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+    """Write the k largest of the ``m`` candidates to the outputs, in index order.
+
+    ``above`` candidates lie in level-1 bins higher than ``boundary``, the others in ``boundary``,
+    which holds the k-th largest key."""
+    cdef intp_t j, emitted = 0, ties_taken = 0, ties, in_boundary = 0
+    cdef uint32_t i, key, threshold
+    cdef uint32_t* keys = <uint32_t*> malloc((m - above + 1) * sizeof(uint32_t))
+    if keys == NULL:
+        return NO_MEMORY
+    for j in range(m):
+        key = magnitude_key(x[candidates[j]])
+        if (key >> LEVEL1_SHIFT) == boundary:
+            keys[in_boundary] = key
+            in_boundary += 1
+    threshold = _kth_largest_key(keys, in_boundary, k - above, &ties)
+    free(keys)
+    for j in range(m):
+        i = candidates[j]
+        key = magnitude_key(x[i])
+        if key > threshold or (key == threshold and ties_taken < ties):
+            ties_taken += key == threshold
+            out_idx[emitted] = i
+            out_vals[emitted] = x[i]
+            emitted += 1
+    return OK
+
+
+cdef int topk_into(const float32_t* x, intp_t n, intp_t k,
+                   uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+    """Top-k of ``x[:n]`` into ``out_idx[:k]`` (sorted) and ``out_vals[:k]``.
+
+    Returns OK, NON_FINITE (``x`` holds NaN or Inf; nothing written) or NO_MEMORY.
+    """
+    cdef intp_t counts[LEVEL1_BINS]
+    cdef intp_t above, m
+    cdef intp_t boundary
+    cdef uint32_t* candidates
+    cdef int status = _histogram(x, n, counts)
+    if status != OK or k == 0:
+        return status
+    boundary = _boundary_bin(counts, LEVEL1_BINS, k, &above)
+    candidates = <uint32_t*> malloc((above + counts[boundary] + 1) * sizeof(uint32_t))
+    if candidates == NULL:
+        return NO_MEMORY
+    m = _collect(x, n, <uint32_t> boundary, candidates)
+    status = _emit(x, candidates, m, k, above, <uint32_t> boundary, out_idx, out_vals)
+    free(candidates)
+    return status
+
+
+cdef int _topk_ef_into(float32_t* r, const float32_t* u, intp_t n, intp_t k,
+                       uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+    """``r += u``, top-k of the new ``r`` into the outputs, those entries of ``r`` zeroed.
+
+    Returns OK, NON_FINITE (``r + u`` has NaN or Inf; ``r`` unchanged) or NO_MEMORY (``r``
+    unchanged)."""
+    cdef intp_t counts[LEVEL1_BINS]
+    cdef intp_t above = 0, m, j
+    cdef intp_t boundary = LEVEL1_BINS  # with k == 0 no bin qualifies: pass 2 only accumulates
+    cdef uint32_t* candidates
+    cdef int status = _histogram_sum(r, u, n, counts)
+    if status != OK:
+        return status
+    if k > 0:
+        boundary = _boundary_bin(counts, LEVEL1_BINS, k, &above)
+    candidates = <uint32_t*> malloc(
+        ((above + counts[boundary] if k > 0 else 0) + 1) * sizeof(uint32_t))
+    if candidates == NULL:
+        return NO_MEMORY
+    m = _accumulate_collect(r, u, n, <uint32_t> boundary, candidates)
+    if k > 0:
+        status = _emit(r, candidates, m, k, above, <uint32_t> boundary, out_idx, out_vals)
+    free(candidates)
+    if status == OK:
+        for j in range(k):
+            r[out_idx[j]] = 0.0
+    return status
+
+
+cdef _raise_no_memory(str kernel, intp_t n):
+    raise MemoryError(f"{kernel}: out of memory for the work buffers of {n} elements")
+
+
+def topk(x, k):
+    """The k entries of ``x`` with the largest magnitude.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float32, C-contiguous, any shape (indices are into ``x.reshape(-1)``); may be read-only.
+    k : int
+        How many entries to select, ``0 <= k <= x.size``.
+
+    Returns
+    -------
+    idx : numpy.ndarray
+        uint32, shape (k,), sorted ascending. Among equal magnitudes the lower index is chosen;
+        ``-0.0`` has magnitude 0.
+    vals : numpy.ndarray
+        float32, shape (k,), ``x.reshape(-1)[idx]`` (signs kept).
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float32 ndarray, or ``k`` is not an integer.
+    ValueError
+        ``x`` is not C-contiguous, ``k`` is out of range, or ``x`` holds NaN or Inf.
+
+    Notes
+    -----
+    Top-k of a clean update leaks which coordinates the local data moved. Under differential
+    privacy, select only after noise has been added (post-processing), or use :func:`randomk`.
+    Runs without the GIL: two passes over ``x``, work buffers of about ``k`` indices.
+    """
+    flat = _check_array(x, "x")
+    cdef intp_t n = flat.shape[0]
+    cdef intp_t kk = _check_k(k, n)
+    if n == 0:
+        return _empty_selection()
+    cdef const float32_t[::1] xv = flat
+    idx = np.empty(kk, dtype=np.uint32)
+    vals = np.empty(kk, dtype=np.float32)
+    cdef uint32_t[::1] iv = idx
+    cdef float32_t[::1] vv = vals
+    cdef uint32_t* pidx = &iv[0] if kk else NULL
+    cdef float32_t* pvals = &vv[0] if kk else NULL
+    cdef int status
+    with nogil:
+        status = topk_into(&xv[0], n, kk, pidx, pvals)
+    if status == NON_FINITE:
+        _raise_non_finite(flat, "x")
+    if status == NO_MEMORY:
+        _raise_no_memory("topk", n)
+    return idx, vals
+
+
+def topk_ef_(residual, update, k):
+    """Top-k with error feedback: accumulate, select, emit, and keep the rest for the next round.
+
+    ``residual += update``; the k entries of the new residual with the largest magnitude are
+    returned, and zeroed in ``residual``, so whatever is not sent now is carried to the next
+    update instead of being lost (error feedback, Seide et al. 2014; Stich et al. 2018).
+
+    Parameters
+    ----------
+    residual : numpy.ndarray
+        float32, C-contiguous, writeable; updated in place.
+    update : numpy.ndarray
+        float32, C-contiguous, same shape as ``residual``, not sharing memory with it.
+    k : int
+        How many entries to emit, ``0 <= k <= residual.size``.
+
+    Returns
+    -------
+    idx : numpy.ndarray
+        uint32, shape (k,), sorted ascending; ties in magnitude go to the lower index.
+    vals : numpy.ndarray
+        float32, shape (k,), the accumulated residual at ``idx`` before it was zeroed.
+
+    Raises
+    ------
+    TypeError
+        Wrong array types or dtypes, or ``k`` not an integer.
+    ValueError
+        Non-contiguous or read-only ``residual``, mismatched shapes, overlapping arrays, ``k`` out
+        of range, or ``residual + update`` not finite anywhere. On any error ``residual`` is left
+        unchanged.
+
+    Notes
+    -----
+    Runs without the GIL. The first pass reads ``residual + update`` without storing it (so an
+    error changes nothing); the second stores it while collecting the candidates.
+    """
+    r = _check_array(residual, "residual", writeable=True)
+    u = _check_array(update, "update")
+    if residual.shape != update.shape:
+        raise ValueError(
+            f"update has shape {update.shape} but residual has shape {residual.shape}; they must "
+            "match element for element"
+        )
+    _check_no_overlap(residual, update)
+    cdef intp_t n = r.shape[0]
+    cdef intp_t kk = _check_k(k, n)
+    if n == 0:
+        return _empty_selection()
+    cdef float32_t[::1] rv = r
+    cdef const float32_t[::1] uv = u
+    idx = np.empty(kk, dtype=np.uint32)
+    vals = np.empty(kk, dtype=np.float32)
+    cdef uint32_t[::1] iv = idx
+    cdef float32_t[::1] vv = vals
+    cdef uint32_t* pidx = &iv[0] if kk else NULL
+    cdef float32_t* pvals = &vv[0] if kk else NULL
+    cdef int status
+    with nogil:
+        status = _topk_ef_into(&rv[0], &uv[0], n, kk, pidx, pvals)
+    if status == NON_FINITE:
+        _raise_non_finite_sum(r, u)
+    if status == NO_MEMORY:
+        _raise_no_memory("topk_ef_", n)
+    return idx, vals
+
+
+cdef uint32_t _threshold_key(double tau) noexcept nogil:
+    """The key t such that, for every finite float32 v, ``abs(v) > tau`` exactly when
+    ``magnitude_key(v) > t``: the key of the largest float32 not above ``tau`` (tau >= 0)."""
+    cdef float32_t below
+    if tau >= FLT_MAX:
+        return magnitude_key(FLT_MAX)
+    below = <float32_t> tau
+    if <double> below > tau:
+        below = nextafterf(below, 0.0)
+    return magnitude_key(below)
+
+
+def threshold_select(x, tau):
+    """Every entry of ``x`` whose magnitude exceeds ``tau``: send only the coordinates that moved.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float32, C-contiguous, any shape (indices are into ``x.reshape(-1)``); may be read-only.
+    tau : float
+        Finite, >= 0. Compared exactly, in double precision: ``abs(x) > tau``.
+
+    Returns
+    -------
+    idx : numpy.ndarray
+        uint32, sorted ascending.
+    vals : numpy.ndarray
+        float32, ``x.reshape(-1)[idx]``.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float32 ndarray, or ``tau`` is not a real number.
+    ValueError
+        ``x`` is not C-contiguous, ``tau`` is negative or not finite, or ``x`` holds NaN or Inf.
+
+    Notes
+    -----
+    Two passes without the GIL: one counts (and checks finiteness), one collects into outputs of
+    exactly that size, allocated in between.
+    """
+    flat = _check_array(x, "x")
+    cdef uint32_t threshold = _threshold_key(_check_tau(tau))
+    cdef intp_t n = flat.shape[0]
+    if n == 0:
+        return _empty_selection()
+    cdef const float32_t[::1] xv = flat
+    cdef const float32_t* px = &xv[0]
+    cdef intp_t i, count = 0, emitted = 0
+    cdef uint32_t key, largest = 0
+    with nogil:
+        for i in range(n):
+            key = magnitude_key(px[i])
+            count += key > threshold
+            largest = key if key > largest else largest
+    if largest >= 0x7f800000:
+        _raise_non_finite(flat, "x")
+    idx = np.empty(count, dtype=np.uint32)
+    vals = np.empty(count, dtype=np.float32)
+    if count == 0:
+        return idx, vals
+    cdef uint32_t[::1] iv = idx
+    cdef float32_t[::1] vv = vals
+    cdef uint32_t* pidx = &iv[0]
+    cdef float32_t* pvals = &vv[0]
+    with nogil:
+        for i in range(n):
+            if magnitude_key(px[i]) > threshold:
+                pidx[emitted] = <uint32_t> i
+                pvals[emitted] = px[i]
+                emitted += 1
+    return idx, vals
+
+
+cdef inline uint64_t _splitmix64(uint64_t* state) noexcept nogil:
+    """SplitMix64 (Steele, Lea and Flood 2014), as in Vigna's reference C code."""
+    state[0] += <uint64_t> 0x9E3779B97F4A7C15
+    cdef uint64_t z = state[0]
+    z = (z ^ (z >> 30)) * <uint64_t> 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * <uint64_t> 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+cdef int _floyd_sample(uint64_t n, uint64_t k, uint64_t seed, uint32_t* out) noexcept nogil:
+    """Floyd's sampling of k of n driven by SplitMix64; membership in a bitmap of n bits, which
+    read in order also yields the sorted output."""
+    cdef uint64_t words = (n + 63) // 64
+    cdef uint64_t* chosen = <uint64_t*> calloc(words if words else 1, sizeof(uint64_t))
+    cdef uint64_t state = seed, j, m, t, z, reject_below, word, w
+    cdef intp_t emitted = 0
+    if chosen == NULL:
+        return NO_MEMORY
+    for j in range(n - k, n):
+        m = j + 1
+        reject_below = (0 - m) % m  # 2**64 mod m: drawing z >= this makes z % m unbiased
+        z = _splitmix64(&state)
+        while z < reject_below:
+            z = _splitmix64(&state)
+        t = z % m
+        if (chosen[t >> 6] >> (t & 63)) & 1:
+            t = j
+        chosen[t >> 6] |= (<uint64_t> 1) << (t & 63)
+    for w in range(words):
+        word = chosen[w]
+        while word:
+            out[emitted] = <uint32_t> (w * 64 + <uint64_t> __builtin_ctzll(word))
+            emitted += 1
+            word &= word - 1
+    free(chosen)
+    return OK
+
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+
+def randomk(n, k, seed):
+    """k distinct coordinates out of n, sorted: the same on every device for the same seed.
+
+    Random-k picks coordinates independently of the data, so sending them leaks nothing about
+    it; the server announces ``seed`` and every device selects the same coordinates.
+
+    Parameters
+    ----------
+    n : int
+        Number of coordinates, ``0 <= n <= 2**32``.
+    k : int
+        How many to pick, ``0 <= k <= n``.
+    seed : int
+        A uint64, ``0 <= seed < 2**64``.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint32, shape (k,), distinct, sorted ascending.
+
+    Raises
+    ------
+    TypeError
+        An argument is not an integer.
+    ValueError
+        An argument is out of range.
+
+    Notes
+    -----
+    The algorithm, fixed so that a C device (or any language) reproduces it exactly; all
+    arithmetic is on unsigned 64-bit integers, wrapping modulo 2**64:
+
+    1. Generator: SplitMix64 with ``state = seed``. Each draw does
+       ``state += 0x9E3779B97F4A7C15; z = state;
+       z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9; z = (z ^ (z >> 27)) * 0x94D049BB133111EB;
+       return z ^ (z >> 31)``.
+    2. Uniform integer in ``[0, m)`` without bias: draw ``z``; while ``z < 2**64 mod m`` (in C:
+       ``(0 - m) % m``), draw again; return ``z % m``.
+    3. Floyd's sampling (Bentley, CACM 1987): start with an empty set S; for
+       ``j = n - k, ..., n - 1``: ``t = uniform(j + 1)``; if t is in S insert j, else insert t.
+    4. Return the elements of S in ascending order.
+
+    Every k-subset is equally likely. Not a cryptographic generator: the seed is public anyway.
+    Runs without the GIL in O(k) draws plus a bitmap of n bits.
+    """
+    nn, kk, s = _check_randomk_args(n, k, seed)
+    idx = np.empty(kk, dtype=np.uint32)
+    if kk == 0:
+        return idx
+    cdef uint32_t[::1] iv = idx
+    cdef uint64_t n64 = nn, k64 = kk, seed64 = s
+    cdef int status
+    with nogil:
+        status = _floyd_sample(n64, k64, seed64, &iv[0])
+    if status == NO_MEMORY:
+        raise MemoryError(f"randomk: out of memory for a bitmap of n = {nn} bits")
+    return idx
