@@ -126,9 +126,11 @@ class LocalTrainer:
         local = global_weights.copy()
         layers = self.manifest.layers(local)
         reference = self.manifest.layers(global_weights.copy()) if config.mu > 0 else None
-        state = kernels.SGDState() if config.momentum > 0 else None
         X, y = self._X[:n], self._y[:n]
         batch = min(int(config.batch_size), n)
+        # Fresh momentum buffers each round: velocity from an older global model would push the
+        # new one in a stale direction. (The compiled backend also keeps its scratch memory here.)
+        state = kernels.SGDState(self.manifest.layer_sizes, batch)
         losses = []
         for _ in range(config.epochs):
             order = self._rng.permutation(n)

@@ -1,0 +1,325 @@
+"""The binary wire format: device updates and the global-model envelope.
+
+Specified byte by byte in ``docs/wire-format.md``. Little-endian throughout, no pickle, no JSON
+floats. Every message ends in an 8-byte checksum, the first 8 bytes of SHA-256 over everything
+before it (an integrity check against corruption, not an authentication). Decoding checks every
+length against the header, the message's actual size and a maximum size *before* allocating
+anything, and raises :class:`UpdateDecodeError` / :class:`ModelDecodeError` (both ``ValueError``)
+saying what is wrong; no other exception escapes a decoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgefl import kernels
+from edgefl.model import ManifestError, Model, ModelManifest
+from edgefl.protocol import ProtocolError, check_name
+
+UPDATE_MAGIC = b"EFLU"
+MODEL_MAGIC = b"EFLM"
+FORMAT_VERSION = 1
+CHECKSUM_BYTES = 8
+
+#: Largest update a decoder accepts unless told otherwise (4M dense float32 parameters).
+DEFAULT_MAX_UPDATE_BYTES = 16 << 20
+#: Largest model envelope a decoder accepts unless told otherwise.
+DEFAULT_MAX_MODEL_BYTES = 256 << 20
+
+VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
+INDEX_CODINGS = ("dense", "varint", "rice", "bitmap")
+
+_UPDATE_HEADER = struct.Struct("<4sBBBBIIQIIIfII")
+_MODEL_HEADER = struct.Struct("<4sBBHIIIII32s")
+
+_INDEX_CODECS = {
+    "varint": (kernels.encode_indices, kernels.decode_indices),
+    "rice": (kernels.encode_indices_rice, kernels.decode_indices_rice),
+    "bitmap": (kernels.encode_indices_bitmap, kernels.decode_indices_bitmap),
+}
+
+
+class UpdateDecodeError(ValueError):
+    """A payload that is not a valid update; the message says what is wrong."""
+
+
+class ModelDecodeError(ValueError):
+    """A payload that is not a valid model envelope; the message says what is wrong."""
+
+
+def _checksum(data) -> bytes:
+    return hashlib.sha256(data).digest()[:CHECKSUM_BYTES]
+
+
+def value_bytes(encoding: str, k: int) -> int:
+    """Exact size of ``k`` values in ``encoding``: 4, 2, 1 bytes or 2 bits (ternary) each."""
+    if encoding == "ternary":
+        return (k + 3) // 4
+    return k * {"f32": 4, "f16": 2, "int8": 1}[encoding]
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's update for one round, as carried on the wire.
+
+    ``indices`` are sorted, distinct uint32 coordinates below ``num_params``, or None for a dense
+    update (then ``values`` has ``num_params`` entries); ``values`` are float32 and exactly
+    representable in ``value_encoding`` (as :class:`~edgefl.compression.Compressor` makes them),
+    otherwise encoding rounds them. ``update_id`` (uint64) makes resends idempotent.
+    """
+
+    client_id: str
+    round_id: int
+    base_version: int
+    update_id: int
+    num_samples: int
+    num_params: int
+    indices: np.ndarray | None
+    values: np.ndarray
+    value_encoding: str = "f32"
+
+    @property
+    def k(self) -> int:
+        """Number of coordinates carried."""
+        return len(self.values)
+
+    def dense(self) -> np.ndarray:
+        """The update as a dense float32 vector of length ``num_params``."""
+        if self.indices is None:
+            return np.array(self.values, dtype=np.float32)
+        out = np.zeros(self.num_params, np.float32)
+        out[self.indices] = self.values
+        return out
+
+
+def _check_update(update: Update) -> tuple[np.ndarray | None, np.ndarray]:
+    """Validate an Update for encoding; return contiguous (indices, values)."""
+    try:
+        check_name("client id", update.client_id)
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    for name, bits in (("round_id", 32), ("base_version", 32), ("update_id", 64),
+                       ("num_samples", 32), ("num_params", 32)):
+        value = getattr(update, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not 0 <= value < 2**bits:
+            raise ValueError(f"update {name} must be an integer in [0, 2**{bits}), got {value!r}")
+    if update.num_params < 1:
+        raise ValueError("update num_params must be at least 1")
+    if update.value_encoding not in VALUE_ENCODINGS:
+        raise ValueError(f"unknown value encoding {update.value_encoding!r}: use one of "
+                         f"{VALUE_ENCODINGS}")
+    values = np.ascontiguousarray(update.values, dtype=np.float32)
+    if values.ndim != 1 or not np.isfinite(values).all():
+        raise ValueError("update values must be a 1-D array of finite float32")
+    if update.indices is None:
+        if values.size != update.num_params:
+            raise ValueError(f"a dense update carries {update.num_params} values, got "
+                             f"{values.size}")
+        return None, values
+    indices = np.asarray(update.indices)
+    if indices.ndim != 1 or indices.size != values.size:
+        raise ValueError(f"indices ({indices.shape}) and values ({values.shape}) must be 1-D of "
+                         "the same length")
+    if indices.size and (indices.dtype.kind not in "iu" or indices.min() < 0
+                         or indices.max() >= update.num_params
+                         or np.any(np.diff(indices.astype(np.int64)) <= 0)):
+        raise ValueError(f"indices must be sorted, distinct integers in [0, {update.num_params})")
+    return np.ascontiguousarray(indices, dtype=np.uint32), values
+
+
+def encode_update(update: Update) -> bytes:
+    """Serialize ``update`` (``docs/wire-format.md``), choosing the smallest index coding.
+
+    Raises
+    ------
+    ValueError
+        If the update is invalid (ids out of range, unsorted indices, NaN/Inf values, ...).
+    """
+    indices, values = _check_update(update)
+    if indices is None:
+        coding, index_blob = "dense", b""
+    else:
+        # Delta-varint suits dense-ish clusters, Rice near-uniform gaps, a bitmap high density:
+        # try all three, keep the shortest (ties go to the simplest, in this order).
+        blobs = {name: bytes(encode(indices, update.num_params))
+                 for name, (encode, _) in _INDEX_CODECS.items()}
+        coding = min(blobs, key=lambda name: len(blobs[name]))
+        index_blob = blobs[coding]
+    if values.size:
+        value_blob, scale = kernels.quantize(values, update.value_encoding)
+        value_blob = bytes(value_blob)
+    else:
+        value_blob, scale = b"", 0.0
+    cid = update.client_id.encode("ascii")
+    header = _UPDATE_HEADER.pack(
+        UPDATE_MAGIC, FORMAT_VERSION, VALUE_ENCODINGS.index(update.value_encoding),
+        INDEX_CODINGS.index(coding), len(cid), update.round_id, update.base_version,
+        update.update_id, update.num_samples, update.num_params, values.size, scale,
+        len(index_blob), len(value_blob))
+    body = b"".join((header, cid, index_blob, value_blob))
+    return body + _checksum(body)
+
+
+def decode_update(payload, *, expected_params: int | None = None,
+                  max_bytes: int = DEFAULT_MAX_UPDATE_BYTES) -> Update:
+    """Parse and validate an update.
+
+    Parameters
+    ----------
+    payload : bytes-like
+        The message.
+    expected_params : int, optional
+        The parameter count of the model the receiver runs; a different ``num_params`` is
+        rejected (shape mismatch).
+    max_bytes : int
+        Largest message accepted, checked before anything else.
+
+    Raises
+    ------
+    UpdateDecodeError
+        Naming the problem: size, truncation, bad magic, unknown version or encoding, checksum
+        mismatch, inconsistent lengths, indices out of range / unsorted / duplicate, NaN or Inf,
+        shape mismatch.
+    """
+    data = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
+    size = len(data)
+    if size > max_bytes:
+        raise UpdateDecodeError(f"update of {size} bytes exceeds the limit of {max_bytes}")
+    minimum = _UPDATE_HEADER.size + CHECKSUM_BYTES
+    if size < minimum:
+        raise UpdateDecodeError(f"update truncated: {size} bytes, a header and checksum alone "
+                                f"take {minimum}")
+    (magic, version, enc, coding, cid_len, round_id, base_version, update_id, num_samples,
+     num_params, k, scale, index_len, value_len) = _UPDATE_HEADER.unpack_from(data)
+    if magic != UPDATE_MAGIC:
+        raise UpdateDecodeError(f"bad magic {bytes(magic)!r}: not an edgefl update "
+                                f"(expected {UPDATE_MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise UpdateDecodeError(f"update format version {version} is not supported (this edgefl "
+                                f"reads version {FORMAT_VERSION}); upgrade the older side")
+    body_len = size - CHECKSUM_BYTES
+    if bytes(data[body_len:]) != _checksum(data[:body_len]):
+        raise UpdateDecodeError("checksum mismatch: the update was corrupted or truncated")
+    if enc >= len(VALUE_ENCODINGS):
+        raise UpdateDecodeError(f"unknown value encoding {enc}")
+    if coding >= len(INDEX_CODINGS):
+        raise UpdateDecodeError(f"unknown index coding {coding}")
+    encoding, coding = VALUE_ENCODINGS[enc], INDEX_CODINGS[coding]
+    if num_params < 1:
+        raise UpdateDecodeError("num_params is 0")
+    if expected_params is not None and num_params != expected_params:
+        raise UpdateDecodeError(f"shape mismatch: the update has {num_params} parameters, the "
+                                f"model has {expected_params}")
+    if k > num_params or (coding == "dense" and k != num_params):
+        raise UpdateDecodeError(f"k={k} is inconsistent with {num_params} parameters and "
+                                f"{coding} indices")
+    if value_len != value_bytes(encoding, k):
+        raise UpdateDecodeError(f"{k} {encoding} values take {value_bytes(encoding, k)} bytes, the "
+                                f"header says {value_len}")
+    if _UPDATE_HEADER.size + cid_len + index_len + value_len != body_len:
+        raise UpdateDecodeError(
+            f"lengths do not add up: header {_UPDATE_HEADER.size} + client id {cid_len} + indices "
+            f"{index_len} + values {value_len} != {body_len} bytes before the checksum")
+    if coding == "dense" and index_len:
+        raise UpdateDecodeError("a dense update carries no index bytes")
+    if not math.isfinite(scale) or scale < 0:
+        raise UpdateDecodeError(f"value scale {scale} is not a finite number >= 0")
+    pos = _UPDATE_HEADER.size
+    try:
+        client_id = check_name("client id", bytes(data[pos:pos + cid_len]).decode("ascii"))
+    except (UnicodeDecodeError, ProtocolError):
+        raise UpdateDecodeError("client id is not 1-64 characters of A-Z a-z 0-9 _ . -") from None
+    pos += cid_len
+    index_blob = bytes(data[pos:pos + index_len])
+    value_blob = bytes(data[pos + index_len:body_len])
+    indices = None
+    if coding != "dense":
+        try:
+            indices = _INDEX_CODECS[coding][1](index_blob, num_params, k)
+        except ValueError as exc:  # the kernels name what is wrong (truncated, unsorted, ...)
+            raise UpdateDecodeError(f"{coding} indices: {exc}") from None
+    try:
+        values = kernels.dequantize(value_blob, encoding, k, scale) if k else \
+            np.zeros(0, np.float32)
+    except ValueError as exc:
+        raise UpdateDecodeError(f"{encoding} values: {exc}") from None
+    if not np.isfinite(values).all():
+        raise UpdateDecodeError(f"values contain NaN or Inf (first at position "
+                                f"{int(np.flatnonzero(~np.isfinite(values))[0])})")
+    return Update(client_id, round_id, base_version, update_id, num_samples, num_params,
+                  indices, values, encoding)
+
+
+def encode_model(model: Model) -> bytes:
+    """Serialize ``model`` into the model envelope (``docs/wire-format.md``)."""
+    manifest = model.manifest.to_bytes()
+    if len(model.signature) > 0xFFFF:
+        raise ValueError(f"signature of {len(model.signature)} bytes exceeds 65535")
+    header = _MODEL_HEADER.pack(
+        MODEL_MAGIC, FORMAT_VERSION, 0, len(model.signature), model.version, model.round_id,
+        len(manifest), model.manifest.num_params, len(model.onnx), model.onnx_sha256)
+    body = b"".join((header, manifest, model.weights.astype("<f4").tobytes(), model.onnx,
+                     model.signature))
+    return body + _checksum(body)
+
+
+def decode_model(payload, *, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> Model:
+    """Parse and validate a model envelope.
+
+    The SHA-256 of the ONNX bytes is carried, not checked, here: a
+    :class:`~edgefl.predictor.Predictor` refuses the model on swap if it does not match.
+
+    Raises
+    ------
+    ModelDecodeError
+        Naming the problem: size, truncation, bad magic, unknown version, checksum mismatch,
+        inconsistent lengths, a malformed manifest, NaN or Inf weights.
+    """
+    data = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
+    size = len(data)
+    if size > max_bytes:
+        raise ModelDecodeError(f"model envelope of {size} bytes exceeds the limit of {max_bytes}")
+    minimum = _MODEL_HEADER.size + CHECKSUM_BYTES
+    if size < minimum:
+        raise ModelDecodeError(f"model envelope truncated: {size} bytes, a header and checksum "
+                               f"alone take {minimum}")
+    (magic, version, flags, sig_len, model_version, round_id, manifest_len, num_params, onnx_len,
+     sha) = _MODEL_HEADER.unpack_from(data)
+    if magic != MODEL_MAGIC:
+        raise ModelDecodeError(f"bad magic {bytes(magic)!r}: not an edgefl model envelope "
+                               f"(expected {MODEL_MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ModelDecodeError(f"model format version {version} is not supported (this edgefl "
+                               f"reads version {FORMAT_VERSION}); upgrade the device")
+    body_len = size - CHECKSUM_BYTES
+    if bytes(data[body_len:]) != _checksum(data[:body_len]):
+        raise ModelDecodeError("checksum mismatch: the model envelope was corrupted or truncated")
+    if flags:
+        raise ModelDecodeError(f"unknown flags {flags:#04x}")
+    if _MODEL_HEADER.size + manifest_len + 4 * num_params + onnx_len + sig_len != body_len:
+        raise ModelDecodeError(
+            f"lengths do not add up: header {_MODEL_HEADER.size} + manifest {manifest_len} + "
+            f"weights 4*{num_params} + onnx {onnx_len} + signature {sig_len} != {body_len} bytes "
+            "before the checksum")
+    pos = _MODEL_HEADER.size
+    try:
+        manifest = ModelManifest.from_bytes(bytes(data[pos:pos + manifest_len]))
+    except ManifestError as exc:
+        raise ModelDecodeError(str(exc)) from None
+    pos += manifest_len
+    if manifest.num_params != num_params:
+        raise ModelDecodeError(f"the header says {num_params} parameters, the manifest "
+                               f"{manifest.num_params}")
+    weights = np.frombuffer(data, dtype="<f4", count=num_params, offset=pos).astype(np.float32)
+    pos += 4 * num_params
+    onnx = bytes(data[pos:pos + onnx_len])
+    signature = bytes(data[pos + onnx_len:body_len])
+    try:
+        return Model(model_version, round_id, manifest, weights, onnx, bytes(sha), signature)
+    except ValueError as exc:  # NaN/Inf weights
+        raise ModelDecodeError(f"model version {model_version}: {exc}") from None

@@ -1,0 +1,128 @@
+"""On-device training: the sample buffer, local SGD with the kernels, FedProx, frozen extractor."""
+import numpy as np
+import pytest
+
+from edgefl.datasets import load_digits
+from edgefl.model import mlp_logits
+from edgefl.predictor import Predictor
+from edgefl.protocol import TrainingConfig
+from edgefl.trainer import LocalTrainer
+from edgefl_server.models import build_mlp, dense_extractor
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+def accuracy(manifest, weights, X, y):
+    return float((mlp_logits(manifest, weights, X).argmax(axis=1) == y).mean())
+
+
+def test_central_training_on_digits_reaches_95_percent(digits):
+    X_train, y_train, X_test, y_test = digits
+    model = build_mlp((64, 32, 10), seed=0)
+    trainer = LocalTrainer(model.manifest, capacity=len(y_train))
+    trainer.add(X_train, y_train)
+    result = trainer.train(model.weights, TrainingConfig(epochs=30, lr=0.1, momentum=0.9))
+    assert result.num_samples == len(y_train)
+    assert accuracy(model.manifest, model.weights + result.delta, X_test, y_test) >= 0.95
+
+
+def test_delta_is_local_minus_global_and_global_is_untouched(digits):
+    X_train, y_train, X_test, y_test = digits
+    model = build_mlp((64, 32, 10), seed=3)
+    before = model.weights.copy()
+    trainer = LocalTrainer(model.manifest)
+    trainer.add(X_train[:200], y_train[:200])
+    result = trainer.train(model.weights, TrainingConfig(epochs=2, lr=0.1))
+    np.testing.assert_array_equal(model.weights, before)
+    assert result.delta.dtype == np.float32 and result.delta.shape == before.shape
+    assert np.abs(result.delta).max() > 0 and np.isfinite(result.loss)
+    first_loss = trainer.train(model.weights, TrainingConfig(epochs=1, lr=0.0)).loss
+    assert result.loss < first_loss  # the last epoch's loss is below the untrained loss
+
+
+def test_same_seed_same_delta(digits):
+    X_train, y_train, _, _ = digits
+    model = build_mlp((64, 10))
+    results = []
+    for _ in range(2):
+        trainer = LocalTrainer(model.manifest, seed=7)
+        trainer.add(X_train[:100], y_train[:100])
+        results.append(trainer.train(model.weights, TrainingConfig(epochs=2)).delta)
+    np.testing.assert_array_equal(*results)
+
+
+def test_buffer_keeps_the_newest_samples(digits):
+    manifest = build_mlp((64, 10)).manifest
+    trainer = LocalTrainer(manifest, capacity=5)
+    X = np.arange(8 * 64, dtype=np.float32).reshape(8, 64)
+    y = np.arange(8) % 10
+    trainer.add(X[:3], y[:3])
+    assert trainer.num_samples == 3
+    trainer.add(X[3:], y[3:])
+    assert trainer.num_samples == 5
+    kept = {int(row[0]) // 64 for row in trainer._X}
+    assert kept == {3, 4, 5, 6, 7}
+    trainer.add(X, y)  # a batch larger than the buffer keeps its newest rows
+    assert {int(row[0]) // 64 for row in trainer._X} == {3, 4, 5, 6, 7}
+
+
+@pytest.mark.parametrize("X, y, message", [
+    (np.zeros((2, 63)), [0, 1], "shape"),
+    (np.zeros((2, 64)), [0, 10], "labels"),
+    (np.zeros((2, 64)), [0.5, 1.0], "labels"),
+    (np.full((2, 64), np.nan), [0, 1], "NaN"),
+])
+def test_bad_samples_are_refused_and_nothing_is_added(X, y, message):
+    trainer = LocalTrainer(build_mlp((64, 10)).manifest)
+    with pytest.raises(ValueError, match=message):
+        trainer.add(X, np.asarray(y))
+    assert trainer.num_samples == 0
+    with pytest.raises(ValueError, match="no local samples"):
+        trainer.train(build_mlp((64, 10)).weights, TrainingConfig())
+
+
+def test_fedprox_pulls_towards_the_global_model(digits):
+    X_train, y_train, _, _ = digits
+    model = build_mlp((64, 32, 10))
+    norms = {}
+    for mu in (0.0, 5.0):
+        trainer = LocalTrainer(model.manifest, seed=1)
+        trainer.add(X_train[:300], y_train[:300])
+        delta = trainer.train(model.weights, TrainingConfig(epochs=5, lr=0.1, mu=mu)).delta
+        norms[mu] = float(np.linalg.norm(delta))
+    assert norms[5.0] < 0.8 * norms[0.0]
+
+
+def test_divergence_is_reported():
+    model = build_mlp((64, 10))
+    trainer = LocalTrainer(model.manifest)
+    trainer.add(np.full((8, 64), 1e30, np.float32), np.arange(8))
+    with pytest.raises((FloatingPointError, ValueError)):
+        trainer.train(model.weights, TrainingConfig(epochs=3, lr=1e6))
+
+
+def test_frozen_extractor_and_trained_head(digits):
+    """A frozen ONNX extractor built in the test feeds the head; only the head is trained."""
+    X_train, y_train, X_test, y_test = digits
+    rng = np.random.default_rng(5)
+    W_ex, b_ex = rng.normal(0, 0.3, (64, 48)).astype(np.float32), np.full(48, 0.1, np.float32)
+    extractor = dense_extractor(W_ex, b_ex)
+    model = build_mlp((48, 10), seed=0, extractor=extractor)
+    assert model.manifest.input_width == 64 and model.manifest.head_width == 48
+    predictor = Predictor(model)
+    with pytest.raises(ValueError, match="featurizer"):
+        LocalTrainer(model.manifest)
+    trainer = LocalTrainer(model.manifest, featurizer=predictor.features)
+    trainer.add(X_train, y_train)
+    features = predictor.features(X_test)
+    np.testing.assert_allclose(features, np.maximum(X_test @ W_ex + b_ex, 0), rtol=1e-5,
+                               atol=1e-5)
+    before = accuracy(model.manifest, model.weights, features, y_test)
+    result = trainer.train(model.weights, TrainingConfig(epochs=20, lr=0.05, momentum=0.9))
+    predictor.swap(model.with_weights(model.weights + result.delta, version=1, round_id=1))
+    after = float((predictor.predict(X_test).argmax(axis=1) == y_test).mean())
+    assert after > max(0.85, before + 0.3)
+    np.testing.assert_allclose(predictor.features(X_test), features)  # the extractor is frozen
