@@ -129,3 +129,40 @@ def select_clients(online: Iterable[str], count: int | None, *, seed: int, round
 def randomk_seed(seed: int, round_id: int) -> int:
     """The round's shared random-k seed (64 bits), derived from the server seed and the round."""
     return int(np.random.SeedSequence([seed, round_id, 0x72616E646B]).generate_state(1, np.uint64)[0])
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one closed round produced, as kept in the server's history.
+
+    ``accepted`` counts the updates aggregated; ``rejected`` maps a rejection reason code (see
+    :mod:`edgefl_server.ingest`) to its count; ``uplink_bytes`` are the update payload bytes
+    received during the round, ``downlink_bytes`` the bytes the server published for it (model
+    envelope, announcements, receipts; the broker fans them out to every subscriber);
+    ``aggregation_seconds`` runs from the closing decision to the new model and the next
+    announcement being acknowledged by the broker; ``metrics`` come from the server's
+    ``evaluate`` callable (e.g. held-out accuracy).
+    """
+
+    round_id: int
+    model_version: int
+    accepted: int
+    rejected: dict[str, int]
+    uplink_bytes: int
+    downlink_bytes: int
+    aggregation_seconds: float
+    metrics: dict[str, float]
+    selected: tuple[str, ...] = ()
+    stragglers: tuple[str, ...] = ()
+    close_reason: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["selected"], d["stragglers"] = list(self.selected), list(self.stragglers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoundResult":
+        d = dict(d)
+        d["selected"], d["stragglers"] = tuple(d["selected"]), tuple(d["stragglers"])
+        return cls(**d)

@@ -181,6 +181,12 @@ class ServerStore:
                        (closed_round, json.dumps(record, allow_nan=False)))
             db.execute("UPDATE updates SET payload = NULL WHERE round_id = ?", (closed_round,))
 
+    def save_record(self, round_id: int, record: dict) -> None:
+        """Replace the history record of a closed round (to add its evaluation metrics)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO history VALUES (?, ?)",
+                       (round_id, json.dumps(record, allow_nan=False)))
+
     # -- updates ---------------------------------------------------------------------------------
 
     def find_update(self, round_id: int, client_id: str) -> int | None:

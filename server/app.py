@@ -1,0 +1,466 @@
+"""The aggregation server: rounds over MQTT, durable ingestion, strategies, model publication.
+
+Threads and ownership:
+
+* the MQTT dispatcher thread (:class:`edgefl.transport.MqttConnection`, never paho's network
+  thread) runs :meth:`AggregationServer._on_message`: device status, and update ingestion
+  (decode, validate, store, then PUBACK, then receipt);
+* the round thread runs the state machine of :mod:`edgefl_server.rounds`: wait for devices, open
+  a round, wait for answers or the deadline, aggregate, commit, publish;
+* one lock guards the round state and the round's accepted updates, so an update is either in the
+  round being aggregated or rejected as late, never both.
+
+Every state change is committed to the store (:mod:`edgefl_server.store`) before it is published,
+so a server killed at any point restarts into the same round with the same accepted updates, and
+republishes the retained model and announcement. Updates that devices sent while the server was
+down wait in its persistent MQTT session (fixed client id, ``clean_start=False``); updates it had
+received but not yet acknowledged are redelivered by the broker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgefl.model import Model
+from edgefl.protocol import DeviceStatus, ProtocolError, TrainingConfig, Topics, check_name
+from edgefl.transport import Message, MqttConnection
+from edgefl.wire import decode_update, encode_model
+
+from .ingest import ACCEPTED, DROPPED, DUPLICATE, UpdateIngestor
+from .metrics import MetricsHttpServer, ServerMetrics
+from .rounds import (
+    FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, randomk_seed,
+    select_clients,
+)
+from .store import ServerStore
+from .strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+#: How long a publish waits for the broker's PUBACK before the server logs a warning.
+PUBLISH_TIMEOUT = 10.0
+
+
+@dataclass
+class ServerConfig:
+    """Everything an :class:`AggregationServer` needs; ``edgefl server`` fills it from its options.
+
+    Parameters
+    ----------
+    broker_url : str
+        ``mqtt://host:port`` or ``mqtts://host:port``.
+    fleet : str
+        Fleet name (the topic prefix ``edgefl/<fleet>``).
+    state_dir : path
+        Where the server keeps its durable state; reuse it to resume after a crash.
+    strategy, strategy_options
+        Registry name (:data:`edgefl_server.strategies.STRATEGIES`) and its keyword options.
+    rounds : int
+        Number of rounds to run; afterwards the announcement says "finished".
+    min_clients : int
+        Devices that must be online before a round opens.
+    clients_per_round : int, optional
+        Devices selected per round (seeded); None selects every online device.
+    round_timeout : float
+        Seconds from opening a round to its deadline (and the length of the one extension).
+    quorum : int, optional
+        Accepted updates that let a round close at its deadline; None means ``min_clients``.
+    training : TrainingConfig
+        The local training config to announce (a strategy may adjust it, e.g. FedProx's mu).
+    metrics_port : int, optional
+        Serve Prometheus metrics on this loopback port (0 = a free one); None disables.
+    max_update_bytes : int
+        Update payloads above this are dropped unread.
+    max_update_norm : float, optional
+        Reject updates with a larger L2 norm.
+    seed : int
+        Seeds client selection and the rounds' random-k seeds.
+    server_id : str, optional
+        The server's fixed MQTT client id; ``edgefl-server-<fleet>`` by default.
+    username, password, tls, ca_certs
+        Passed to the MQTT connection.
+    """
+
+    broker_url: str
+    fleet: str
+    state_dir: str | Path
+    strategy: str = "fedavg"
+    strategy_options: dict = field(default_factory=dict)
+    rounds: int = 10
+    min_clients: int = 1
+    clients_per_round: int | None = None
+    round_timeout: float = 60.0
+    quorum: int | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    metrics_port: int | None = None
+    max_update_bytes: int = 16 << 20
+    max_update_norm: float | None = None
+    seed: int = 0
+    server_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tls: bool | None = None
+    ca_certs: str | None = None
+
+    def __post_init__(self):
+        check_name("fleet", self.fleet)
+        if self.server_id is None:
+            self.server_id = f"edgefl-server-{self.fleet}"
+        check_name("server id", self.server_id)
+        for name, lo in (("rounds", 1), ("min_clients", 1), ("max_update_bytes", 64)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        for name in ("clients_per_round", "quorum"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if not (isinstance(self.round_timeout, (int, float)) and 0 < self.round_timeout < 1e7):
+            raise ValueError(f"round_timeout must be a positive number of seconds, "
+                             f"got {self.round_timeout!r}")
+
+
+class AggregationServer:
+    """Runs federated rounds for one fleet over an MQTT broker.
+
+    Parameters
+    ----------
+    config : ServerConfig
+    initial_model : Model, optional
+        The model of a new state directory (version 0 onwards). Required on first start; ignored
+        when the state directory already holds a model (the saved one is resumed).
+    evaluate : callable(Model) -> dict, optional
+        Called after each round with the new global model; its numbers go into the round's
+        :class:`~edgefl_server.rounds.RoundResult` ``metrics`` (e.g. held-out accuracy).
+    on_round : callable(RoundResult), optional
+        Called after each round (progress bars, tests).
+
+    Use :meth:`run` to block until every round is done, or :meth:`start` / :meth:`wait` /
+    :meth:`stop`.
+    """
+
+    def __init__(self, config: ServerConfig, *, initial_model: Model | None = None,
+                 evaluate: Callable[[Model], dict] | None = None,
+                 on_round: Callable[[RoundResult], None] | None = None):
+        self.config = config
+        self.topics = Topics(config.fleet)
+        self.strategy = make_strategy(config.strategy, config.strategy_options)
+        self.metrics = ServerMetrics()
+        self._initial_model = initial_model
+        self._evaluate = evaluate
+        self._on_round = on_round
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: MqttConnection | None = None
+        self._metrics_http: MetricsHttpServer | None = None
+        self._store: ServerStore | None = None
+        self._online: set[str] = set()
+        self._updates: list = []  # decoded accepted updates of the open round
+        self._round_rejected: Counter[str] = Counter()
+        self._round_uplink = 0
+        self._round_downlink = 0
+        self._model_payload = b""
+        self.history: list[RoundResult] = []
+        self.model: Model | None = None
+        self._round: RoundState | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def round(self) -> RoundState | None:
+        """The current round state."""
+        return self._round
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port metrics are served on (useful with ``metrics_port=0``)."""
+        return None if self._metrics_http is None else self._metrics_http.port
+
+    def start(self, timeout: float = 30.0) -> "AggregationServer":
+        """Load or create the state, connect to the broker, publish, start the round thread."""
+        cfg = self.config
+        self._store = ServerStore(cfg.state_dir, fleet=cfg.fleet, strategy=cfg.strategy)
+        saved = self._store.load()
+        if saved is None:
+            if self._initial_model is None:
+                raise ValueError(f"state directory {cfg.state_dir} is new: pass an initial model "
+                                 "(edgefl server --model mlp:64-32-10 or a model file)")
+            self.model = self._initial_model
+            self._round = RoundState(1, self.model.version)
+            self._store.initialize(self.model, self._round)
+        else:
+            self.model, self._round = saved.model, saved.round
+            self.strategy.load_state_dict(saved.strategy_state)
+            self.history = [RoundResult.from_dict(r) for r in saved.history]
+            for stored in self._store.round_updates(self._round.round_id):
+                self._updates.append(decode_update(stored.payload,
+                                                   expected_params=self.model.manifest.num_params))
+            log.info("resuming fleet %s at round %d (%s) with model version %d and %d accepted "
+                     "update(s)", cfg.fleet, self._round.round_id, self._round.phase,
+                     self.model.version, len(self._updates))
+        self._ingestor = UpdateIngestor(self._store, self.topics,
+                                        num_params=self.model.manifest.num_params,
+                                        max_update_bytes=cfg.max_update_bytes,
+                                        max_update_norm=cfg.max_update_norm)
+        self._model_payload = encode_model(self.model)
+        self.metrics.set_position(round_id=self._round.round_id, model_version=self.model.version)
+        if cfg.metrics_port is not None:
+            self._metrics_http = MetricsHttpServer(self.metrics, cfg.metrics_port).start()
+        self._conn = MqttConnection(
+            cfg.server_id, cfg.broker_url, username=cfg.username, password=cfg.password,
+            tls=cfg.tls, ca_certs=cfg.ca_certs, manual_ack=True,
+            subscriptions=[(self.topics.all_updates, 1), (self.topics.all_status, 1)],
+            on_message=self._on_message,
+        )
+        try:
+            self._conn.start(timeout=timeout)
+            # Retained messages survive in the broker, but a restarted or replaced broker may have
+            # lost them: publishing the current state again is idempotent for devices.
+            self._publish(self.topics.model, self._model_payload, retain=True)
+            self._publish(self.topics.round, self._round.announcement().to_json(), retain=True)
+        except BaseException:
+            self._shutdown_io()
+            raise
+        if self._round.phase == FINISHED:
+            self._finished.set()
+        self._thread = threading.Thread(target=self._loop, name="edgefl-rounds", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every round is done; True if so, False on timeout."""
+        return self._finished.wait(timeout)
+
+    def run(self) -> list[RoundResult]:
+        """Start (if needed), block until every round is done, stop; return the history."""
+        if self._thread is None:
+            self.start()
+        try:
+            while not self._finished.wait(0.5):
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("the round thread stopped before the last round; see the log")
+        finally:
+            self.stop()
+        return self.history
+
+    def stop(self) -> None:
+        """Stop the round thread and disconnect; the state directory keeps everything."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._thread = None
+        self._shutdown_io()
+
+    def _shutdown_io(self) -> None:
+        if self._conn is not None:
+            self._conn.stop()
+            self._conn = None
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> "AggregationServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- messages (dispatcher thread) ------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.topic.endswith("/status"):
+            self._on_status(msg)
+        elif msg.topic.endswith("/update"):
+            self._on_update(msg)
+        else:
+            log.warning("ignoring a message on unexpected topic %s", msg.topic)
+
+    def _on_status(self, msg: Message) -> None:
+        client = self.topics.client_of(msg.topic)
+        if client is None:
+            return
+        try:
+            online = bool(msg.payload) and DeviceStatus.from_json(msg.payload).state == "online"
+        except ProtocolError as exc:
+            log.warning("ignoring the status of %s: %s", client, exc)
+            return
+        with self._lock:
+            (self._online.add if online else self._online.discard)(client)
+            self.metrics.set_online(len(self._online))
+        self._wake.set()
+
+    def _on_update(self, msg: Message) -> None:
+        payload = bytes(msg.payload)
+        with self._lock:
+            outcome = self._ingestor.ingest(msg.topic, payload, self._round, now=time.time())
+            self._round_uplink += len(payload)
+            if outcome.status == ACCEPTED:
+                self._updates.append(outcome.update)
+                answered = len(self._updates) >= len(self._round.selected)
+            else:
+                answered = False
+                if outcome.status != DUPLICATE:
+                    self._round_rejected[outcome.code] += 1
+        # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
+        self._conn.ack(msg)
+        self.metrics.count_update(len(payload), None if outcome.status in (ACCEPTED, DUPLICATE)
+                                  else outcome.code)
+        if outcome.status == DROPPED:
+            log.warning("dropped an update on %s (%s): %s", msg.topic, outcome.code, outcome.reason)
+        elif outcome.status == DUPLICATE:
+            log.info("duplicate update %d of %s for round %d: already counted",
+                     outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id)
+        elif outcome.status != ACCEPTED:
+            log.warning("rejected update %d of %s for round %d (%s): %s",
+                        outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id,
+                        outcome.code, outcome.reason)
+        if outcome.receipt is not None:
+            self._publish(self.topics.receipt(outcome.client_id), outcome.receipt.to_json(),
+                          wait=False)
+        if answered:
+            self._wake.set()
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> None:
+        ok = self._conn.publish(topic, payload, qos=1, retain=retain,
+                                timeout=PUBLISH_TIMEOUT if wait else None)
+        with self._lock:
+            self._round_downlink += len(payload)
+        self.metrics.count_published(len(payload))
+        if not ok:
+            log.warning("publish to %s not confirmed by the broker; paho resends it after "
+                        "reconnecting", topic)
+
+    # -- rounds (round thread) -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                with self._lock:
+                    r = self._round
+                if r.phase == FINISHED:
+                    self._finished.set()
+                    return
+                if r.phase == WAITING:
+                    if not self._try_open(r):
+                        self._wake.wait(0.5)
+                    continue
+                with self._lock:
+                    answered = len(self._updates)
+                quorum = self.config.quorum or self.config.min_clients
+                decision = decide(r, answered, now=time.time(), quorum=quorum)
+                if decision is Decision.WAIT:
+                    self._wake.wait(max(0.0, min(r.deadline - time.time(), 0.5)))
+                elif decision is Decision.EXTEND:
+                    self._extend(r)
+                else:
+                    self._close(decision)
+        except Exception:  # noqa: BLE001 - logged; run() notices the dead thread and raises
+            log.exception("the round loop failed; the state directory is consistent, restart "
+                          "the server to resume")
+
+    def _try_open(self, r: RoundState) -> bool:
+        with self._lock:
+            online = sorted(self._online)
+        if len(online) < self.config.min_clients:
+            return False
+        cfg = self.config
+        selected = select_clients(online, cfg.clients_per_round, seed=cfg.seed, round_id=r.round_id)
+        opened = dataclasses.replace(
+            r, phase=OPEN, deadline=time.time() + cfg.round_timeout, selected=selected,
+            randomk_seed=randomk_seed(cfg.seed, r.round_id),
+            config=self.strategy.configure_training(cfg.training), extended=False)
+        self._store.save_round(opened)
+        with self._lock:
+            self._round = opened
+        self._publish(self.topics.round, opened.announcement().to_json(), retain=True)
+        log.info("round %d open: model version %d, %d of %d online device(s) selected, deadline "
+                 "in %gs", r.round_id, opened.model_version, len(selected), len(online),
+                 cfg.round_timeout)
+        return True
+
+    def _extend(self, r: RoundState) -> None:
+        extended = dataclasses.replace(r, deadline=time.time() + self.config.round_timeout,
+                                       extended=True)
+        self._store.save_round(extended)
+        with self._lock:
+            self._round = extended
+        self._publish(self.topics.round, extended.announcement().to_json(), retain=True)
+        log.warning("round %d: no quorum at the deadline (%d of %d needed); extended once by %gs",
+                    r.round_id, len(self._updates), self.config.quorum or self.config.min_clients,
+                    self.config.round_timeout)
+
+    def _close(self, decision: Decision) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            r = self._round
+            updates = list(self._updates)
+            model = self.model
+            new_weights = self.strategy.aggregate(model.weights, updates) if updates else None
+            if new_weights is not None:
+                model = model.with_weights(new_weights, version=model.version + 1,
+                                           round_id=r.round_id)
+            last = r.round_id >= self.config.rounds
+            nxt = (RoundState(r.round_id, model.version, FINISHED) if last
+                   else RoundState(r.round_id + 1, model.version, WAITING))
+            answered = {u.client_id for u in updates}
+            result = RoundResult(
+                round_id=r.round_id, model_version=model.version, accepted=len(updates),
+                rejected=dict(self._round_rejected), uplink_bytes=self._round_uplink,
+                downlink_bytes=0, aggregation_seconds=0.0, metrics={}, selected=r.selected,
+                stragglers=tuple(c for c in r.selected if c not in answered),
+                close_reason=decision.value)
+            self._store.commit_round(closed_round=r.round_id, model=model, next_round=nxt,
+                                     strategy_state=self.strategy.state_dict(),
+                                     record=result.to_dict())
+            self.model, self._round = model, nxt
+            self._updates = []
+            self._round_rejected = Counter()
+            self._round_uplink = 0
+            downlink_before, self._round_downlink = self._round_downlink, 0
+        if new_weights is not None:
+            self._model_payload = encode_model(model)
+            self._publish(self.topics.model, self._model_payload, retain=True)
+        self._publish(self.topics.round, nxt.announcement().to_json(), retain=True)
+        seconds = time.perf_counter() - t0
+        with self._lock:
+            downlink, self._round_downlink = downlink_before + self._round_downlink, 0
+        result = dataclasses.replace(result, downlink_bytes=downlink, aggregation_seconds=seconds,
+                                     metrics=self._evaluate_model(model))
+        self._store.save_record(r.round_id, result.to_dict())
+        self.metrics.count_round(seconds, nxt.round_id, model.version)
+        self.history.append(result)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+        log.info("round %d closed (%s): %d accepted, %d rejected %s, %d straggler(s); model "
+                 "version %d%s in %.1f ms; %d B up, %d B down %s",
+                 r.round_id, decision.value, result.accepted, sum(result.rejected.values()),
+                 result.rejected or "", len(result.stragglers), model.version,
+                 "" if new_weights is not None else " (kept: nothing usable arrived)",
+                 seconds * 1e3, result.uplink_bytes, result.downlink_bytes, shown)
+        if self._on_round is not None:
+            try:
+                self._on_round(result)
+            except Exception:  # noqa: BLE001 - an observer's bug must not stop the rounds
+                log.exception("on_round callback failed")
+
+    def _evaluate_model(self, model: Model) -> dict:
+        if self._evaluate is None:
+            return {}
+        try:
+            return {k: float(v) for k, v in self._evaluate(model).items()}
+        except Exception:  # noqa: BLE001 - evaluation is reporting, never a reason to stop
+            log.exception("evaluating model version %d failed", model.version)
+            return {}

@@ -1,0 +1,222 @@
+"""``edgefl server``: run the aggregation server for one fleet (also ``python -m edgefl_server``).
+
+Every option can also come from an environment variable (named in ``--help``), e.g.
+``EDGEFL_BROKER``; a command-line value wins. Without ``--broker`` the server starts an embedded
+broker on a free loopback port (Mosquitto when installed) and prints its URL for the devices.
+Restarting with the same ``--state-dir`` resumes the run where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edgefl.cli import add_logging_option, env_option, non_negative_float, positive_float, setup_logging
+from edgefl.protocol import CompressionConfig, PrivacyConfig, TrainingConfig
+
+from .strategies import STRATEGIES
+
+log = logging.getLogger("edgefl_server")
+
+
+def strategy_option(text: str) -> tuple[str, object]:
+    """Parse ``KEY=VALUE``; the value is read as JSON (numbers, null) or else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"strategy option {text!r} must look like KEY=VALUE, "
+                                         "e.g. eta=0.01")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the server's options to ``parser`` (used by ``edgefl server``)."""
+    conn = parser.add_argument_group("connection")
+    env_option(conn, "--broker", env="EDGEFL_BROKER", metavar="URL",
+               help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT; without it an embedded "
+                    "broker is started on a free loopback port")
+    env_option(conn, "--fleet", env="EDGEFL_FLEET", required=True, metavar="NAME",
+               help="fleet name, shared with the devices")
+    env_option(conn, "--server-id", env="EDGEFL_SERVER_ID", metavar="ID",
+               help="fixed MQTT client id of the server (default edgefl-server-<fleet>)")
+    env_option(conn, "--username", env="EDGEFL_USERNAME", help="broker user name")
+    env_option(conn, "--password", env="EDGEFL_PASSWORD", help="broker password")
+    env_option(conn, "--tls", env="EDGEFL_TLS", action="store_true", help="use TLS")
+    env_option(conn, "--ca-certs", env="EDGEFL_CA_CERTS", metavar="FILE",
+               help="CA bundle to verify the broker with")
+
+    run = parser.add_argument_group("rounds")
+    env_option(run, "--state-dir", env="EDGEFL_STATE_DIR", required=True, metavar="DIR",
+               help="durable server state; reuse it to resume after a crash")
+    env_option(run, "--model", env="EDGEFL_MODEL", default="mlp:64-32-10", metavar="SPEC",
+               help="initial model of a new state dir: mlp:IN-HIDDEN...-CLASSES, or a model "
+                    "envelope file written by edgefl.wire.encode_model")
+    env_option(run, "--model-seed", env="EDGEFL_MODEL_SEED", type=int, default=0,
+               help="seed of the initial mlp weights")
+    env_option(run, "--strategy", env="EDGEFL_STRATEGY", default="fedavg",
+               choices=sorted(STRATEGIES), help="aggregation strategy")
+    parser.add_argument("--strategy-option", dest="strategy_options", action="append",
+                        type=strategy_option, default=[], metavar="KEY=VALUE",
+                        help="strategy hyperparameter, repeatable (e.g. eta=0.01, proximal_mu=0.1)")
+    env_option(run, "--rounds", env="EDGEFL_ROUNDS", type=int, default=10, help="rounds to run")
+    env_option(run, "--min-clients", env="EDGEFL_MIN_CLIENTS", type=int, default=1,
+               help="devices that must be online before a round opens")
+    env_option(run, "--clients-per-round", env="EDGEFL_CLIENTS_PER_ROUND", type=int,
+               help="devices selected per round (default: every online device)")
+    env_option(run, "--quorum", env="EDGEFL_QUORUM", type=int,
+               help="updates that close a round at its deadline (default: --min-clients)")
+    env_option(run, "--round-timeout", env="EDGEFL_ROUND_TIMEOUT", type=positive_float,
+               default=60.0, metavar="S", help="seconds until a round's deadline")
+    env_option(run, "--seed", env="EDGEFL_SEED", type=int, default=0,
+               help="seed of client selection and random-k seeds")
+    env_option(run, "--max-update-bytes", env="EDGEFL_MAX_UPDATE_BYTES", type=int,
+               default=16 << 20, help="larger update payloads are dropped unread")
+    env_option(run, "--max-update-norm", env="EDGEFL_MAX_UPDATE_NORM", type=positive_float,
+               help="reject updates with a larger L2 norm")
+    env_option(run, "--evaluate", env="EDGEFL_EVALUATE", choices=["none", "digits"],
+               default="none", help="report held-out accuracy of each model (digits task)")
+    env_option(run, "--metrics-port", env="EDGEFL_METRICS_PORT", type=int, metavar="PORT",
+               help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
+
+    train = parser.add_argument_group("local training announced to devices")
+    env_option(train, "--epochs", env="EDGEFL_EPOCHS", type=int, default=1, help="local epochs")
+    env_option(train, "--batch-size", env="EDGEFL_BATCH_SIZE", type=int, default=32,
+               help="local minibatch size")
+    env_option(train, "--lr", env="EDGEFL_LR", type=positive_float, default=0.1,
+               help="local learning rate")
+    env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float, default=0.0,
+               help="local SGD momentum")
+    env_option(train, "--weight-decay", env="EDGEFL_WEIGHT_DECAY", type=non_negative_float,
+               default=0.0, help="local weight decay")
+    env_option(train, "--privacy", env="EDGEFL_PRIVACY", choices=["none", "laplace", "gaussian"],
+               default="none", help="differential privacy mechanism on devices")
+    env_option(train, "--epsilon", env="EDGEFL_EPSILON", type=positive_float, default=1.0,
+               help="privacy epsilon per round")
+    env_option(train, "--delta", env="EDGEFL_DELTA", type=positive_float, default=1e-5,
+               help="privacy delta (gaussian)")
+    env_option(train, "--clip", env="EDGEFL_CLIP", type=positive_float, default=1.0,
+               help="clipping bound of an update (L1 for laplace, L2 for gaussian)")
+    env_option(train, "--compression", env="EDGEFL_COMPRESSION",
+               choices=["none", "topk", "threshold", "randomk"], default="none",
+               help="sparsification of updates")
+    env_option(train, "--density", env="EDGEFL_DENSITY", type=positive_float, default=1.0,
+               help="fraction of coordinates kept (topk, randomk)")
+    env_option(train, "--tau", env="EDGEFL_TAU", type=non_negative_float, default=0.0,
+               help="threshold of the threshold method")
+    env_option(train, "--values", env="EDGEFL_VALUES", choices=["f32", "f16", "int8", "ternary"],
+               default="f32", help="value encoding of updates")
+    add_logging_option(parser)
+
+
+def load_initial_model(spec: str, seed: int):
+    """The model of a new state directory from ``mlp:64-32-10`` or a model envelope file."""
+    if spec.startswith("mlp:"):
+        try:
+            sizes = tuple(int(part) for part in spec[4:].split("-"))
+        except ValueError:
+            raise ValueError(f"--model {spec!r}: layer sizes must be integers, e.g. "
+                             "mlp:64-32-10") from None
+        if len(sizes) < 2:
+            raise ValueError(f"--model {spec!r}: give at least input and class counts, e.g. mlp:64-10")
+        from .models import build_mlp
+
+        return build_mlp(sizes, seed=seed)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--model {spec!r} is neither mlp:SIZES nor an existing model file")
+    from edgefl.wire import decode_model
+
+    return decode_model(path.read_bytes(), max_bytes=max(path.stat().st_size, 1))
+
+
+def digits_evaluator(seed: int):
+    """Held-out accuracy on the digits evaluation task (the test split of ``load_digits``)."""
+    from edgefl.datasets import load_digits
+    from edgefl.model import mlp_logits
+
+    _, _, X_test, y_test = load_digits(seed)
+
+    def evaluate(model):
+        predicted = mlp_logits(model.manifest, model.weights, X_test).argmax(axis=1)
+        return {"accuracy": float((predicted == y_test).mean())}
+
+    return evaluate
+
+
+def config_from_args(args, broker_url: str):
+    """The :class:`~edgefl_server.app.ServerConfig` the options describe."""
+    from .app import ServerConfig
+
+    training = TrainingConfig.from_dict({
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "momentum": args.momentum, "weight_decay": args.weight_decay,
+        "privacy": vars(PrivacyConfig(args.privacy, args.epsilon, args.delta, args.clip)),
+        "compression": vars(CompressionConfig(args.compression, args.density, args.tau,
+                                              args.values)),
+    })
+    return ServerConfig(
+        broker_url=broker_url, fleet=args.fleet, state_dir=args.state_dir,
+        strategy=args.strategy, strategy_options=dict(args.strategy_options),
+        rounds=args.rounds, min_clients=args.min_clients,
+        clients_per_round=args.clients_per_round, quorum=args.quorum,
+        round_timeout=args.round_timeout, training=training, metrics_port=args.metrics_port,
+        max_update_bytes=args.max_update_bytes, max_update_norm=args.max_update_norm,
+        seed=args.seed, server_id=args.server_id, username=args.username,
+        password=args.password, tls=args.tls or None, ca_certs=args.ca_certs,
+    )
+
+
+def run(args) -> int:
+    """Run the server until every round is done (or SIGTERM/SIGINT); 0 on success, 2 on bad
+    options or state, 1 if the broker cannot be reached."""
+    from edgefl.transport import BrokerUnreachable
+
+    from .app import AggregationServer
+    from .store import StateError
+
+    setup_logging(args.log_level)
+    broker = None
+    try:
+        if args.broker is None:
+            from .broker import embedded_broker
+
+            broker = embedded_broker(persistence_dir=Path(args.state_dir) / "broker").start()
+            log.info("no --broker given: started an embedded broker at %s; start devices with "
+                     "--broker %s --fleet %s", broker.url, broker.url, args.fleet)
+        config = config_from_args(args, args.broker or broker.url)
+        server = AggregationServer(
+            config, initial_model=load_initial_model(args.model, args.model_seed),
+            evaluate=digits_evaluator(args.seed) if args.evaluate == "digits" else None)
+        server.start()
+    except (ValueError, StateError) as exc:
+        print(f"edgefl server: {exc}", file=sys.stderr)
+        if broker is not None:
+            broker.stop()
+        return 2
+    except BrokerUnreachable as exc:
+        print(f"edgefl server: {exc}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if server.metrics_port is not None:
+        log.info("metrics on http://127.0.0.1:%d/metrics", server.metrics_port)
+    try:
+        while not stop.is_set() and not server.wait(0.2):
+            pass
+    finally:
+        server.stop()
+        if broker is not None:
+            broker.stop()
+    if server.wait(0):
+        log.info("all %d rounds done; final model version %d", config.rounds, server.model.version)
+    else:
+        log.info("stopped; rerun with --state-dir %s to resume", config.state_dir)
+    return 0

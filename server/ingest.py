@@ -1,0 +1,181 @@
+"""Update ingestion: size bound -> decode -> validate -> durable store, one message at a time.
+
+:meth:`UpdateIngestor.ingest` takes one MQTT message from a device and says what became of it; the
+server then acknowledges the message to the broker (only now: an accepted update is already on
+disk) and publishes the receipt. Nothing here raises for bad input: every outcome, including a
+malformed payload, is an :class:`Outcome` with a reason code (counted in the metrics) and a
+message a person can act on (sent in the receipt and logged).
+
+Checks, in order, each with its reason code:
+
+============================  =====================================================================
+``oversized``                 payload above ``max_update_bytes`` (not decoded at all)
+``bad_topic``                 not ``edgefl/<fleet>/clients/<id>/update``
+``malformed``                 :func:`edgefl.wire.decode_update` refused it (truncated, bad checksum,
+                              wrong dimensions, indices out of range, NaN/Inf, ...)
+``client_mismatch``           the payload's client id is not the topic's: one device cannot speak
+                              for another
+(duplicate)                   same (client, round, update id) as a stored update: the same
+                              "accepted" receipt again, counted once
+``conflict``                  a second, different update from a client in one round
+``unknown_round``             a round that has not started
+``late`` / ``stale_round``    the previous round (closed before it arrived) / an older one
+``round_not_open``            the current round is not open (waiting for devices or finished)
+``not_selected``              the client is not selected for the round
+``wrong_model_version``       trained on another model version than the round's
+``no_samples``                a sample count of zero (it would carry no weight)
+``norm_bound``                L2 norm above ``max_update_norm``
+============================  =====================================================================
+
+Malformed and oversized payloads cannot be trusted to name their round and update id, so they get
+no receipt: they are dropped with a log line (a device's outbox entry then expires with its round).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgefl.protocol import Receipt, Topics
+from edgefl.wire import Update, UpdateDecodeError, decode_update
+
+from .rounds import OPEN, RoundState
+from .store import ServerStore
+
+log = logging.getLogger(__name__)
+
+ACCEPTED, DUPLICATE, REJECTED, DROPPED = "accepted", "duplicate", "rejected", "dropped"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one update message.
+
+    ``status`` is ``accepted`` (new, stored), ``duplicate`` (already stored: receipt again, not
+    counted), ``rejected`` (receipt with the reason) or ``dropped`` (no receipt possible).
+    ``client_id`` is the topic's client, where a receipt goes; ``update`` the decoded update when
+    accepted.
+    """
+
+    status: str
+    code: str = ""
+    reason: str = ""
+    client_id: str | None = None
+    receipt: Receipt | None = None
+    update: Update | None = None
+
+
+class _Rejected(Exception):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class UpdateIngestor:
+    """Validates and stores the updates of one fleet against the current round.
+
+    Parameters
+    ----------
+    store : ServerStore
+        Where accepted updates are written before they are acknowledged.
+    topics : Topics
+        The fleet's topics (to read the client id from an update topic).
+    num_params : int
+        Length of the global model's flat weight vector; updates of another length are malformed.
+    max_update_bytes : int
+        Payloads above this are dropped before decoding.
+    max_update_norm : float, optional
+        Reject updates whose L2 norm exceeds it (a cheap guard against a broken or hostile device
+        dominating the average); None disables the check.
+    """
+
+    def __init__(self, store: ServerStore, topics: Topics, *, num_params: int,
+                 max_update_bytes: int, max_update_norm: float | None = None):
+        if max_update_norm is not None and not (math.isfinite(max_update_norm) and max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be a positive number or None, got {max_update_norm!r}")
+        self.store = store
+        self.topics = topics
+        self.num_params = num_params
+        self.max_update_bytes = max_update_bytes
+        self.max_update_norm = max_update_norm
+
+    def ingest(self, topic: str, payload: bytes, round_state: RoundState, *, now: float) -> Outcome:
+        """Validate one update message against ``round_state`` and store it if it is accepted."""
+        topic_client = self.topics.client_of(topic)
+        if len(payload) > self.max_update_bytes:
+            return Outcome(DROPPED, "oversized",
+                           f"{len(payload)} bytes exceed the limit of {self.max_update_bytes}; "
+                           "send a sparser or quantized update, or raise --max-update-bytes",
+                           topic_client)
+        if topic_client is None or not topic.endswith("/update"):
+            return Outcome(DROPPED, "bad_topic", f"topic {topic!r} is not an update topic of "
+                                                 f"fleet {self.topics.fleet!r}")
+        try:
+            update = decode_update(payload, expected_params=self.num_params,
+                                   max_bytes=self.max_update_bytes)
+        except UpdateDecodeError as exc:
+            return Outcome(DROPPED, "malformed", f"undecodable update: {exc}", topic_client)
+        try:
+            if update.client_id != topic_client:
+                raise _Rejected("client_mismatch",
+                                f"the update claims client {update.client_id!r} but was published "
+                                f"on {topic_client!r}'s topic; a device may only send its own updates")
+            stored_id = self.store.find_update(update.round_id, topic_client)
+            if stored_id == update.update_id:
+                return Outcome(DUPLICATE, "", "", topic_client, _receipt(update, "accepted"))
+            if stored_id is not None:
+                raise _Rejected("conflict",
+                                f"update {stored_id} of this client is already counted in round "
+                                f"{update.round_id}; one update per client and round")
+            self._check_round(update, round_state)
+            self._check_values(update)
+            if self.store.add_update(round_id=update.round_id, client_id=topic_client,
+                                     update_id=update.update_id, base_version=update.base_version,
+                                     num_samples=update.num_samples, payload=bytes(payload),
+                                     received_at=now) is not None:
+                # the same update stored meanwhile through another path: still counted once
+                return Outcome(DUPLICATE, "", "", topic_client, _receipt(update, "accepted"))
+        except _Rejected as rej:
+            return Outcome(REJECTED, rej.code, rej.reason, topic_client,
+                           _receipt(update, "rejected", rej.reason))
+        return Outcome(ACCEPTED, "", "", topic_client, _receipt(update, "accepted"), update)
+
+    def _check_round(self, update: Update, r: RoundState) -> None:
+        if update.round_id > r.round_id:
+            raise _Rejected("unknown_round", f"round {update.round_id} has not started; the "
+                                             f"current round is {r.round_id}")
+        if update.round_id == r.round_id - 1:
+            raise _Rejected("late", f"round {update.round_id} closed before this update arrived; "
+                                    f"the current round is {r.round_id}")
+        if update.round_id < r.round_id:
+            raise _Rejected("stale_round", f"stale round {update.round_id}: the current round is "
+                                           f"{r.round_id}")
+        if r.phase != OPEN:
+            raise _Rejected("round_not_open", f"round {r.round_id} is not open for updates "
+                                              f"({r.announcement().state})")
+        if update.client_id not in r.selected:
+            raise _Rejected("not_selected", f"client {update.client_id!r} is not selected for "
+                                            f"round {r.round_id}")
+        if update.base_version != r.model_version:
+            raise _Rejected("wrong_model_version",
+                            f"trained on model version {update.base_version}, but round "
+                            f"{r.round_id} trains version {r.model_version}")
+
+    def _check_values(self, update: Update) -> None:
+        if update.num_samples <= 0:
+            raise _Rejected("no_samples", "the update reports 0 training samples and would carry "
+                                          "no weight")
+        values = update.values
+        if not np.isfinite(values).all():
+            raise _Rejected("malformed", "the update contains NaN or Inf values")
+        if self.max_update_norm is not None:
+            norm = float(np.sqrt(np.dot(values.astype(np.float64), values.astype(np.float64))))
+            if norm > self.max_update_norm:
+                raise _Rejected("norm_bound", f"L2 norm {norm:.4g} exceeds the server's bound "
+                                              f"{self.max_update_norm:g}; clip updates on the device")
+
+
+def _receipt(update: Update, status: str, reason: str = "") -> Receipt:
+    return Receipt(update.round_id, update.update_id, status, reason)

@@ -1,0 +1,149 @@
+"""Ingestion rules, one message at a time, against a real store (no broker needed here)."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from edgefl.protocol import Topics
+from edgefl.wire import Update, encode_update
+from edgefl_server.ingest import ACCEPTED, DROPPED, DUPLICATE, REJECTED, UpdateIngestor
+from edgefl_server.models import build_mlp
+from edgefl_server.rounds import OPEN, WAITING, RoundState
+from edgefl_server.store import ServerStore
+
+N = 66  # parameters of the (8, 4, 6) MLP built below
+TOPICS = Topics("f1")
+ROUND = RoundState(3, 2, OPEN, deadline=1e12, selected=("d1", "d2", "d3"))
+
+
+@pytest.fixture
+def store(tmp_path):
+    model = build_mlp((8, 4, 6), seed=0)
+    assert model.manifest.num_params == N
+    s = ServerStore(tmp_path, fleet="f1", strategy="fedavg")
+    s.initialize(model.with_weights(model.weights, version=2, round_id=2), ROUND)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ingestor(store):
+    return UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=4096, max_update_norm=100.0)
+
+
+def payload(client="d1", round_id=3, base=2, uid=11, samples=10, values=None, indices=None, n=N):
+    if values is None:
+        values = np.full(n if indices is None else len(indices), 0.5, np.float32)
+    return encode_update(Update(client, round_id, base, uid, samples, n,
+                                None if indices is None else np.asarray(indices, np.uint32),
+                                np.asarray(values, np.float32)))
+
+
+def ingest(ingestor, data, client="d1", round_state=ROUND):
+    return ingestor.ingest(TOPICS.update(client), data, round_state, now=1.0)
+
+
+def test_accepted_then_duplicate_counted_once(ingestor, store):
+    first = ingest(ingestor, payload())
+    assert first.status == ACCEPTED and first.update.update_id == 11
+    assert (first.receipt.status, first.receipt.round_id, first.receipt.update_id) == ("accepted", 3, 11)
+    again = ingest(ingestor, payload())
+    assert again.status == DUPLICATE and again.receipt == first.receipt and again.update is None
+    assert [u.client_id for u in store.round_updates(3)] == ["d1"]
+
+
+def test_second_different_update_in_a_round_is_a_conflict(ingestor, store):
+    ingest(ingestor, payload(uid=11))
+    out = ingest(ingestor, payload(uid=12))
+    assert (out.status, out.code) == (REJECTED, "conflict")
+    assert "update 11" in out.receipt.reason and out.receipt.update_id == 12
+    assert len(store.round_updates(3)) == 1
+
+
+def test_duplicate_of_a_counted_update_after_its_round_closed(ingestor, store):
+    """A QoS 1 redelivery that arrives after aggregation still gets 'accepted', not 'late'."""
+    ingest(ingestor, payload())
+    model = store.load().model
+    store.commit_round(closed_round=3, model=model, next_round=RoundState(4, 2, WAITING),
+                       strategy_state={}, record={})
+    out = ingest(ingestor, payload(), round_state=RoundState(4, 2, OPEN, selected=("d1",)))
+    assert out.status == DUPLICATE and out.receipt.status == "accepted"
+
+
+@pytest.mark.parametrize("kwargs,code,words", [
+    (dict(round_id=2), "late", "round 2 closed"),
+    (dict(round_id=1), "stale_round", "stale round 1: the current round is 3"),
+    (dict(round_id=4), "unknown_round", "round 4 has not started"),
+    (dict(client="d9"), "not_selected", "'d9' is not selected for round 3"),
+    (dict(base=1), "wrong_model_version", "model version 1, but round 3 trains version 2"),
+    (dict(samples=0), "no_samples", "0 training samples"),
+    (dict(values=np.full(N, 20.0, np.float32)), "norm_bound", "L2 norm 162.5 exceeds"),
+])
+def test_rejections_say_why(ingestor, store, kwargs, code, words):
+    client = kwargs.get("client", "d1")
+    out = ingest(ingestor, payload(**kwargs), client=client)
+    assert (out.status, out.code, out.client_id) == (REJECTED, code, client)
+    assert out.receipt.status == "rejected" and words in out.receipt.reason
+    assert store.round_updates(3) == []
+
+
+def test_round_not_open(ingestor):
+    out = ingest(ingestor, payload(), round_state=RoundState(3, 2, WAITING, selected=("d1",)))
+    assert (out.status, out.code) == (REJECTED, "round_not_open")
+    assert "not open" in out.receipt.reason
+
+
+def test_a_device_cannot_speak_for_another(ingestor, store):
+    out = ingest(ingestor, payload(client="d2"), client="d1")
+    assert (out.status, out.code, out.client_id) == (REJECTED, "client_mismatch", "d1")
+    assert "claims client 'd2'" in out.receipt.reason
+    assert store.round_updates(3) == []
+
+
+def with_checksum(body: bytes) -> bytes:
+    """Re-seal a tampered message so that only the tampering itself is wrong."""
+    return body + hashlib.sha256(body).digest()[:8]
+
+
+def test_malformed_payloads_are_dropped_without_a_receipt(ingestor, store):
+    good = payload()
+    nan = bytearray(good[:-8])
+    nan[-4:] = np.array([np.nan], "<f4").tobytes()  # the last value
+    # index N + 5 written for a model of N + 10 parameters, then the header's num_params
+    # (bytes 28-31, docs/wire-format.md) set to N
+    wide = bytearray(payload(indices=[1, N + 5], values=[1.0, 1.0], n=N + 10)[:-8])
+    wide[28:32] = np.array([N], "<u4").tobytes()
+    out_of_range = with_checksum(bytes(wide))
+    cases = {
+        "truncated": good[:-5],
+        "bit flip": bytes([good[0] ^ 1]) + good[1:],
+        "nan": with_checksum(bytes(nan)),
+        "wrong dimensions": payload(n=N + 1),
+        "indices out of range": out_of_range,
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        out = ingest(ingestor, data)
+        assert (out.status, out.code, out.receipt) == (DROPPED, "malformed", None), name
+        assert out.reason.startswith("undecodable update:"), name
+    assert store.round_updates(3) == []
+
+
+def test_oversized_and_foreign_topics_are_dropped(ingestor):
+    out = ingestor.ingest(TOPICS.update("d1"), b"\0" * 4097, ROUND, now=1.0)
+    assert (out.status, out.code) == (DROPPED, "oversized") and "4097 bytes" in out.reason
+    out = ingestor.ingest("edgefl/other/clients/d1/update", payload(), ROUND, now=1.0)
+    assert (out.status, out.code) == (DROPPED, "bad_topic")
+
+
+def test_sparse_update_accepted(ingestor):
+    out = ingest(ingestor, payload(indices=[0, 7, 65], values=[1.0, -2.0, 3.0]))
+    assert out.status == ACCEPTED
+    np.testing.assert_array_equal(out.update.indices, [0, 7, 65])
+
+
+def test_norm_bound_must_be_positive(store):
+    with pytest.raises(ValueError, match="max_update_norm"):
+        UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=10, max_update_norm=0.0)
