@@ -1,0 +1,203 @@
+"""Privacy: calibration, the budget and its persistence, and the pipeline's ordering rule."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from edgefl import kernels
+from edgefl.compression import Compressor
+from edgefl.privacy import (PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy,
+                            analytic_gaussian_delta, analytic_gaussian_sigma,
+                            classic_gaussian_sigma)
+from edgefl.protocol import CompressionConfig, PrivacyConfig
+from edgefl.update_pipeline import UpdatePipeline
+
+
+def laplace(epsilon=1.0, clip=1.0):
+    return PrivacyConfig(mechanism="laplace", epsilon=epsilon, clip=clip)
+
+
+def gaussian(epsilon=0.5, delta=1e-5, clip=1.0):
+    return PrivacyConfig(mechanism="gaussian", epsilon=epsilon, delta=delta, clip=clip)
+
+
+def pipeline(privacy, compression=CompressionConfig(), *, n=1000, budget=100.0, path=None):
+    accountant = PrivacyAccountant(budget, path=path)
+    return UpdatePipeline(PrivacyPolicy(privacy, accountant), Compressor(compression, n))
+
+
+# -- calibration --------------------------------------------------------------------------------
+
+def test_laplace_scale_is_clip_over_epsilon():
+    assert PrivacyPolicy(laplace(epsilon=0.5, clip=2.0), PrivacyAccountant(1.0)).scale == 4.0
+
+
+@pytest.mark.parametrize("epsilon, delta", [(0.1, 1e-5), (0.5, 1e-6), (0.9, 1e-3)])
+def test_analytic_gaussian_is_tight_and_below_the_classic_bound(epsilon, delta):
+    sigma = analytic_gaussian_sigma(1.0, epsilon, delta)
+    assert analytic_gaussian_delta(sigma, 1.0, epsilon) <= delta
+    assert analytic_gaussian_delta(sigma * 0.999, 1.0, epsilon) > delta  # the smallest that works
+    assert sigma < classic_gaussian_sigma(1.0, epsilon, delta)
+
+
+def test_analytic_gaussian_covers_epsilon_above_one_and_scales_with_clip():
+    s1 = analytic_gaussian_sigma(1.0, 4.0, 1e-5)
+    assert analytic_gaussian_delta(s1, 1.0, 4.0) <= 1e-5
+    assert analytic_gaussian_sigma(3.0, 4.0, 1e-5) == pytest.approx(3 * s1, rel=1e-9)
+
+
+@pytest.mark.parametrize("config, message", [
+    (PrivacyConfig(mechanism="laplace", epsilon=0.0), "epsilon"),
+    (PrivacyConfig(mechanism="laplace", clip=-1.0), "clip"),
+    (PrivacyConfig(mechanism="gaussian", delta=0.0), "delta"),
+    (PrivacyConfig(mechanism="renyi"), "unknown privacy mechanism"),
+])
+def test_bad_privacy_configs_are_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        PrivacyPolicy(config, PrivacyAccountant(1.0))
+
+
+def test_clipping_uses_the_mechanisms_norm():
+    x = np.full(100, 0.1, np.float32)  # L1 10, L2 1
+    lap = PrivacyPolicy(laplace(clip=2.0), PrivacyAccountant(1.0))
+    y = x.copy()
+    assert lap.clip_(y) == pytest.approx(10.0, rel=1e-6)
+    assert np.abs(y).sum() == pytest.approx(2.0, rel=1e-5)
+    gau = PrivacyPolicy(gaussian(clip=0.5), PrivacyAccountant(1.0))
+    y = x.copy()
+    assert gau.clip_(y) == pytest.approx(1.0, rel=1e-6)
+    assert np.linalg.norm(y) == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("privacy, dist", [
+    (laplace(epsilon=0.5, clip=1.0), "laplace"),
+    (gaussian(epsilon=0.8, delta=1e-5, clip=1.0), "norm"),
+])
+def test_noise_on_a_zero_update_matches_the_policy(privacy, dist):
+    """Released values of an all-zero delta are pure noise of exactly the policy's scale."""
+    n = 100_000
+    pipe = pipeline(privacy, n=n)
+    _, values = pipe.run(np.zeros(n, np.float32), rng=np.random.default_rng(11))
+    scale = pipe.policy.scale
+    assert stats.kstest(values, dist, args=(0.0, scale)).pvalue > 1e-3
+    expected_std = scale * math.sqrt(2) if dist == "laplace" else scale
+    assert np.std(values) == pytest.approx(expected_std, rel=0.02)
+
+
+# -- the budget ---------------------------------------------------------------------------------
+
+def test_budget_exhaustion_stops_updates_before_any_work():
+    pipe = pipeline(laplace(epsilon=0.4), CompressionConfig(method="topk", density=0.1),
+                    budget=1.0)
+    delta = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    rng = np.random.default_rng(1)
+    pipe.run(delta, rng=rng)
+    pipe.run(delta, rng=rng)
+    residual = pipe.compressor.residual.copy()
+    state = rng.bit_generator.state
+    with pytest.raises(PrivacyBudgetExhausted) as err:
+        pipe.run(delta, rng=rng)
+    message = str(err.value)
+    assert "0.8" in message and "budget 1" in message and "0.4" in message
+    np.testing.assert_array_equal(pipe.compressor.residual, residual)  # no work was done
+    assert rng.bit_generator.state == state
+    assert pipe.policy.accountant.updates == 2
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_each_update_is_charged_once_and_no_privacy_costs_nothing():
+    pipe = pipeline(gaussian(epsilon=0.25, delta=1e-6), budget=10.0)
+    for _ in range(3):
+        pipe.run(np.ones(1000, np.float32), rng=np.random.default_rng(0))
+    acc = pipe.policy.accountant
+    assert acc.spent_epsilon == pytest.approx(0.75) and acc.spent_delta == pytest.approx(3e-6)
+    assert acc.remaining == pytest.approx(9.25)
+    free = UpdatePipeline(PrivacyPolicy(PrivacyConfig(), None), Compressor(CompressionConfig(), 10))
+    free.run(np.ones(10, np.float32), rng=np.random.default_rng(0))
+    assert free.policy.epsilon == 0.0
+
+
+def test_spent_budget_survives_a_reboot(tmp_path):
+    path = tmp_path / "privacy.json"
+    acc = PrivacyAccountant(1.0, path=path)
+    acc.charge(0.6)
+    rebooted = PrivacyAccountant(1.0, path=path)
+    assert rebooted.spent_epsilon == pytest.approx(0.6) and rebooted.updates == 1
+    with pytest.raises(PrivacyBudgetExhausted, match="spent epsilon 0.6 of the budget 1"):
+        rebooted.charge(0.6)
+    assert PrivacyAccountant(1.0, path=path).spent_epsilon == pytest.approx(0.6)
+    assert [p.name for p in tmp_path.iterdir()] == ["privacy.json"]  # no temporary left over
+
+
+def test_an_unreadable_budget_file_is_never_reset(tmp_path):
+    path = tmp_path / "privacy.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="must not be reset silently"):
+        PrivacyAccountant(1.0, path=path)
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(ValueError, match="budget"):
+        PrivacyAccountant(0.0)
+    with pytest.raises(ValueError, match="PrivacyAccountant"):
+        PrivacyPolicy(laplace(), None)
+
+
+# -- the ordering rule --------------------------------------------------------------------------
+
+def test_dp_topk_selects_from_the_noised_dense_update():
+    n, seed = 2000, 5
+    delta = np.random.default_rng(0).normal(size=n).astype(np.float32)
+    pipe = pipeline(laplace(epsilon=2.0, clip=3.0), CompressionConfig(method="topk", density=0.05),
+                    n=n)
+    idx, values = pipe.run(delta, rng=np.random.default_rng(seed))
+    # The same steps by hand: clip the dense vector, noise all of it, then top-k.
+    x = delta.copy()
+    kernels.clip_l1_(x, 3.0)
+    kernels.laplace_(x, 1.5, np.random.default_rng(seed))
+    want_idx, want_vals = kernels.topk(x, 100)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(values, want_vals)
+    clean_idx, _ = kernels.topk(delta, 100)
+    assert not np.array_equal(idx, clean_idx)  # selection did not see the clean update
+
+
+def test_dp_randomk_picks_indices_independent_of_the_data_and_noises_only_those():
+    n, seed = 5000, 123
+    config = CompressionConfig(method="randomk", density=0.02)
+    a = np.random.default_rng(0).normal(size=n).astype(np.float32)
+    b = np.zeros(n, np.float32)
+    b[7] = 1e6
+    idx_a, vals_a = pipeline(laplace(clip=2.0), config, n=n).run(
+        a, rng=np.random.default_rng(1), randomk_seed=seed)
+    idx_b, _ = pipeline(laplace(clip=2.0), config, n=n).run(
+        b, rng=np.random.default_rng(1), randomk_seed=seed)
+    np.testing.assert_array_equal(idx_a, idx_b)
+    np.testing.assert_array_equal(idx_a, kernels.randomk(n, 100, seed))
+    kept = a[idx_a].copy()  # clip the k kept values to the same bound, noise only them
+    kernels.clip_l1_(kept, 2.0)
+    kernels.laplace_(kept, 2.0, np.random.default_rng(1))
+    np.testing.assert_array_equal(vals_a, kept)
+
+
+def test_without_dp_topk_runs_on_the_clean_update():
+    delta = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    pipe = UpdatePipeline(PrivacyPolicy(PrivacyConfig(), None),
+                          Compressor(CompressionConfig(method="topk", density=0.01), 1000))
+    idx, values = pipe.run(delta, rng=np.random.default_rng(0))
+    want_idx, want_vals = kernels.topk(delta, 10)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(values, want_vals)
+
+
+def test_the_delta_is_never_modified_and_non_finite_deltas_are_refused():
+    delta = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    original = delta.copy()
+    pipe = pipeline(laplace())
+    pipe.run(delta, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(delta, original)
+    delta[3] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pipe.run(delta, rng=np.random.default_rng(0))
+    assert pipe.policy.accountant.updates == 1
