@@ -12,6 +12,7 @@ Every function returns exactly what the compiled kernel returns, bit for bit:
 The argument checks live here and the compiled module imports them, so both backends reject bad
 input with the same exception and message.
 """
+import numbers
 import operator
 
 import numpy as np
@@ -68,10 +69,9 @@ def _check_k(k, n, name="k"):
 
 def _check_tau(tau):
     """Check that ``tau`` is a finite real number >= 0 and return it as a float."""
-    try:
-        value = float(tau)
-    except (TypeError, ValueError):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__} {tau!r}") from None
+    if not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__} {tau!r}")
+    value = float(tau)
     if not (np.isfinite(value) and value >= 0.0):
         raise ValueError(f"tau must be finite and >= 0, got {tau!r}")
     return value
@@ -117,7 +117,8 @@ def _raise_non_finite(values, name, detail=""):
 
 def _raise_non_finite_sum(residual, update):
     """Raise the ValueError for the first index where ``residual + update`` is not finite."""
-    total = residual + update
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what we report
+        total = residual + update
     i = int(np.flatnonzero(~np.isfinite(total))[0])
     raise ValueError(
         f"residual + update is not finite at flat index {i} (residual {residual[i]}, update "
@@ -226,7 +227,8 @@ def topk_ef_(residual, update, k):
         )
     _check_no_overlap(residual, update)
     k = _check_k(k, r.shape[0])
-    total = r + u
+    with np.errstate(over="ignore", invalid="ignore"):  # reported just below, as a ValueError
+        total = r + u
     if not np.isfinite(total).all():
         _raise_non_finite_sum(r, u)
     idx = _select_topk(total, k)
