@@ -146,7 +146,7 @@ class UpdateIngestor:
         if update.round_id > r.round_id:
             raise _Rejected("unknown_round", f"round {update.round_id} has not started; the "
                                              f"current round is {r.round_id}")
-        if update.round_id == r.round_id - 1:
+        if update.round_id == r.round_id - 1 >= 1:  # rounds count from 1
             raise _Rejected("late", f"round {update.round_id} closed before this update arrived; "
                                     f"the current round is {r.round_id}")
         if update.round_id < r.round_id:

@@ -1,0 +1,290 @@
+"""The aggregation server against a real Mosquitto, with raw paho clients standing in for devices.
+
+Updates are built with :func:`edgefl.wire.encode_update`; the expected global model is computed
+here by hand (sample-weighted mean of the deltas), so a run with bad input mixed in must produce
+exactly the model of a run without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgefl.protocol import DeviceStatus, Receipt, RoundAnnouncement, Topics
+from edgefl.wire import Update, decode_model, encode_update
+from edgefl_server.app import AggregationServer, ServerConfig
+from edgefl_server.models import build_mlp
+
+pytestmark = pytest.mark.integration
+
+FLEET = "fleet1"
+TOPICS = Topics(FLEET)
+DEVICES = ("d1", "d2", "d3")
+SAMPLES = {"d1": 10, "d2": 30, "d3": 60}
+
+
+def delta_of(client: str, num_params: int) -> np.ndarray:
+    return np.random.default_rng(sum(map(ord, client))).normal(0, 0.05, num_params).astype(np.float32)
+
+
+def good_update(client, round_id, base_version, num_params, update_id=1) -> bytes:
+    return encode_update(Update(client, round_id, base_version, update_id, SAMPLES[client],
+                                num_params, None, delta_of(client, num_params)))
+
+
+def expected_fedavg(weights, clients):
+    total = sum(SAMPLES[c] * delta_of(c, weights.size).astype(np.float64) for c in clients)
+    return (weights + total / sum(SAMPLES[c] for c in clients)).astype(np.float32)
+
+
+class Paho:
+    """A raw MQTT v5 client: a device (status, receipts) or an observer (round, model)."""
+
+    def __init__(self, broker, client_id, topics=()):
+        self.messages: dict[str, queue.Queue] = {}
+        self.latest: dict[str, bytes] = {}
+        self.cond = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: (
+            [c.subscribe(t, 1) for t in topics], connected.set())
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert connected.wait(10)
+        time.sleep(0.05)  # SUBACK
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            with self.cond:
+                self.latest[msg.topic] = msg.payload
+                self.messages.setdefault(msg.topic, queue.Queue()).put(msg.payload)
+                self.cond.notify_all()
+        except Exception:  # noqa: BLE001 - never raise into paho's network thread
+            logging.exception("test client callback")
+
+    def publish(self, topic, payload, retain=False):
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published()
+
+    def next(self, topic, timeout=10.0) -> bytes:
+        with self.cond:
+            q = self.messages.setdefault(topic, queue.Queue())
+        return q.get(timeout=timeout)
+
+    def wait_for(self, topic, predicate, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                payload = self.latest.get(topic)
+                if payload is not None:
+                    value = predicate(payload)
+                    if value:
+                        return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting on {topic}; last: {payload!r:.200}")
+                self.cond.wait(left)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Device(Paho):
+    def __init__(self, broker, client_id):
+        super().__init__(broker, client_id, [TOPICS.receipt(client_id)])
+        self.id = client_id
+        self.publish(TOPICS.status(client_id), DeviceStatus("online").to_json(), retain=True)
+
+    def send(self, payload, topic=None):
+        self.publish(topic or TOPICS.update(self.id), payload)
+
+    def receipt(self, timeout=10.0) -> Receipt:
+        return Receipt.from_json(self.next(TOPICS.receipt(self.id), timeout))
+
+
+def announcement(state, round_id=None):
+    def check(payload):
+        ann = RoundAnnouncement.from_json(payload)
+        return ann if ann.state == state and round_id in (None, ann.round_id) else None
+    return check
+
+
+def model_version(version):
+    def check(payload):
+        model = decode_model(payload)
+        return model if model.version == version else None
+    return check
+
+
+@pytest.fixture
+def clients(broker):
+    observer = Paho(broker, "observer", [TOPICS.round, TOPICS.model])
+    devices = {c: Device(broker, c) for c in DEVICES}
+    yield observer, devices
+    for c in [observer, *devices.values()]:
+        c.close()
+
+
+def server_config(broker, tmp_path, **kw):
+    base = dict(broker_url=broker.url, fleet=FLEET, state_dir=tmp_path / "state", rounds=2,
+                min_clients=3, round_timeout=30.0, metrics_port=0)
+    return ServerConfig(**{**base, **kw})
+
+
+def test_two_full_rounds_then_finished(broker, clients, tmp_path):
+    observer, devices = clients
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    seen = []
+    server = AggregationServer(server_config(broker, tmp_path), initial_model=initial,
+                               evaluate=lambda m: {"weight_mean": float(m.weights.mean())},
+                               on_round=seen.append)
+    with server:
+        weights = initial.weights
+        for round_id in (1, 2):
+            ann = observer.wait_for(TOPICS.round, announcement("open", round_id))
+            assert ann.selected == DEVICES and ann.model_version == round_id - 1
+            assert ann.deadline > time.time() + 20
+            for c, dev in devices.items():
+                dev.send(good_update(c, round_id, ann.model_version, n, update_id=round_id))
+                r = dev.receipt()
+                assert (r.status, r.round_id, r.update_id) == ("accepted", round_id, round_id)
+            model = observer.wait_for(TOPICS.model, model_version(round_id))
+            weights = expected_fedavg(weights, DEVICES)
+            np.testing.assert_allclose(model.weights, weights, rtol=1e-6, atol=1e-7)
+            assert model.onnx == initial.onnx and model.sha256_matches
+        final = observer.wait_for(TOPICS.round, announcement("finished"))
+        assert final.model_version == 2
+        assert server.wait(10)
+    assert [(r.round_id, r.model_version, r.accepted, r.rejected) for r in seen] == [
+        (1, 1, 3, {}), (2, 2, 3, {})]
+    assert seen[1].close_reason == "every selected device answered"
+    assert seen[0].uplink_bytes == 3 * len(good_update("d1", 1, 0, n))
+    assert seen[0].downlink_bytes > 0 and seen[0].aggregation_seconds > 0
+    assert seen[1].metrics == {"weight_mean": pytest.approx(float(weights.mean()))}
+
+
+def run_one_round(broker, tmp_path, clients, *, bad: bool):
+    """One round with three good devices; with ``bad``, every kind of bad input first."""
+    observer, devices = clients
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    server = AggregationServer(server_config(broker, tmp_path, rounds=1, max_update_bytes=64 << 10),
+                               initial_model=initial)
+    with server:
+        ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+        d1 = devices["d1"]
+        good = good_update("d1", 1, 0, n)
+        if bad:
+            body = bytearray(good[:-8])
+            body[4] = 9  # wire format version 9
+            wrong_format = bytes(body) + hashlib.sha256(bytes(body)).digest()[:8]
+            body = bytearray(good[:-8])
+            body[-4:] = np.array([np.nan], "<f4").tobytes()
+            nan = bytes(body) + hashlib.sha256(bytes(body)).digest()[:8]
+            body = bytearray(encode_update(Update("d1", 1, 0, 7, 5, n + 10, np.array([3, n + 4], np.uint32),
+                                                  np.ones(2, np.float32)))[:-8])
+            body[28:32] = np.array([n], "<u4").tobytes()  # header num_params (docs/wire-format.md)
+            out_of_range = bytes(body) + hashlib.sha256(bytes(body)).digest()[:8]
+            dropped = {"truncated": good[: len(good) // 2], "wrong format version": wrong_format,
+                       "nan": nan, "indices out of range": out_of_range,
+                       "oversized": b"\0" * (65 << 10)}
+            for payload in dropped.values():
+                d1.send(payload)
+            # a payload claiming d2's id on d1's topic; a stale round; the wrong model version
+            d1.send(good_update("d2", 1, 0, n, update_id=5))
+            assert d1.receipt().reason.startswith("the update claims client 'd2'")
+            d1.send(good_update("d1", 0, 0, n, update_id=6))
+            assert "stale round 0" in d1.receipt().reason
+            d1.send(good_update("d1", 1, 3, n, update_id=8))
+            assert "model version 3" in d1.receipt().reason
+            # the server is still up and counted every drop
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            assert 'edgefl_server_updates_rejected_total{reason="malformed"} 4' in text
+            assert 'edgefl_server_updates_rejected_total{reason="oversized"} 1' in text
+        d1.send(good)
+        assert d1.receipt().status == "accepted"
+        if bad:
+            d1.send(good)  # a QoS 1 duplicate: the same receipt, counted once
+            assert d1.receipt() == Receipt(1, 1, "accepted")
+        for c in ("d2", "d3"):
+            devices[c].send(good_update(c, 1, 0, n))
+            assert devices[c].receipt().status == "accepted"
+        model = observer.wait_for(TOPICS.model, model_version(1))
+        assert server.wait(10)
+        result = server.history[-1]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+    assert "edgefl_server_rounds_total 1" in text
+    assert result.accepted == 3
+    return model, result
+
+
+def test_bad_input_changes_nothing(broker, clients, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="edgefl_server")
+    clean, clean_result = run_one_round(broker, tmp_path / "clean", clients, bad=False)
+    dirty, dirty_result = run_one_round(broker, tmp_path / "dirty", clients, bad=True)
+    np.testing.assert_array_equal(dirty.weights, clean.weights)
+    assert dirty.version == clean.version == 1
+    assert clean_result.rejected == {}
+    assert dirty_result.rejected == {"malformed": 4, "oversized": 1, "client_mismatch": 1,
+                                     "stale_round": 1, "wrong_model_version": 1}
+    dropped_lines = [r.getMessage() for r in caplog.records if "dropped an update" in r.getMessage()]
+    assert len(dropped_lines) == 5
+    assert any("format version 9" in line for line in dropped_lines)
+    assert any("NaN" in line for line in dropped_lines)
+    assert any("truncated" in line or "checksum" in line for line in dropped_lines)
+
+
+def test_sigkill_mid_round_then_restart(broker, clients, tmp_path):
+    """Two updates stored, server killed, one sent while it is down, one resent: all counted once."""
+    observer, devices = clients
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "edgefl_server", "--broker", broker.url, "--fleet", FLEET,
+           "--state-dir", str(state), "--rounds", "1", "--min-clients", "3",
+           "--round-timeout", "60", "--model", "mlp:64-32-10", "--log-level", "WARNING"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        observer.wait_for(TOPICS.round, announcement("open", 1), timeout=60)
+        initial = observer.wait_for(TOPICS.model, model_version(0))
+        n = initial.manifest.num_params
+        for c in ("d1", "d2"):
+            devices[c].send(good_update(c, 1, 0, n))
+            assert devices[c].receipt().status == "accepted"
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        # while the server is down: d3 sends (queued in the server's session), d1 resends
+        devices["d3"].send(good_update("d3", 1, 0, n))
+        devices["d1"].send(good_update("d1", 1, 0, n))
+        server = subprocess.Popen(cmd, env=env)
+        model = observer.wait_for(TOPICS.model, model_version(1), timeout=60)
+        observer.wait_for(TOPICS.round, announcement("finished"), timeout=30)
+        assert server.wait(30) == 0
+        np.testing.assert_allclose(model.weights, expected_fedavg(initial.weights, DEVICES),
+                                   rtol=1e-6, atol=1e-7)
+        assert devices["d3"].receipt().status == "accepted"
+        assert devices["d1"].receipt() == Receipt(1, 1, "accepted")  # the resend: same receipt
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    from edgefl_server.store import ServerStore
+    saved = ServerStore(state, fleet=FLEET, strategy="fedavg").load()
+    assert saved.model.version == 1 and saved.history[0]["accepted"] == 3
