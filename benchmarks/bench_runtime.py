@@ -1,0 +1,290 @@
+"""Device runtime benchmarks: live prediction latency, update size, client footprint.
+
+1. Prediction latency of the 64-32-10 head, one sample per call, p50/p99: idle, and while a
+   background thread trains on the digits and another swaps in a new model version every 10 ms
+   (same run, phases interleaved, medians over repetitions). Also the time of one swap: new
+   weights for the same graph, and a new graph. Targets: p99 under load <= 2x idle; swap <= 1 ms.
+2. Update bytes per kept coordinate at 1% density of a 100k-parameter update, for every value
+   encoding and index coding, and the compression ratio against dense float32 (4 bytes per
+   parameter). Target: >= 300x for ternary.
+3. Client footprint in a fresh interpreter: import numpy + onnxruntime + paho-mqtt + edgefl's
+   device modules, decode a model envelope, open one session, predict once; peak RSS and wall time,
+   against a bare interpreter. Targets: <= 70 MiB, <= 150 ms.
+
+Writes ``benchmarks/results/runtime.json`` and ``benchmarks/results/runtime.png``.
+
+Run: ``python benchmarks/bench_runtime.py`` (``--quick`` for a short smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import percentile  # noqa: E402
+
+from edgefl import kernels, wire  # noqa: E402
+from edgefl.compression import Compressor  # noqa: E402
+from edgefl.datasets import load_digits  # noqa: E402
+from edgefl.predictor import Predictor  # noqa: E402
+from edgefl.protocol import CompressionConfig, TrainingConfig  # noqa: E402
+from edgefl.trainer import LocalTrainer  # noqa: E402
+from edgefl_server.models import build_mlp  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+# -- 1. prediction latency ----------------------------------------------------------------------
+
+def _latencies_us(predictor: Predictor, x: np.ndarray, calls: int) -> list[float]:
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        predictor.predict(x)
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def latency(calls: int, reps: int) -> dict:
+    model = build_mlp((64, 32, 10), seed=0)
+    predictor = Predictor(model)
+    X_train, y_train, X_test, _ = load_digits()
+    trainer = LocalTrainer(model.manifest)
+    trainer.add(X_train, y_train)
+    x = X_test[0]
+    rng = np.random.default_rng(0)
+    versions = iter(range(1, 1 << 30))
+    swap_ms: list[float] = []
+
+    def load_phase() -> list[float]:
+        stop = threading.Event()
+
+        def train():
+            while not stop.is_set():
+                trainer.train(model.weights, TrainingConfig(epochs=1, lr=0.05))
+
+        def swap():
+            while not stop.is_set():
+                nxt = model.with_weights(model.weights + rng.normal(0, 0.01, model.weights.size)
+                                         .astype(np.float32), version=next(versions), round_id=1)
+                t0 = time.perf_counter()
+                predictor.swap(nxt)
+                swap_ms.append((time.perf_counter() - t0) * 1e3)
+                stop.wait(0.01)
+
+        workers = [threading.Thread(target=train), threading.Thread(target=swap)]
+        for w in workers:
+            w.start()
+        time.sleep(0.05)  # let training get going
+        try:
+            return _latencies_us(predictor, x, calls)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+
+    _latencies_us(predictor, x, 500)  # warm up
+    idle, load = [], []
+    for _ in range(reps):  # interleaved, so drift on a shared machine hits both alike
+        lat = _latencies_us(predictor, x, calls)
+        idle.append((percentile(lat, 50), percentile(lat, 99)))
+        lat = load_phase()
+        load.append((percentile(lat, 50), percentile(lat, 99)))
+
+    graph_ms = []
+    for i in range(15):  # a new graph each time: alternate two architectures
+        other = build_mlp((64, 32, 10) if i % 2 else (64, 16, 10), seed=i)
+        other = other.with_weights(other.weights, version=next(versions), round_id=2)
+        t0 = time.perf_counter()
+        predictor.swap(other)
+        graph_ms.append((time.perf_counter() - t0) * 1e3)
+
+    result = {
+        "calls_per_phase": calls, "repetitions": reps,
+        "idle_p50_us": statistics.median(p for p, _ in idle),
+        "idle_p99_us": statistics.median(p for _, p in idle),
+        "load_p50_us": statistics.median(p for p, _ in load),
+        "load_p99_us": statistics.median(p for _, p in load),
+        "swap_weights_ms_median": statistics.median(swap_ms),
+        "swap_weights_ms_p99": percentile(swap_ms, 99),
+        "swaps_during_load": len(swap_ms),
+        "swap_new_graph_ms_median": statistics.median(graph_ms),
+    }
+    result["p99_ratio_load_over_idle"] = result["load_p99_us"] / result["idle_p99_us"]
+    return result
+
+
+# -- 2. update size -----------------------------------------------------------------------------
+
+def update_size(n: int = 100_000, density: float = 0.01) -> dict:
+    delta = np.random.default_rng(0).normal(size=n).astype(np.float32)
+    codecs = {"varint": kernels.encode_indices, "rice": kernels.encode_indices_rice,
+              "bitmap": kernels.encode_indices_bitmap}
+    rows = {}
+    for values in wire.VALUE_ENCODINGS:
+        comp = Compressor(CompressionConfig(method="topk", density=density, values=values), n)
+        idx, vals = comp.sparsify(delta)
+        update = wire.Update("device-01", 1, 1, 1, 100, n, idx, vals, values)
+        message = wire.encode_update(update)
+        index_bytes = {name: len(encode(idx, n)) for name, encode in codecs.items()}
+        rows[values] = {
+            "k": int(len(idx)),
+            "message_bytes": len(message),
+            "bytes_per_kept_coordinate": len(message) / len(idx),
+            "index_bytes": index_bytes,
+            "value_bytes": wire.value_bytes(values, len(idx)),
+            "ratio_vs_dense_f32": 4 * n / len(message),
+        }
+    dense = wire.encode_update(wire.Update("device-01", 1, 1, 1, 100, n, None, delta, "f32"))
+    return {"num_params": n, "density": density, "encodings": rows,
+            "dense_f32_message_bytes": len(dense)}
+
+
+# -- 3. client footprint ------------------------------------------------------------------------
+
+FOOTPRINT = """
+import resource, sys, time
+t0 = time.perf_counter()
+import numpy, onnxruntime, paho.mqtt.client
+import edgefl, edgefl.predictor, edgefl.wire, edgefl.trainer, edgefl.privacy, edgefl.compression
+model = edgefl.wire.decode_model(open(sys.argv[1], "rb").read())
+p = edgefl.predictor.Predictor(model)
+p.predict(numpy.zeros(model.manifest.input_width, numpy.float32))
+elapsed = time.perf_counter() - t0
+print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+BARE = """
+import resource, time
+t0 = time.perf_counter()
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def _subprocess_run(code: str, *args: str) -> tuple[float, float, float]:
+    """(in-process seconds, peak RSS MiB, whole-process wall seconds) of a fresh interpreter."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         check=True)
+    wall = time.perf_counter() - t0
+    seconds, rss = map(float, out.stdout.split())
+    return seconds, rss, wall
+
+
+def footprint(reps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.bin"
+        path.write_bytes(wire.encode_model(build_mlp((64, 32, 10))))
+        device = [_subprocess_run(FOOTPRINT, str(path)) for _ in range(reps)]
+        bare = [_subprocess_run(BARE) for _ in range(reps)]
+    med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
+    return {
+        "repetitions": reps,
+        "device_import_session_predict_ms": med(device, 0) * 1e3,
+        "device_peak_rss_mib": med(device, 1),
+        "device_process_wall_ms": med(device, 2) * 1e3,
+        "bare_peak_rss_mib": med(bare, 1),
+        "bare_process_wall_ms": med(bare, 2) * 1e3,
+    }
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    lat = results["latency"]
+    ax = axes[0]
+    labels = ["p50", "p99"]
+    idle = [lat["idle_p50_us"], lat["idle_p99_us"]]
+    load = [lat["load_p50_us"], lat["load_p99_us"]]
+    pos = np.arange(2)
+    ax.bar(pos - 0.2, idle, 0.4, label="idle")
+    ax.bar(pos + 0.2, load, 0.4, label="training + swaps")
+    ax.axhline(2 * lat["idle_p99_us"], color="grey", ls="--", lw=1, label="target: 2x idle p99")
+    ax.set_xticks(pos, labels)
+    ax.set_ylabel("latency per prediction (us)")
+    ax.set_title(f"64-32-10 predict; swap {lat['swap_weights_ms_median']:.3f} ms median")
+    ax.legend()
+
+    size = results["update_size"]
+    ax = axes[1]
+    names = list(size["encodings"])
+    ratios = [size["encodings"][n]["ratio_vs_dense_f32"] for n in names]
+    ax.bar(names, ratios, color="tab:green")
+    ax.axhline(300, color="grey", ls="--", lw=1, label="target 300x (ternary)")
+    for i, n in enumerate(names):
+        ax.text(i, ratios[i], f"{size['encodings'][n]['bytes_per_kept_coordinate']:.2f} B/coord",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("compression vs dense float32 (x)")
+    ax.set_title(f"top-k 1% of {size['num_params']:,} params")
+    ax.legend()
+
+    foot = results["footprint"]
+    ax = axes[2]
+    ax.bar(["bare", "device path"], [foot["bare_peak_rss_mib"], foot["device_peak_rss_mib"]],
+           color="tab:purple")
+    ax.axhline(70, color="grey", ls="--", lw=1, label="target 70 MiB")
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_title(f"client footprint; import+session+predict "
+                 f"{foot['device_import_session_predict_ms']:.0f} ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    args = parser.parse_args(argv)
+    calls, reps, foot_reps = (1000, 2, 3) if args.quick else (5000, 5, 9)
+    results = {
+        "machine": {"python": platform.python_version(), "processor": platform.machine(),
+                    "kernels": kernels.BACKEND},
+        "latency": latency(calls, reps),
+        "update_size": update_size(),
+        "footprint": footprint(foot_reps),
+    }
+    lat, foot = results["latency"], results["footprint"]
+    print(f"predict 64-32-10, 1 sample: idle p50 {lat['idle_p50_us']:.1f} us, p99 "
+          f"{lat['idle_p99_us']:.1f} us | training+swaps p50 {lat['load_p50_us']:.1f} us, p99 "
+          f"{lat['load_p99_us']:.1f} us | p99 ratio {lat['p99_ratio_load_over_idle']:.2f} "
+          "(target <= 2)")
+    print(f"swap: new weights {lat['swap_weights_ms_median']:.3f} ms median "
+          f"(p99 {lat['swap_weights_ms_p99']:.3f}, {lat['swaps_during_load']} swaps), new graph "
+          f"{lat['swap_new_graph_ms_median']:.3f} ms (target <= 1 ms)")
+    size = results["update_size"]
+    print(f"\nupdate of {size['num_params']:,} params at {size['density']:.0%} density "
+          f"(dense f32 message: {size['dense_f32_message_bytes']:,} bytes)")
+    print(f"{'values':<9}{'bytes':>8}{'B/coord':>9}{'ratio':>9}   index bytes (varint/rice/bitmap)")
+    for name, row in size["encodings"].items():
+        ib = row["index_bytes"]
+        print(f"{name:<9}{row['message_bytes']:>8}{row['bytes_per_kept_coordinate']:>9.2f}"
+              f"{row['ratio_vs_dense_f32']:>8.0f}x   {ib['varint']}/{ib['rice']}/{ib['bitmap']}")
+    print(f"\nfootprint: device path peak RSS {foot['device_peak_rss_mib']:.1f} MiB (bare "
+          f"{foot['bare_peak_rss_mib']:.1f}), import+session+predict "
+          f"{foot['device_import_session_predict_ms']:.0f} ms (process wall "
+          f"{foot['device_process_wall_ms']:.0f} ms, bare {foot['bare_process_wall_ms']:.0f} ms)")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "runtime.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "runtime.png")
+    print(f"\nwrote {RESULTS / 'runtime.json'} and {RESULTS / 'runtime.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
