@@ -1,0 +1,122 @@
+"""The kernels let other Python threads run: a device keeps serving predictions while it trains.
+
+A counter thread increments a number in pure Python. While it runs, the GIL switch interval is
+raised to far beyond the test's duration, so the GIL changes hands only when a thread gives it up
+voluntarily: the counter does so every few thousand counts, and a kernel does so only if it
+releases the GIL. The progress of the counter between just before and just after a batch of
+kernel calls made from the main thread is therefore zero for code that holds the GIL, whatever
+the machine's load, and large for a kernel that runs its loop without the GIL. The test counts
+progress, never time; the control cases show that the measurement tells the two apart.
+"""
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import edgefl.kernels as K
+
+COUNTS_PER_YIELD = 2000
+#: "Substantial": the counter completed at least this many of its rounds during the kernel calls.
+MIN_ROUNDS = 25
+
+
+class Counter:
+    """A thread counting in pure Python, giving the GIL back every ``COUNTS_PER_YIELD`` counts."""
+
+    def __init__(self):
+        self.count = 0
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="gil-counter", daemon=True)
+
+    def _run(self):
+        while self._running:
+            for _ in range(COUNTS_PER_YIELD):
+                self.count += 1
+            time.sleep(0)  # a voluntary release, so the main thread can take the GIL back
+
+    def __enter__(self):
+        self._thread.start()
+        while self.count == 0:  # sleeping releases the GIL: wait until the counter runs
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+
+
+def counter_progress(call, repeats):
+    """How far the counter advanced while ``call()`` ran ``repeats`` times in this thread."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)  # no forced switches: only voluntary releases hand over the GIL
+    try:
+        with Counter() as counter:
+            before = counter.count
+            for _ in range(repeats):
+                call()
+            return counter.count - before
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def python_loop():
+    """A NumPy-free loop that holds the GIL the whole time (about as long as a kernel call)."""
+    total = 0
+    for i in range(300_000):
+        total += i * i
+    return total
+
+
+def test_control_gil_holding_loop_stops_the_counter():
+    assert counter_progress(python_loop, 3) == 0
+
+
+def test_control_sleep_lets_the_counter_run():
+    assert counter_progress(lambda: time.sleep(0.05), 3) >= MIN_ROUNDS * COUNTS_PER_YIELD
+
+
+def _long_calls():
+    """Kernel name -> (a call of it on large data, how many calls)."""
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(20_000_000, dtype=np.float32)
+    residual = np.zeros(10_000_000, np.float32)
+    update = rng.standard_normal(10_000_000, dtype=np.float32)
+    scratch = big.copy()
+    calls = {
+        "topk": (lambda: K.topk(big, 200_000), 4),
+        "topk_ef_": (lambda: K.topk_ef_(residual, update, 100_000), 4),
+        "threshold_select": (lambda: K.threshold_select(big, 2.5), 4),
+        "randomk": (lambda: K.randomk(20_000_000, 2_000_000, 7), 3),
+    }
+    # The other long kernels of the compiled backend, by their public names.
+    if hasattr(K, "clip_l2_"):
+        calls["clip_l2_"] = (lambda: K.clip_l2_(scratch, 1e9), 8)
+    if hasattr(K, "clip_l1_"):
+        calls["clip_l1_"] = (lambda: K.clip_l1_(scratch, 1e12), 8)
+    if hasattr(K, "laplace_"):
+        noise_rng = np.random.default_rng(1)
+        calls["laplace_"] = (lambda: K.laplace_(scratch, 1e-3, noise_rng), 3)
+    return calls
+
+
+# The NumPy twin releases the GIL wherever NumPy does, inside its array loops: true for the
+# vectorised top-k family, not for randomk's twin, which is a Python loop over k draws.
+COMPILED = ["topk", "topk_ef_", "threshold_select", "randomk", "clip_l2_", "clip_l1_", "laplace_"]
+TWIN = ["topk", "topk_ef_", "threshold_select"]
+
+
+@pytest.fixture(scope="module")
+def long_calls():
+    return _long_calls()
+
+
+@pytest.mark.parametrize("name", COMPILED if K.BACKEND == "cython" else TWIN)
+def test_kernel_lets_other_threads_run(name, long_calls):
+    call, repeats = long_calls[name]
+    progress = counter_progress(call, repeats)
+    assert progress >= MIN_ROUNDS * COUNTS_PER_YIELD, (
+        f"{name} ({K.BACKEND} backend) kept the GIL: the counter advanced only {progress} counts "
+        f"during {repeats} calls"
+    )
