@@ -80,7 +80,7 @@ def test_update_decoder_only_raises_update_decode_error():
         again = decode_update(encode_update(update))
         np.testing.assert_array_equal(again.dense(), update.dense())
         checked += 1
-    assert len(messages) * CASES_PER_MESSAGE >= 12 * 1500
+    assert checked > 0, "no resealed mutant decoded: the deep checks were never passed"
 
 
 def test_model_decoder_only_raises_model_decode_error():
