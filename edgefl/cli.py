@@ -154,6 +154,9 @@ def load_client_data(args):
 
 
 def run_client(args) -> int:
+    import signal
+    import threading
+
     from edgefl.client import EdgeClient
     from edgefl.simulation import PredictionLoad
     from edgefl.transport import BrokerUnreachable
@@ -167,6 +170,9 @@ def run_client(args) -> int:
     )
     client.add_data(X, y)
     load = PredictionLoad(client, X, rate=args.predict_rate, seed=args.seed) if args.predict_rate else None
+    # SIGTERM (a service manager, the simulation) stops the device as cleanly as Ctrl-C does.
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     try:
         client.start(timeout=args.connect_timeout)
     except BrokerUnreachable as exc:
@@ -175,15 +181,16 @@ def run_client(args) -> int:
     if load is not None:
         load.start()
     try:
-        if args.exit_when_finished:
-            client.finished.wait()
-        else:
-            client.stopped.wait()
+        while not terminated.is_set():
+            if args.exit_when_finished and client.finished.is_set():
+                break
+            terminated.wait(0.2)
     except KeyboardInterrupt:
         log.info("interrupted: stopping")
     finally:
         if load is not None:
             load.stop()
+            load.save(Path(args.state_dir) / "predictions.npz")
         client.stop()
         client.write_stats(extra=load.stats() if load is not None else None)
     return 0

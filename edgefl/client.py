@@ -1,0 +1,561 @@
+"""The device runtime: serve predictions, train when selected, send private compact updates.
+
+:class:`EdgeClient` ties the device's parts together over one MQTT connection
+(:class:`~edgefl.transport.MqttConnection`):
+
+* the **current model**: each retained model message is decoded, refused unless its version is
+  newer and its ONNX bytes match their SHA-256, hot-swapped into the live
+  :class:`~edgefl.predictor.Predictor`, and saved in the state directory, so a rebooted device
+  serves its last model before it reaches the broker;
+* **local training**: samples go into a :class:`~edgefl.trainer.LocalTrainer`; when a round
+  announcement selects this device, a worker thread trains on the round's model version while
+  predictions keep flowing;
+* **privacy and compression**: the round's :class:`~edgefl.privacy.PrivacyPolicy` is paid from the
+  device's own :class:`~edgefl.privacy.PrivacyAccountant` (persisted in the state directory); a
+  :class:`~edgefl.compression.Compressor` per compression config keeps its error-feedback
+  residual across rounds; :class:`~edgefl.update_pipeline.UpdatePipeline` applies them in the
+  order that keeps the guarantee;
+* **delivery**: the encoded update is stored in the :class:`~edgefl.outbox.Outbox` before it is
+  published with QoS 1; the server's receipt removes it. While this process lives, paho resends
+  an update that was in flight when the connection dropped; the outbox covers what paho cannot:
+  a crash or reboot, after which the device resends every stored update on connecting.
+
+Threads: the transport's dispatcher thread handles every incoming message (and never trains);
+one worker thread trains and sends; any number of caller threads predict. No exception leaves a
+message handler (the transport logs any that would).
+
+State directory layout: ``model.bin`` (the last model envelope), ``privacy.json`` (epsilon
+spent), ``state.json`` (the last round this device sent an update for), ``outbox/``, and
+``stats.json`` (written by :meth:`EdgeClient.write_stats`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from edgefl import __version__, kernels
+from edgefl.compression import Compressor
+from edgefl.model import ModelManifest
+from edgefl.outbox import Outbox
+from edgefl.predictor import ModelRejected, Predictor
+from edgefl.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
+from edgefl.protocol import (
+    CompressionConfig, DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
+)
+from edgefl.trainer import LocalTrainer
+from edgefl.transport import Message, MqttConnection
+from edgefl.update_pipeline import UpdatePipeline
+from edgefl.wire import DEFAULT_MAX_MODEL_BYTES, Update, decode_model, encode_update
+
+log = logging.getLogger(__name__)
+
+#: How long :meth:`EdgeClient.stop` waits for a running local training to finish.
+STOP_TIMEOUT = 30.0
+
+
+class NoModelYet(RuntimeError):
+    """The device has not received a global model yet, so it cannot predict."""
+
+
+class EdgeClient:
+    """One device of a fleet.
+
+    Parameters
+    ----------
+    client_id : str
+        The device's fixed id (also its MQTT client id).
+    fleet : str
+        The fleet it belongs to.
+    broker_url : str
+        ``mqtt://host:port`` or ``mqtts://host:port``.
+    state_dir : path
+        Where the device keeps what must survive a reboot (see the module docstring).
+    username, password, tls, ca_certs
+        Passed to :class:`~edgefl.transport.MqttConnection`.
+    privacy_budget : float
+        Total epsilon this device will ever spend; once spent it sends no more updates.
+    capacity : int
+        Most local training samples kept (a ring buffer: the newest stay).
+    seed : int
+        Seed of minibatch shuffling. Privacy noise never uses it: it draws from fresh OS entropy,
+        so nobody who knows the seed can subtract the noise.
+    intra_op_threads : int
+        onnxruntime threads per prediction.
+    max_model_bytes : int
+        Larger model messages are refused unread.
+    outbox_entries : int
+        Most updates kept waiting for their receipts.
+    reconnect_delay, keepalive, session_expiry
+        Passed to the transport.
+
+    Attributes
+    ----------
+    finished : threading.Event
+        Set once the server announced that the last round is over and this device serves the
+        final model.
+    training : threading.Event
+        Set while local training for a round runs.
+    """
+
+    def __init__(self, client_id: str, fleet: str, broker_url: str, state_dir, *,
+                 username: str | None = None, password: str | None = None, tls=None,
+                 ca_certs: str | None = None, privacy_budget: float = 100.0,
+                 capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
+                 reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400):
+        self.client_id = check_name("client id", client_id)
+        self.topics = Topics(fleet)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.seed = seed
+        self.intra_op_threads = intra_op_threads
+        self.max_model_bytes = max_model_bytes
+        self.finished = threading.Event()
+        self.training = threading.Event()
+
+        self._lock = threading.RLock()  # guards the fields below that two threads touch
+        self._work = threading.Condition(self._lock)
+        self._train_lock = threading.Lock()  # the trainer's buffer: add() vs train()
+        self._predictor: Predictor | None = None
+        self._trainer: LocalTrainer | None = None
+        self._pending_data: list[tuple[np.ndarray, np.ndarray]] = []
+        self._announcement: RoundAnnouncement | None = None
+        self._job: tuple[RoundAnnouncement, object] | None = None
+        self._scheduled_round = -1
+        self._compressors: dict[tuple[CompressionConfig, int], Compressor] = {}
+        self._handed: set[tuple[int, int]] = set()  # outbox entries paho holds in this process
+        self._budget_spent_logged = False
+        self._no_data_logged = False
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self.swaps: deque[tuple[float, float]] = deque(maxlen=1024)  # perf_counter (start, end)
+        self.counters = dict(updates_sent=0, accepted=0, rejected=0, bytes_up=0, bytes_down=0,
+                             models_installed=0, models_refused=0, rounds_skipped=0)
+        self.last_loss: float | None = None
+        self.rejections: list[str] = []
+
+        self._accountant = PrivacyAccountant(privacy_budget, path=self.state_dir / "privacy.json")
+        self._noise_rng = np.random.default_rng()  # fresh OS entropy, never the user's seed
+        self._outbox = Outbox(self.state_dir / "outbox", max_entries=outbox_entries)
+        self._last_round = self._load_state().get("last_round", -1)
+        self._load_saved_model()
+
+        self._conn = MqttConnection(
+            self.client_id, broker_url, username=username, password=password, tls=tls,
+            ca_certs=ca_certs, session_expiry=session_expiry, keepalive=keepalive,
+            will=(self.topics.status(self.client_id), DeviceStatus("offline").to_json(), 1, True),
+            subscriptions=[(self.topics.model, 1), (self.topics.round, 1),
+                           (self.topics.receipt(self.client_id), 1)],
+            on_message=self._on_message, reconnect_delay=reconnect_delay,
+        )
+        self._conn.on_connect_hooks.append(self._on_connected)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> "EdgeClient":
+        """Start the training worker and connect (raises ``BrokerUnreachable`` after ``timeout``)."""
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work_loop, name=f"edgefl-train-{self.client_id}",
+                                        daemon=True)
+        self._worker.start()
+        try:
+            self._conn.start(timeout=timeout)
+        except BaseException:
+            self._stop_worker()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Finish a running training (up to :data:`STOP_TIMEOUT`), say "offline", disconnect.
+
+        Updates not yet acknowledged stay in the outbox and are sent on the next start.
+        """
+        self._stop_worker()
+        if self._conn.connected.is_set():
+            self._conn.publish(self.topics.status(self.client_id),
+                               DeviceStatus("offline").to_json(), qos=1, retain=True, timeout=2.0)
+        self._conn.stop()
+
+    def _stop_worker(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+        if self._worker is not None:
+            self._worker.join(STOP_TIMEOUT)
+            self._worker = None
+
+    def __enter__(self) -> "EdgeClient":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> threading.Event:
+        """Set while connected to the broker."""
+        return self._conn.connected
+
+    # -- serving and data ------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> int | None:
+        """Version of the model predictions come from, or None before the first model."""
+        predictor = self._predictor
+        return None if predictor is None else predictor.version
+
+    @property
+    def predictor(self) -> Predictor | None:
+        return self._predictor
+
+    def predict(self, x) -> np.ndarray:
+        """Class probabilities from the live model for one sample ``(d,)`` or a batch ``(m, d)``.
+
+        Raises
+        ------
+        NoModelYet
+            Before the first global model arrived.
+        """
+        predictor = self._predictor
+        if predictor is None:
+            raise NoModelYet(f"device {self.client_id} has no global model yet: it serves "
+                             "predictions once the server's retained model arrived")
+        return predictor.predict(x)
+
+    def add_data(self, X, y) -> None:
+        """Add labelled local samples for training (kept on the device, never sent).
+
+        Before the first model arrives the samples wait; they are checked against the model's
+        input width and classes when it does (and dropped with a log line if they do not fit).
+
+        Raises
+        ------
+        ValueError
+            Once a model is known: shapes, NaN/Inf features or labels out of range.
+        """
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        with self._lock:
+            trainer = self._trainer
+            if trainer is None:
+                self._pending_data.append((X, y))
+                return
+        with self._train_lock:
+            trainer.add(X, y)
+
+    @property
+    def num_samples(self) -> int:
+        """Local samples available for training."""
+        trainer = self._trainer
+        if trainer is not None:
+            return trainer.num_samples
+        return sum(len(y) for _, y in self._pending_data)
+
+    @property
+    def privacy_spent(self) -> float:
+        return self._accountant.spent_epsilon
+
+    @property
+    def privacy_remaining(self) -> float:
+        return self._accountant.remaining
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._outbox
+
+    def stats(self) -> dict:
+        """What the device did: counters, model version, privacy spent, prediction latency."""
+        predictor = self._predictor
+        latency = None
+        if predictor is not None:
+            s = predictor.stats()
+            latency = {"count": s.count, "p50_us": s.p50_us, "p99_us": s.p99_us}
+        return {
+            "client_id": self.client_id, "model_version": self.model_version,
+            "last_round": self._last_round, "samples": self.num_samples,
+            "privacy_spent": self.privacy_spent, "privacy_remaining": self.privacy_remaining,
+            "outbox": len(self._outbox), "last_loss": self.last_loss, "predictor": latency,
+            "rejections": list(self.rejections[-20:]), **self.counters,
+        }
+
+    def write_stats(self, extra: dict | None = None) -> Path:
+        """Write :meth:`stats` (plus ``extra``) to ``state_dir/stats.json`` atomically."""
+        path = self.state_dir / "stats.json"
+        _write_atomically(path, json.dumps({**self.stats(), **(extra or {})}, indent=1).encode())
+        return path
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        path = self.state_dir / "state.json"
+        if not path.exists():
+            return {}
+        try:
+            state = json.loads(path.read_text())
+            int(state["last_round"])
+            return state
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Losing it only risks training a round twice; the server rejects the second update.
+            log.warning("%s is unreadable (%s); starting without it", path, exc)
+            return {}
+
+    def _load_saved_model(self) -> None:
+        path = self.state_dir / "model.bin"
+        if not path.exists():
+            return
+        try:
+            model = decode_model(path.read_bytes(), max_bytes=self.max_model_bytes)
+            predictor = Predictor(model, intra_op_threads=self.intra_op_threads)
+        except (OSError, ValueError) as exc:  # ModelDecodeError, ModelRejected are ValueErrors
+            log.warning("the saved model %s is unusable (%s); waiting for the server's", path, exc)
+            return
+        self._predictor = predictor
+        self._ensure_trainer(model.manifest)
+        log.info("%s: serving the saved model version %d", self.client_id, model.version)
+
+    # -- messages (dispatcher thread) ------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        payload = bytes(msg.payload)
+        self.counters["bytes_down"] += len(payload)
+        if msg.topic == self.topics.model:
+            self._on_model(payload)
+        elif msg.topic == self.topics.round:
+            self._on_round(payload)
+        elif msg.topic == self.topics.receipt(self.client_id):
+            self._on_receipt(payload)
+        else:
+            log.warning("%s: ignoring a message on unexpected topic %s", self.client_id, msg.topic)
+
+    def _on_connected(self, session_present: bool) -> None:
+        status = DeviceStatus("online", {
+            "edgefl": __version__, "kernels": kernels.BACKEND, "samples": self.num_samples,
+            "model_version": self.model_version,
+            "privacy_remaining": round(self.privacy_remaining, 6),
+        })
+        self._conn.publish(self.topics.status(self.client_id), status.to_json(), qos=1, retain=True)
+        # Updates stored by an earlier process (crash, reboot) were never handed to this paho
+        # client; those handed over already are resent by paho itself after a reconnect.
+        for entry in self._outbox.entries():
+            if (entry.round_id, entry.update_id) not in self._handed:
+                log.info("%s: resending update %d of round %d from the outbox",
+                         self.client_id, entry.update_id, entry.round_id)
+                self._send(entry.round_id, entry.update_id, self._outbox.read(entry))
+
+    def _on_model(self, payload: bytes) -> None:
+        try:
+            model = decode_model(payload, max_bytes=self.max_model_bytes)
+        except ValueError as exc:
+            self.counters["models_refused"] += 1
+            log.warning("%s: ignoring a model message of %d bytes: %s", self.client_id,
+                        len(payload), exc)
+            return
+        current = self._predictor
+        if current is not None and model.version <= current.version:
+            log.debug("%s: model version %d is not newer than %d", self.client_id, model.version,
+                      current.version)
+            return
+        started = time.perf_counter()
+        try:
+            if current is None:
+                predictor = Predictor(model, intra_op_threads=self.intra_op_threads)
+            else:
+                current.swap(model)
+        except ModelRejected as exc:
+            self.counters["models_refused"] += 1
+            log.warning("%s: refused model version %d: %s", self.client_id, model.version, exc)
+            return
+        self.swaps.append((started, time.perf_counter()))
+        self.counters["models_installed"] += 1
+        try:
+            _write_atomically(self.state_dir / "model.bin", payload)
+        except OSError as exc:
+            log.warning("%s: could not save model version %d (%s); it serves it anyway",
+                        self.client_id, model.version, exc)
+        with self._lock:
+            if current is None:
+                self._predictor = predictor
+            self._ensure_trainer(model.manifest)
+            self._schedule()
+            self._check_finished()
+        log.info("%s: now serving model version %d", self.client_id, model.version)
+
+    def _on_round(self, payload: bytes) -> None:
+        try:
+            announcement = RoundAnnouncement.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("%s: ignoring a round announcement: %s", self.client_id, exc)
+            return
+        with self._lock:
+            current = self._announcement
+            if current is not None and announcement.round_id < current.round_id:
+                return  # an announcement overtaken by a newer one
+            self._announcement = announcement
+        for entry in self._outbox.drop_rounds_before(announcement.round_id):
+            self._handed.discard((entry.round_id, entry.update_id))
+        with self._lock:
+            self._schedule()
+            self._check_finished()
+
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            receipt = Receipt.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("%s: ignoring a receipt: %s", self.client_id, exc)
+            return
+        self._outbox.remove(receipt.round_id, receipt.update_id)
+        self._handed.discard((receipt.round_id, receipt.update_id))
+        if receipt.status == "accepted":
+            self.counters["accepted"] += 1
+            log.info("%s: round %d: update %d accepted", self.client_id, receipt.round_id,
+                     receipt.update_id)
+        else:
+            self.counters["rejected"] += 1
+            self.rejections.append(f"round {receipt.round_id}: {receipt.reason}")
+            log.warning("%s: round %d: update %d rejected by the server: %s", self.client_id,
+                        receipt.round_id, receipt.update_id, receipt.reason)
+
+    # -- rounds ----------------------------------------------------------------------------------
+
+    def _ensure_trainer(self, manifest: ModelManifest) -> None:
+        """Create the trainer for ``manifest`` (lock held), feeding it the waiting samples."""
+        if self._trainer is not None and self._trainer.manifest == manifest:
+            return
+        if self._trainer is not None:
+            log.warning("%s: the model's architecture changed; the local sample buffer starts "
+                        "empty", self.client_id)
+        featurizer = self._predictor.features if manifest.features_name else None
+        self._trainer = LocalTrainer(manifest, capacity=self.capacity, seed=self.seed,
+                                     featurizer=featurizer)
+        pending, self._pending_data = self._pending_data, []
+        for X, y in pending:
+            try:
+                self._trainer.add(X, y)
+            except ValueError as exc:
+                log.error("%s: dropped %d local samples that do not fit the model: %s",
+                          self.client_id, len(y), exc)
+
+    def _schedule(self) -> None:
+        """Hand the current round to the worker if this device should take part (lock held)."""
+        a = self._announcement
+        predictor = self._predictor
+        if a is None or not a.is_selected(self.client_id) or predictor is None:
+            return
+        if a.round_id <= max(self._last_round, self._scheduled_round):
+            return  # already took part (perhaps before a reboot)
+        if predictor.version != a.model_version:
+            return  # the round's model has not arrived yet (it comes on the model topic)
+        if a.config.privacy.mechanism != "none" \
+                and not self._accountant.can_spend(a.config.privacy.epsilon):
+            if not self._budget_spent_logged:
+                log.warning("%s: privacy budget spent (epsilon %.6g of %.6g): this device sends "
+                            "no more updates", self.client_id, self._accountant.spent_epsilon,
+                            self._accountant.budget)
+                self._budget_spent_logged = True
+            return
+        if self.num_samples == 0:
+            if not self._no_data_logged:
+                log.warning("%s: selected for round %d but has no local samples to train on",
+                            self.client_id, a.round_id)
+                self._no_data_logged = True
+            return
+        self._scheduled_round = a.round_id
+        self._job = (a, predictor.model)
+        self._work.notify_all()
+
+    def _check_finished(self) -> None:
+        a = self._announcement
+        if a is not None and a.state == "finished" and self.model_version is not None \
+                and self.model_version >= a.model_version:
+            self.finished.set()
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._job is None and not self._stopping:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                announcement, model = self._job
+                self._job = None
+            self.training.set()
+            try:
+                self._take_part(announcement, model)
+            except PrivacyBudgetExhausted as exc:
+                log.warning("%s: round %d: %s", self.client_id, announcement.round_id, exc)
+            except Exception:  # noqa: BLE001 - one failed round must not end the device
+                self.counters["rounds_skipped"] += 1
+                log.exception("%s: round %d: local training or encoding failed; no update sent",
+                              self.client_id, announcement.round_id)
+            finally:
+                self.training.clear()
+
+    def _take_part(self, a: RoundAnnouncement, model) -> None:
+        if time.time() > a.deadline:
+            self.counters["rounds_skipped"] += 1
+            log.info("%s: round %d: its deadline passed before training could start; skipping",
+                     self.client_id, a.round_id)
+            return
+        with self._train_lock:
+            result = self._trainer.train(model.weights, a.config)
+        self.last_loss = result.loss
+        num_params = model.manifest.num_params
+        key = (a.config.compression, num_params)
+        compressor = self._compressors.get(key)
+        if compressor is None:
+            compressor = self._compressors[key] = Compressor(a.config.compression, num_params)
+        policy = PrivacyPolicy(a.config.privacy, self._accountant)
+        indices, values = UpdatePipeline(policy, compressor).run(
+            result.delta, rng=self._noise_rng, randomk_seed=a.randomk_seed)
+        update = Update(self.client_id, a.round_id, a.model_version, secrets.randbits(64),
+                        result.num_samples, num_params, indices, values, compressor.value_encoding)
+        payload = encode_update(update)
+        with self._lock:
+            over = self._announcement is not None and self._announcement.round_id > a.round_id
+        if over:
+            self.counters["rounds_skipped"] += 1
+            log.info("%s: round %d ended while training; the update is not sent", self.client_id,
+                     a.round_id)
+            return
+        self._outbox.put(a.round_id, update.update_id, payload)
+        self._last_round = a.round_id
+        _write_atomically(self.state_dir / "state.json",
+                          json.dumps({"last_round": a.round_id}).encode())
+        self._send(a.round_id, update.update_id, payload)
+        log.info("%s: round %d: sent update %d (%d bytes, %d of %d values, loss %.4f)",
+                 self.client_id, a.round_id, update.update_id, len(payload), update.k,
+                 num_params, result.loss)
+
+    def _send(self, round_id: int, update_id: int, payload: bytes) -> None:
+        try:
+            self._conn.publish(self.topics.update(self.client_id), payload, qos=1)
+        except ValueError as exc:  # paho refuses the message itself (e.g. too large)
+            log.error("%s: could not publish update %d of round %d: %s", self.client_id,
+                      update_id, round_id, exc)
+            return
+        self._handed.add((round_id, update_id))
+        self.counters["updates_sent"] += 1
+        self.counters["bytes_up"] += len(payload)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
