@@ -1,20 +1,19 @@
-# Declarations of the top-k kernels' C-level helpers, for other kernels that select coordinates.
-from libc.string cimport memcpy
-
-from edgefl._kernels._typedefs cimport float32_t, intp_t, uint32_t, uint64_t
-
-
-cdef inline uint32_t magnitude_key(float32_t v) noexcept nogil:
-    """``abs(v)`` as an unsigned integer that sorts like the magnitude.
-
-    Clearing the sign bit of an IEEE-754 float leaves a non-negative float whose bit pattern, read
-    as an unsigned integer, orders exactly as its value (subnormals included, ``-0.0`` -> 0);
-    NaN and Inf map to keys >= 0x7f800000.
-    """
-    cdef uint32_t bits
-    memcpy(&bits, &v, sizeof(bits))
-    return bits & 0x7fffffff
+# Declarations of the top-k kernels' C passes (topk_impl.h), for topk.pyx and any kernel that
+# selects coordinates by magnitude.
+from edgefl._kernels._typedefs cimport uint32_t
 
 
-cdef int topk_into(const float32_t* x, intp_t n, intp_t k,
-                   uint32_t* out_idx, float32_t* out_vals) noexcept nogil
+cdef extern from "topk_impl.h" nogil:
+    enum:
+        EDGEFL_TOPK_SHIFT
+        EDGEFL_TOPK_BINS
+        EDGEFL_TOPK_COPIES
+    uint32_t edgefl_magnitude_key(float v)
+    void edgefl_topk_histogram(const float *x, size_t n, uint32_t *copies)
+    void edgefl_topk_histogram_sum(const float *r, const float *u, size_t n, uint32_t *copies)
+    size_t edgefl_topk_collect(const float *x, size_t n, uint32_t lowest, uint32_t *candidates)
+    size_t edgefl_topk_accumulate_collect(float *r, const float *u, size_t n, uint32_t lowest,
+                                          uint32_t *candidates)
+    size_t edgefl_count_above(const float *x, size_t n, uint32_t threshold, uint32_t *largest)
+    void edgefl_collect_above(const float *x, size_t n, uint32_t threshold, uint32_t *idx,
+                              float *vals)

@@ -15,14 +15,18 @@ to the exact k-th largest key and the number of entries equal to it that still f
 over the candidates emits them sorted by index, ties going to the lower index. Two passes over
 the data instead of NumPy's introselect, and no sort of the output.
 """
-from libc.stdlib cimport calloc, free, malloc
-from libc.math cimport nextafterf
 from libc.float cimport FLT_MAX
+from libc.math cimport nextafterf
+from libc.stdlib cimport calloc, free, malloc
 
 import numpy as np
 
 from edgefl._kernels._typedefs cimport float32_t, intp_t, uint32_t, uint64_t
-from edgefl._kernels.topk cimport magnitude_key
+from edgefl._kernels.topk cimport (
+    EDGEFL_TOPK_BINS, EDGEFL_TOPK_COPIES, EDGEFL_TOPK_SHIFT,
+    edgefl_collect_above, edgefl_count_above, edgefl_magnitude_key, edgefl_topk_accumulate_collect,
+    edgefl_topk_collect, edgefl_topk_histogram, edgefl_topk_histogram_sum,
+)
 
 from edgefl._kernels.fallback.topk import (
     _check_array, _check_k, _check_no_overlap, _check_randomk_args, _check_tau,
@@ -30,22 +34,15 @@ from edgefl._kernels.fallback.topk import (
 )
 
 cdef enum:
-    # Level 1 of the radix select: the top 12 of the key's 31 bits (8 exponent + 4 mantissa
-    # bits), so the counters stay in L1/L2 cache.
-    LEVEL1_SHIFT = 19
-    LEVEL1_BINS = 1 << 12
     # Keys of NaN and Inf start at 0x7f800000: they land in the level-1 bins from here up.
-    NON_FINITE_BIN = 0x7f800000 >> LEVEL1_SHIFT
-    # Levels 2 and 3 resolve the remaining 19 bits inside the boundary bin: 11, then 8.
+    NON_FINITE_KEY = 0x7f800000
+    # Levels 2 and 3 resolve the 19 key bits below level 1 inside the boundary bin: 11, then 8.
     LEVEL2_SHIFT = 8
     LEVEL2_BINS = 1 << 11
     LEVEL3_BINS = 1 << 8
-    # Interleaved copies of the level-1 counters: consecutive elements of smooth data fall in the
-    # same bin, and a single set of counters would serialise on store-to-load forwarding.
-    COPIES = 4
 
 cdef enum Status:
-    # What the nogil cores report; the wrappers raise after the loop, never inside it.
+    # What the nogil cores report; the wrappers raise after the loops, never inside them.
     OK = 0
     NON_FINITE = 1
     NO_MEMORY = 2
@@ -67,82 +64,30 @@ cdef int _merge_counts(uint32_t* copies, intp_t* counts) noexcept nogil:
     """Add the interleaved counter copies into ``counts``; NON_FINITE if a NaN/Inf bin is used."""
     cdef intp_t b
     cdef int c
-    for b in range(LEVEL1_BINS):
+    for b in range(EDGEFL_TOPK_BINS):
         counts[b] = 0
-        for c in range(COPIES):
-            counts[b] += copies[c * LEVEL1_BINS + b]
-    for b in range(NON_FINITE_BIN, LEVEL1_BINS):
+        for c in range(EDGEFL_TOPK_COPIES):
+            counts[b] += copies[c * EDGEFL_TOPK_BINS + b]
+    for b in range(NON_FINITE_KEY >> EDGEFL_TOPK_SHIFT, EDGEFL_TOPK_BINS):
         if counts[b]:
             return NON_FINITE
     return OK
 
 
-cdef int _histogram(const float32_t* x, intp_t n, intp_t* counts) noexcept nogil:
-    """Pass 1 of topk: level-1 counts of the keys of ``x``."""
-    cdef uint32_t* copies = <uint32_t*> calloc(COPIES * LEVEL1_BINS, sizeof(uint32_t))
-    cdef intp_t i
-    cdef intp_t body = n - n % COPIES
+cdef int _histogram(const float32_t* x, const float32_t* u, intp_t n,
+                    intp_t* counts) noexcept nogil:
+    """Pass 1: level-1 counts of the keys of ``x``, or of ``x + u`` if ``u`` is not NULL."""
+    cdef uint32_t* copies = <uint32_t*> calloc(EDGEFL_TOPK_COPIES * EDGEFL_TOPK_BINS,
+                                               sizeof(uint32_t))
     if copies == NULL:
         return NO_MEMORY
-    for i in range(0, body, 4):  # 4 == COPIES
-        copies[magnitude_key(x[i]) >> LEVEL1_SHIFT] += 1
-        copies[LEVEL1_BINS + (magnitude_key(x[i + 1]) >> LEVEL1_SHIFT)] += 1
-        copies[2 * LEVEL1_BINS + (magnitude_key(x[i + 2]) >> LEVEL1_SHIFT)] += 1
-        copies[3 * LEVEL1_BINS + (magnitude_key(x[i + 3]) >> LEVEL1_SHIFT)] += 1
-    for i in range(body, n):
-        copies[magnitude_key(x[i]) >> LEVEL1_SHIFT] += 1
-    status = _merge_counts(copies, counts)
+    if u == NULL:
+        edgefl_topk_histogram(x, n, copies)
+    else:
+        edgefl_topk_histogram_sum(x, u, n, copies)
+    cdef int status = _merge_counts(copies, counts)
     free(copies)
     return status
-
-
-cdef int _histogram_sum(const float32_t* r, const float32_t* u, intp_t n,
-                        intp_t* counts) noexcept nogil:
-    """Pass 1 of topk_ef_: level-1 counts of the keys of ``r + u``, without writing ``r`` (so an
-    error leaves the residual as it was)."""
-    cdef uint32_t* copies = <uint32_t*> calloc(COPIES * LEVEL1_BINS, sizeof(uint32_t))
-    cdef intp_t i
-    cdef intp_t body = n - n % COPIES
-    if copies == NULL:
-        return NO_MEMORY
-    for i in range(0, body, 4):  # 4 == COPIES
-        copies[magnitude_key(r[i] + u[i]) >> LEVEL1_SHIFT] += 1
-        copies[LEVEL1_BINS + (magnitude_key(r[i + 1] + u[i + 1]) >> LEVEL1_SHIFT)] += 1
-        copies[2 * LEVEL1_BINS + (magnitude_key(r[i + 2] + u[i + 2]) >> LEVEL1_SHIFT)] += 1
-        copies[3 * LEVEL1_BINS + (magnitude_key(r[i + 3] + u[i + 3]) >> LEVEL1_SHIFT)] += 1
-    for i in range(body, n):
-        copies[magnitude_key(r[i] + u[i]) >> LEVEL1_SHIFT] += 1
-    status = _merge_counts(copies, counts)
-    free(copies)
-    return status
-
-
-cdef intp_t _collect(const float32_t* x, intp_t n, uint32_t lowest_bin,
-                     uint32_t* candidates) noexcept nogil:
-    """Pass 2 of topk: indices of the entries whose bin is >= ``lowest_bin``, in index order.
-
-    Branch-free: every index is written, and the cursor advances only for a candidate, so
-    ``candidates`` needs one slot of slack."""
-    cdef intp_t i
-    cdef intp_t m = 0
-    for i in range(n):
-        candidates[m] = <uint32_t> i
-        m += (magnitude_key(x[i]) >> LEVEL1_SHIFT) >= lowest_bin
-    return m
-
-
-cdef intp_t _accumulate_collect(float32_t* r, const float32_t* u, intp_t n, uint32_t lowest_bin,
-                                uint32_t* candidates) noexcept nogil:
-    """Pass 2 of topk_ef_: ``r += u`` fused with :func:`_collect` on the new ``r``."""
-    cdef intp_t i
-    cdef intp_t m = 0
-    cdef float32_t s
-    for i in range(n):
-        s = r[i] + u[i]
-        r[i] = s
-        candidates[m] = <uint32_t> i
-        m += (magnitude_key(s) >> LEVEL1_SHIFT) >= lowest_bin
-    return m
 
 
 cdef uint32_t _kth_largest_key(uint32_t* keys, intp_t m, intp_t k, intp_t* ties) noexcept nogil:
@@ -187,15 +132,15 @@ cdef int _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t 
     if keys == NULL:
         return NO_MEMORY
     for j in range(m):
-        key = magnitude_key(x[candidates[j]])
-        if (key >> LEVEL1_SHIFT) == boundary:
+        key = edgefl_magnitude_key(x[candidates[j]])
+        if (key >> EDGEFL_TOPK_SHIFT) == boundary:
             keys[in_boundary] = key
             in_boundary += 1
     threshold = _kth_largest_key(keys, in_boundary, k - above, &ties)
     free(keys)
     for j in range(m):
         i = candidates[j]
-        key = magnitude_key(x[i])
+        key = edgefl_magnitude_key(x[i])
         if key > threshold or (key == threshold and ties_taken < ties):
             ties_taken += key == threshold
             out_idx[emitted] = i
@@ -204,55 +149,37 @@ cdef int _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t 
     return OK
 
 
-cdef int topk_into(const float32_t* x, intp_t n, intp_t k,
-                   uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
+                    uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
     """Top-k of ``x[:n]`` into ``out_idx[:k]`` (sorted) and ``out_vals[:k]``.
 
-    Returns OK, NON_FINITE (``x`` holds NaN or Inf; nothing written) or NO_MEMORY.
+    With ``u`` not NULL, error feedback: ``x += u`` first and the emitted entries of ``x`` zeroed
+    after. Returns OK, NON_FINITE (NaN or Inf; ``x`` unchanged) or NO_MEMORY (``x`` unchanged).
     """
-    cdef intp_t counts[LEVEL1_BINS]
-    cdef intp_t above, m
-    cdef intp_t boundary
-    cdef uint32_t* candidates
-    cdef int status = _histogram(x, n, counts)
-    if status != OK or k == 0:
-        return status
-    boundary = _boundary_bin(counts, LEVEL1_BINS, k, &above)
-    candidates = <uint32_t*> malloc((above + counts[boundary] + 1) * sizeof(uint32_t))
-    if candidates == NULL:
-        return NO_MEMORY
-    m = _collect(x, n, <uint32_t> boundary, candidates)
-    status = _emit(x, candidates, m, k, above, <uint32_t> boundary, out_idx, out_vals)
-    free(candidates)
-    return status
-
-
-cdef int _topk_ef_into(float32_t* r, const float32_t* u, intp_t n, intp_t k,
-                       uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
-    """``r += u``, top-k of the new ``r`` into the outputs, those entries of ``r`` zeroed.
-
-    Returns OK, NON_FINITE (``r + u`` has NaN or Inf; ``r`` unchanged) or NO_MEMORY (``r``
-    unchanged)."""
-    cdef intp_t counts[LEVEL1_BINS]
+    cdef intp_t counts[EDGEFL_TOPK_BINS]
     cdef intp_t above = 0, m, j
-    cdef intp_t boundary = LEVEL1_BINS  # with k == 0 no bin qualifies: pass 2 only accumulates
+    cdef intp_t boundary = EDGEFL_TOPK_BINS  # with k == 0 no bin qualifies
     cdef uint32_t* candidates
-    cdef int status = _histogram_sum(r, u, n, counts)
-    if status != OK:
+    cdef int status = _histogram(x, u, n, counts)
+    if status != OK or (k == 0 and u == NULL):
         return status
     if k > 0:
-        boundary = _boundary_bin(counts, LEVEL1_BINS, k, &above)
+        boundary = _boundary_bin(counts, EDGEFL_TOPK_BINS, k, &above)
     candidates = <uint32_t*> malloc(
         ((above + counts[boundary] if k > 0 else 0) + 1) * sizeof(uint32_t))
     if candidates == NULL:
         return NO_MEMORY
-    m = _accumulate_collect(r, u, n, <uint32_t> boundary, candidates)
+    cdef uint32_t lowest = <uint32_t> boundary << EDGEFL_TOPK_SHIFT
+    if u == NULL:
+        m = edgefl_topk_collect(x, n, lowest, candidates)
+    else:
+        m = edgefl_topk_accumulate_collect(x, u, n, lowest, candidates)
     if k > 0:
-        status = _emit(r, candidates, m, k, above, <uint32_t> boundary, out_idx, out_vals)
+        status = _emit(x, candidates, m, k, above, <uint32_t> boundary, out_idx, out_vals)
     free(candidates)
-    if status == OK:
+    if u != NULL and status == OK:
         for j in range(k):
-            r[out_idx[j]] = 0.0
+            x[out_idx[j]] = 0.0
     return status
 
 
@@ -305,7 +232,8 @@ def topk(x, k):
     cdef float32_t* pvals = &vv[0] if kk else NULL
     cdef int status
     with nogil:
-        status = topk_into(&xv[0], n, kk, pidx, pvals)
+        # Without an update to add, _topk_into only reads x: the cast drops const, nothing else.
+        status = _topk_into(<float32_t*> &xv[0], NULL, n, kk, pidx, pvals)
     if status == NON_FINITE:
         _raise_non_finite(flat, "x")
     if status == NO_MEMORY:
@@ -372,7 +300,7 @@ def topk_ef_(residual, update, k):
     cdef float32_t* pvals = &vv[0] if kk else NULL
     cdef int status
     with nogil:
-        status = _topk_ef_into(&rv[0], &uv[0], n, kk, pidx, pvals)
+        status = _topk_into(&rv[0], &uv[0], n, kk, pidx, pvals)
     if status == NON_FINITE:
         _raise_non_finite_sum(r, u)
     if status == NO_MEMORY:
@@ -382,14 +310,14 @@ def topk_ef_(residual, update, k):
 
 cdef uint32_t _threshold_key(double tau) noexcept nogil:
     """The key t such that, for every finite float32 v, ``abs(v) > tau`` exactly when
-    ``magnitude_key(v) > t``: the key of the largest float32 not above ``tau`` (tau >= 0)."""
+    ``edgefl_magnitude_key(v) > t``: the key of the largest float32 not above ``tau`` (tau >= 0)."""
     cdef float32_t below
     if tau >= FLT_MAX:
-        return magnitude_key(FLT_MAX)
+        return edgefl_magnitude_key(FLT_MAX)
     below = <float32_t> tau
     if <double> below > tau:
         below = nextafterf(below, 0.0)
-    return magnitude_key(below)
+    return edgefl_magnitude_key(below)
 
 
 def threshold_select(x, tau):
@@ -428,14 +356,11 @@ def threshold_select(x, tau):
         return _empty_selection()
     cdef const float32_t[::1] xv = flat
     cdef const float32_t* px = &xv[0]
-    cdef intp_t i, count = 0, emitted = 0
-    cdef uint32_t key, largest = 0
+    cdef size_t count
+    cdef uint32_t largest
     with nogil:
-        for i in range(n):
-            key = magnitude_key(px[i])
-            count += key > threshold
-            largest = key if key > largest else largest
-    if largest >= 0x7f800000:
+        count = edgefl_count_above(px, n, threshold, &largest)
+    if largest >= NON_FINITE_KEY:
         _raise_non_finite(flat, "x")
     idx = np.empty(count, dtype=np.uint32)
     vals = np.empty(count, dtype=np.float32)
@@ -446,11 +371,7 @@ def threshold_select(x, tau):
     cdef uint32_t* pidx = &iv[0]
     cdef float32_t* pvals = &vv[0]
     with nogil:
-        for i in range(n):
-            if magnitude_key(px[i]) > threshold:
-                pidx[emitted] = <uint32_t> i
-                pvals[emitted] = px[i]
-                emitted += 1
+        edgefl_collect_above(px, n, threshold, pidx, pvals)
     return idx, vals
 
 
