@@ -120,24 +120,21 @@ cdef uint32_t _kth_largest_key(uint32_t* keys, intp_t m, intp_t k, intp_t* ties)
     return (keys[0] & ~<uint32_t> (LEVEL3_BINS - 1)) | <uint32_t> bin3
 
 
-cdef int _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t k,
-               intp_t above, uint32_t boundary, uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+cdef void _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t k,
+                intp_t above, uint32_t boundary, uint32_t* keys,
+                uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
     """Write the k largest of the ``m`` candidates to the outputs, in index order.
 
     ``above`` candidates lie in level-1 bins higher than ``boundary``, the others in ``boundary``,
-    which holds the k-th largest key."""
+    which holds the k-th largest key; ``keys`` is scratch space for ``m - above`` keys."""
     cdef intp_t j, emitted = 0, ties_taken = 0, ties, in_boundary = 0
     cdef uint32_t i, key, threshold
-    cdef uint32_t* keys = <uint32_t*> malloc((m - above + 1) * sizeof(uint32_t))
-    if keys == NULL:
-        return NO_MEMORY
     for j in range(m):
         key = edgefl_magnitude_key(x[candidates[j]])
         if (key >> EDGEFL_TOPK_SHIFT) == boundary:
             keys[in_boundary] = key
             in_boundary += 1
     threshold = _kth_largest_key(keys, in_boundary, k - above, &ties)
-    free(keys)
     for j in range(m):
         i = candidates[j]
         key = edgefl_magnitude_key(x[i])
@@ -146,7 +143,6 @@ cdef int _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t 
             out_idx[emitted] = i
             out_vals[emitted] = x[i]
             emitted += 1
-    return OK
 
 
 cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
@@ -157,17 +153,20 @@ cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
     after. Returns OK, NON_FINITE (NaN or Inf; ``x`` unchanged) or NO_MEMORY (``x`` unchanged).
     """
     cdef intp_t counts[EDGEFL_TOPK_BINS]
-    cdef intp_t above = 0, m, j
+    cdef intp_t above = 0, m, j, in_boundary = 0
     cdef intp_t boundary = EDGEFL_TOPK_BINS  # with k == 0 no bin qualifies
-    cdef uint32_t* candidates
     cdef int status = _histogram(x, u, n, counts)
     if status != OK or (k == 0 and u == NULL):
         return status
     if k > 0:
         boundary = _boundary_bin(counts, EDGEFL_TOPK_BINS, k, &above)
-    candidates = <uint32_t*> malloc(
-        ((above + counts[boundary] if k > 0 else 0) + 1) * sizeof(uint32_t))
-    if candidates == NULL:
+        in_boundary = counts[boundary]
+    # Both buffers before pass 2, which is the one that writes x: a failure leaves x unchanged.
+    cdef uint32_t* candidates = <uint32_t*> malloc((above + in_boundary + 1) * sizeof(uint32_t))
+    cdef uint32_t* keys = <uint32_t*> malloc((in_boundary + 1) * sizeof(uint32_t))
+    if candidates == NULL or keys == NULL:
+        free(candidates)
+        free(keys)
         return NO_MEMORY
     cdef uint32_t lowest = <uint32_t> boundary << EDGEFL_TOPK_SHIFT
     if u == NULL:
@@ -175,12 +174,13 @@ cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
     else:
         m = edgefl_topk_accumulate_collect(x, u, n, lowest, candidates)
     if k > 0:
-        status = _emit(x, candidates, m, k, above, <uint32_t> boundary, out_idx, out_vals)
+        _emit(x, candidates, m, k, above, <uint32_t> boundary, keys, out_idx, out_vals)
     free(candidates)
-    if u != NULL and status == OK:
+    free(keys)
+    if u != NULL:
         for j in range(k):
             x[out_idx[j]] = 0.0
-    return status
+    return OK
 
 
 cdef _raise_no_memory(str kernel, intp_t n):
