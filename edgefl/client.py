@@ -412,8 +412,6 @@ class EdgeClient:
         except ProtocolError as exc:
             log.warning("%s: ignoring a receipt: %s", self.client_id, exc)
             return
-        self._outbox.remove(receipt.round_id, receipt.update_id)
-        self._handed.discard((receipt.round_id, receipt.update_id))
         if receipt.status == "accepted":
             self.counters["accepted"] += 1
             log.info("%s: round %d: update %d accepted", self.client_id, receipt.round_id,
@@ -423,6 +421,8 @@ class EdgeClient:
             self.rejections.append(f"round {receipt.round_id}: {receipt.reason}")
             log.warning("%s: round %d: update %d rejected by the server: %s", self.client_id,
                         receipt.round_id, receipt.update_id, receipt.reason)
+        self._outbox.remove(receipt.round_id, receipt.update_id)
+        self._handed.discard((receipt.round_id, receipt.update_id))
 
     # -- rounds ----------------------------------------------------------------------------------
 

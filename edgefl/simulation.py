@@ -298,7 +298,7 @@ def wait_until_online(broker_url: str, fleet: str, count: int, timeout: float,
 
     watcher = MqttConnection(f"edgefl-sim-watch-{os.getpid()}", broker_url, session_expiry=0,
                              subscriptions=[(topics.all_status, 1)], on_message=on_status)
-    with watcher.start(timeout=10):
+    with watcher:
         deadline = time.monotonic() + timeout
         while len(online) < count:
             if processes is not None and processes.failed():
@@ -347,13 +347,19 @@ def centralised_accuracy(plan: SimulationPlan, model, data) -> list[float]:
     return out
 
 
-def dense_fedavg_accuracy(plan: SimulationPlan, model, data) -> list[float]:
-    """Accuracy per round of dense, un-noised FedAvg over the same devices, in memory."""
+def in_memory_accuracy(plan: SimulationPlan, model, data, *, strategy: str = "fedavg",
+                       options: dict | None = None) -> list[float]:
+    """Accuracy per round of dense, un-noised federated training of the same devices, in memory.
+
+    Every device trains on its partition each round with ``plan.training`` (compression and
+    privacy off, adjusted by the strategy as the server would) and the server's own strategy
+    aggregates: the reference a run over MQTT with compression or privacy is compared to.
+    """
+    from edgefl.datasets import dirichlet_partition
     from edgefl.model import mlp_logits
     from edgefl.protocol import CompressionConfig, PrivacyConfig
     from edgefl.trainer import LocalTrainer
     from edgefl.wire import Update
-    from edgefl.datasets import dirichlet_partition
     from edgefl_server.strategies import make_strategy
 
     X_train, y_train, X_test, y_test = data
@@ -363,8 +369,9 @@ def dense_fedavg_accuracy(plan: SimulationPlan, model, data) -> list[float]:
         trainer = LocalTrainer(model.manifest, capacity=len(part), seed=plan.seed)
         trainer.add(X_train[part], y_train[part])
         trainers.append(trainer)
-    strategy = make_strategy("fedavg")
-    config = replace(plan.training, privacy=PrivacyConfig(), compression=CompressionConfig())
+    aggregator = make_strategy(strategy, options)
+    config = aggregator.configure_training(
+        replace(plan.training, privacy=PrivacyConfig(), compression=CompressionConfig()))
     weights, n = model.weights.copy(), model.manifest.num_params
     out = []
     for round_id in range(1, plan.rounds + 1):
@@ -373,7 +380,7 @@ def dense_fedavg_accuracy(plan: SimulationPlan, model, data) -> list[float]:
             result = trainer.train(weights, config)
             updates.append(Update(f"dev-{i:02d}", round_id, round_id - 1, i, result.num_samples, n,
                                   None, result.delta))
-        weights = strategy.aggregate(weights, updates)
+        weights = aggregator.aggregate(weights, updates)
         out.append(float((mlp_logits(model.manifest, weights, X_test).argmax(1) == y_test).mean()))
     return out
 
@@ -495,7 +502,7 @@ def format_summary(summary: dict) -> str:
         + (f"; dense FedAvg {pct(summary['dense_fedavg']['final_accuracy'])}" if dense else ""),
         f"uplink: {b['uplink'] / 1024:.1f} KiB for {b['updates_accepted']} updates; dense float32 "
         f"would be {b['uplink_dense_float32'] / 1024:.1f} KiB"
-        + (f" ({b['uplink_ratio_vs_dense']:.1f}x smaller)" if b["uplink_ratio_vs_dense"] else ""),
+        + (f" (ratio {b['uplink_ratio_vs_dense']:.2f})" if b["uplink_ratio_vs_dense"] else ""),
         f"downlink: devices received {b['downlink_received_by_devices'] / 1024:.1f} KiB "
         f"({b['models_installed']} model installs; their float32 weights alone are "
         f"{b['downlink_model_weights_float32'] / 1024:.1f} KiB, the rest is ONNX graphs, "
@@ -572,12 +579,12 @@ def add_arguments(parser) -> None:
                help="run devices as threads of this process instead of processes (quicker)")
 
     train = parser.add_argument_group("local training, compression, privacy")
-    env_option(train, "--epochs", env="EDGEFL_EPOCHS", type=int, default=2, help="local epochs")
+    env_option(train, "--epochs", env="EDGEFL_EPOCHS", type=int, default=5, help="local epochs")
     env_option(train, "--batch-size", env="EDGEFL_BATCH_SIZE", type=int, default=16,
                help="local minibatch size")
     env_option(train, "--lr", env="EDGEFL_LR", type=positive_float, default=0.1,
                help="local learning rate")
-    env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float, default=0.0,
+    env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float, default=0.9,
                help="local SGD momentum")
     env_option(train, "--compression", env="EDGEFL_COMPRESSION",
                choices=["none", "topk", "threshold", "randomk"], default="none",
@@ -663,7 +670,7 @@ def run(args) -> int:
     centralised = centralised_accuracy(plan, model, data)
     lossy = plan.training.privacy.mechanism != "none" or plan.training.compression.method != "none" \
         or plan.training.compression.values != "f32"
-    dense = dense_fedavg_accuracy(plan, model, data) if lossy else None
+    dense = in_memory_accuracy(plan, model, data) if lossy else None
     summary = summarize(plan, history, final_version, stats, records, centralised=centralised,
                         dense_fedavg=dense, num_params=model.manifest.num_params,
                         wall_seconds=wall)

@@ -1,0 +1,360 @@
+"""EdgeClient against a real Mosquitto, with a raw paho client playing the server's part.
+
+The raw peer publishes retained models and round announcements and sends receipts exactly as the
+protocol says, so each test controls the server side precisely.
+"""
+import dataclasses
+import json
+import queue
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgefl.client import EdgeClient, NoModelYet
+from edgefl.datasets import dirichlet_partition, load_digits
+from edgefl.protocol import (
+    CompressionConfig, DeviceStatus, PrivacyConfig, Receipt, RoundAnnouncement, Topics,
+    TrainingConfig,
+)
+from edgefl.wire import decode_update, encode_model
+from edgefl_server.models import build_mlp
+
+pytestmark = pytest.mark.integration
+
+FLEET = "test"
+TOPICS = Topics(FLEET)
+
+
+class FakeServer:
+    """A raw paho peer: sees updates and statuses, publishes models, rounds and receipts."""
+
+    def __init__(self, broker):
+        self.updates: queue.Queue = queue.Queue()
+        self.statuses: queue.Queue = queue.Queue()
+        ready = queue.Queue()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-server",
+                             protocol=mqtt.MQTTv5)
+
+        def on_connect(c, userdata, flags, reason_code, properties):
+            c.subscribe([(TOPICS.all_updates, 1), (TOPICS.all_status, 1)])
+
+        def on_message(c, userdata, msg):
+            target = self.updates if msg.topic.endswith("/update") else self.statuses
+            target.put((msg.topic, bytes(msg.payload)))
+
+        client.on_connect = on_connect
+        client.on_subscribe = lambda *a: ready.put(True)
+        client.on_message = on_message
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        ready.get(timeout=5)
+        self.client = client
+
+    def publish(self, topic, payload, retain=True):
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def model(self, model):
+        self.publish(TOPICS.model, encode_model(model))
+
+    def round(self, round_id, model_version, *, state="open", selected=None, deadline=None,
+              config=TrainingConfig(epochs=1, lr=0.1), seed=7):
+        deadline = time.time() + 60 if deadline is None else deadline
+        self.publish(TOPICS.round, RoundAnnouncement(
+            round_id, model_version, deadline, config, selected, seed, state).to_json())
+
+    def receipt(self, client_id, round_id, update_id, status="accepted", reason=""):
+        self.publish(TOPICS.receipt(client_id), Receipt(round_id, update_id, status, reason).to_json(),
+                     retain=False)
+
+    def next_update(self, timeout=10):
+        topic, payload = self.updates.get(timeout=timeout)
+        return topic, decode_update(payload)
+
+    def assert_no_update(self, wait=0.7):
+        with pytest.raises(queue.Empty):
+            self.updates.get(timeout=wait)
+
+    def status_of(self, client_id, timeout=5):
+        while True:
+            topic, payload = self.statuses.get(timeout=timeout)
+            if topic == TOPICS.status(client_id):
+                return DeviceStatus.from_json(payload)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def server(broker):
+    fake = FakeServer(broker)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def model0():
+    return build_mlp((64, 32, 10), seed=0)
+
+
+@pytest.fixture(scope="module")
+def local_data():
+    X, y, _, _ = load_digits(0)
+    part = dirichlet_partition(y, 4, alpha=0.5, seed=0)[0]
+    return X[part], y[part]
+
+
+def next_version(model, version):
+    rng = np.random.default_rng(version)
+    weights = model.weights + rng.normal(0, 0.01, model.weights.size).astype(np.float32)
+    return model.with_weights(weights, version=version, round_id=version)
+
+
+def make_client(broker, tmp_path, local_data=None, name="dev-1", **kwargs):
+    client = EdgeClient(name, FLEET, broker.url, tmp_path / name, reconnect_delay=(0.1, 0.5),
+                        **kwargs)
+    if local_data is not None:
+        client.add_data(*local_data)
+    return client
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# -- status and models ---------------------------------------------------------------------------
+
+def test_status_online_with_capabilities_then_offline_on_stop(broker, server, tmp_path, local_data):
+    client = make_client(broker, tmp_path, local_data).start(timeout=5)
+    status = server.status_of("dev-1")
+    assert status.state == "online"
+    assert status.capabilities["samples"] == len(local_data[1])
+    assert status.capabilities["kernels"] in ("cython", "numpy")
+    client.stop()
+    assert server.status_of("dev-1").state == "offline"
+
+
+def test_predicts_after_the_retained_model_arrives(broker, server, tmp_path, model0, local_data):
+    client = make_client(broker, tmp_path, local_data)
+    with pytest.raises(NoModelYet, match="no global model yet"):
+        client.predict(local_data[0][0])
+    server.model(model0)  # retained before the device connects
+    with client:
+        assert wait_for(lambda: client.model_version == 0)
+        probabilities = client.predict(local_data[0][:3])
+        assert probabilities.shape == (3, 10)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_hot_swaps_newer_models_and_ignores_older_or_tampered_ones(broker, server, tmp_path, model0):
+    with make_client(broker, tmp_path) as client:
+        server.model(next_version(model0, 2))
+        assert wait_for(lambda: client.model_version == 2)
+        server.model(next_version(model0, 1))  # older: a device never goes back
+        tampered = next_version(model0, 5)
+        tampered = dataclasses.replace(tampered, onnx=tampered.onnx + b"\0")  # hash mismatch
+        server.model(tampered)
+        server.publish(TOPICS.model, b"not a model envelope")
+        server.model(next_version(model0, 3))
+        assert wait_for(lambda: client.model_version == 3)
+        assert client.counters["models_refused"] == 2  # the tampered one and the garbage
+        assert client.connected.is_set()
+
+
+def test_a_rebooted_device_serves_its_saved_model_before_connecting(broker, server, tmp_path, model0,
+                                                                     local_data):
+    with make_client(broker, tmp_path) as client:
+        server.model(next_version(model0, 4))
+        assert wait_for(lambda: client.model_version == 4)
+    rebooted = make_client(broker, tmp_path)  # not started: no broker contact yet
+    assert rebooted.model_version == 4
+    assert rebooted.predict(local_data[0][0]).shape == (10,)
+
+
+# -- rounds --------------------------------------------------------------------------------------
+
+def test_selected_device_trains_on_the_round_model_and_sends_one_update(broker, server, tmp_path,
+                                                                        model0, local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        server.round(1, 0, selected=["dev-1", "dev-9"])
+        topic, update = server.next_update()
+        assert topic == TOPICS.update("dev-1")
+        assert (update.client_id, update.round_id, update.base_version) == ("dev-1", 1, 0)
+        assert update.num_samples == len(local_data[1])
+        assert update.indices is None and update.num_params == model0.manifest.num_params
+        assert np.abs(update.values).max() > 0
+        assert len(client.outbox) == 1  # kept until the receipt
+        server.round(1, 0, selected=["dev-1", "dev-9"])  # the same announcement again
+        server.assert_no_update()
+        server.receipt("dev-1", 1, update.update_id)
+        assert wait_for(lambda: len(client.outbox) == 0)
+        assert client.counters["accepted"] == 1
+
+
+def test_not_selected_closed_or_finished_rounds_send_nothing(broker, server, tmp_path, model0,
+                                                             local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        server.round(1, 0, selected=["dev-2"])
+        server.round(2, 0, state="closed")
+        server.assert_no_update()
+        server.round(2, 0, state="finished")
+        assert client.finished.wait(5)
+
+
+def test_waits_for_the_round_model_before_training(broker, server, tmp_path, model0, local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        assert wait_for(lambda: client.model_version == 0)
+        server.round(2, 1)  # announces version 1, which has not arrived yet
+        server.assert_no_update()
+        server.model(next_version(model0, 1))
+        _, update = server.next_update()
+        assert (update.round_id, update.base_version) == (2, 1)
+
+
+def test_compressed_update_follows_the_round_config(broker, server, tmp_path, model0, local_data):
+    server.model(model0)
+    config = TrainingConfig(epochs=1, compression=CompressionConfig("topk", density=0.05, values="f16"))
+    with make_client(broker, tmp_path, local_data):
+        server.round(1, 0, config=config)
+        _, update = server.next_update()
+        assert update.value_encoding == "f16"
+        assert len(update.indices) == int(np.ceil(0.05 * model0.manifest.num_params))
+
+
+def test_a_round_whose_deadline_passed_is_skipped(broker, server, tmp_path, model0, local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        server.round(1, 0, deadline=time.time() - 1)
+        server.assert_no_update()
+        assert wait_for(lambda: client.counters["rounds_skipped"] == 1)
+
+
+def test_a_device_without_samples_sends_nothing_and_says_why(broker, server, tmp_path, model0, caplog):
+    server.model(model0)
+    with make_client(broker, tmp_path):
+        server.round(1, 0)
+        server.assert_no_update()
+    assert "no local samples" in caplog.text
+
+
+def test_samples_that_do_not_fit_the_model_are_dropped_with_a_log_line(broker, server, tmp_path,
+                                                                       model0, caplog):
+    client = make_client(broker, tmp_path)
+    client.add_data(np.zeros((5, 10), np.float32), np.zeros(5, np.int64))  # 10 features, not 64
+    server.model(model0)
+    with client:
+        assert wait_for(lambda: client.model_version == 0)
+    assert client.num_samples == 0
+    assert "dropped 5 local samples" in caplog.text
+    with pytest.raises(ValueError, match=r"\(m, 64\)"):
+        client.add_data(np.zeros((2, 10), np.float32), np.zeros(2, np.int64))
+
+
+# -- delivery: outbox, receipts, reboots ---------------------------------------------------------
+
+def test_an_unacknowledged_update_is_resent_after_a_reboot(broker, server, tmp_path, model0,
+                                                           local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data):
+        server.round(1, 0)
+        _, first = server.next_update()
+    # The receipt never came (server down, message lost): the update is still on disk.
+    rebooted = make_client(broker, tmp_path, local_data)
+    assert [(e.round_id, e.update_id) for e in rebooted.outbox.entries()] == [(1, first.update_id)]
+    with rebooted:
+        _, again = server.next_update()
+        assert again.update_id == first.update_id  # the same update, so the server counts it once
+        server.assert_no_update()  # and no second training for round 1
+        server.receipt("dev-1", 1, first.update_id, status="rejected", reason="duplicate")
+        assert wait_for(lambda: len(rebooted.outbox) == 0)
+        assert rebooted.rejections == ["round 1: duplicate"]
+
+
+def test_updates_of_a_round_that_is_over_are_dropped(broker, server, tmp_path, model0, local_data,
+                                                     caplog):
+    server.model(model0)
+    caplog.set_level("INFO", logger="edgefl.outbox")
+    with make_client(broker, tmp_path, local_data) as client:
+        server.round(1, 0)
+        server.next_update()
+        assert len(client.outbox) == 1
+        server.round(2, 0, state="closed")
+        assert wait_for(lambda: len(client.outbox) == 0)
+    assert "round 1 without a receipt" in caplog.text
+
+
+def test_update_sent_while_the_broker_is_down_arrives_after_it_returns(broker, server, tmp_path,
+                                                                       model0, local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        assert wait_for(lambda: client.model_version == 0)
+        server.close()
+        broker.restart(downtime=0.5)
+        peer = FakeServer(broker)
+        try:
+            peer.round(1, 0)
+            _, update = peer.next_update(timeout=15)
+            assert update.round_id == 1
+        finally:
+            peer.close()
+
+
+# -- privacy -------------------------------------------------------------------------------------
+
+def test_privacy_budget_stops_updates_and_survives_a_reboot(broker, server, tmp_path, model0,
+                                                            local_data, caplog):
+    server.model(model0)
+    private = TrainingConfig(epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0))
+    with make_client(broker, tmp_path, local_data, privacy_budget=1.5) as client:
+        server.round(1, 0, config=private)
+        _, update = server.next_update()
+        assert np.abs(update.values).sum() > 1.0  # clipped to L1 1.0, then Laplace noise added
+        assert client.privacy_spent == pytest.approx(1.0)
+        server.round(2, 0, config=private)
+        server.assert_no_update()
+    assert "privacy budget spent" in caplog.text
+    rebooted = make_client(broker, tmp_path, local_data, privacy_budget=1.5)
+    assert rebooted.privacy_spent == pytest.approx(1.0)  # a reboot does not refill the budget
+    with rebooted:
+        server.round(3, 0, config=private)
+        server.assert_no_update()
+        server.round(4, 0)  # without privacy the update costs nothing and is sent
+        _, update = server.next_update()
+        assert update.round_id == 4
+
+
+def test_noise_does_not_come_from_the_training_seed(broker, server, tmp_path, model0, local_data):
+    """Two devices with the same data and seed must not produce the same noised update."""
+    server.model(model0)
+    private = TrainingConfig(epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0))
+    a = make_client(broker, tmp_path, local_data, name="dev-a", seed=3).start(timeout=5)
+    b = make_client(broker, tmp_path, local_data, name="dev-b", seed=3).start(timeout=5)
+    try:
+        server.round(1, 0, config=private)
+        updates = {u.client_id: u.values for _, u in (server.next_update(), server.next_update())}
+        assert not np.array_equal(updates["dev-a"], updates["dev-b"])
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_stats_are_written_to_the_state_dir(broker, server, tmp_path, model0, local_data):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        assert wait_for(lambda: client.model_version == 0)
+        client.predict(local_data[0][:1])
+    path = client.write_stats(extra={"note": 1})
+    stats = json.loads(path.read_text())
+    assert stats["model_version"] == 0 and stats["note"] == 1
+    assert stats["predictor"]["count"] == 1
+    assert not list(path.parent.glob("*.tmp"))
