@@ -1,6 +1,6 @@
 # Declarations of the top-k kernels' C passes (topk_impl.h), for topk.pyx and any kernel that
 # selects coordinates by magnitude.
-from edgefl._kernels._typedefs cimport uint32_t
+from edgefl._kernels._typedefs cimport uint32_t, uint64_t
 
 
 cdef extern from "topk_impl.h" nogil:
@@ -9,6 +9,7 @@ cdef extern from "topk_impl.h" nogil:
         EDGEFL_TOPK_BINS
         EDGEFL_TOPK_COPIES
     uint32_t edgefl_magnitude_key(float v)
+    int edgefl_lowest_bit(uint64_t word)
     void edgefl_topk_histogram(const float *x, size_t n, uint32_t *copies)
     void edgefl_topk_histogram_sum(const float *r, const float *u, size_t n, uint32_t *copies)
     size_t edgefl_topk_collect(const float *x, size_t n, uint32_t lowest, uint32_t *candidates)

@@ -24,8 +24,9 @@ import numpy as np
 from edgefl._kernels._typedefs cimport float32_t, intp_t, uint32_t, uint64_t
 from edgefl._kernels.topk cimport (
     EDGEFL_TOPK_BINS, EDGEFL_TOPK_COPIES, EDGEFL_TOPK_SHIFT,
-    edgefl_collect_above, edgefl_count_above, edgefl_magnitude_key, edgefl_topk_accumulate_collect,
-    edgefl_topk_collect, edgefl_topk_histogram, edgefl_topk_histogram_sum,
+    edgefl_collect_above, edgefl_count_above, edgefl_lowest_bit, edgefl_magnitude_key,
+    edgefl_topk_accumulate_collect, edgefl_topk_collect, edgefl_topk_histogram,
+    edgefl_topk_histogram_sum,
 )
 
 from edgefl._kernels.fallback.topk import (
@@ -406,15 +407,11 @@ cdef int _floyd_sample(uint64_t n, uint64_t k, uint64_t seed, uint32_t* out) noe
     for w in range(words):
         word = chosen[w]
         while word:
-            out[emitted] = <uint32_t> (w * 64 + <uint64_t> __builtin_ctzll(word))
+            out[emitted] = <uint32_t> (w * 64 + <uint64_t> edgefl_lowest_bit(word))
             emitted += 1
             word &= word - 1
     free(chosen)
     return OK
-
-
-cdef extern from *:
-    int __builtin_ctzll(unsigned long long) nogil
 
 
 def randomk(n, k, seed):

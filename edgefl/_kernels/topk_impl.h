@@ -41,6 +41,21 @@ static inline uint32_t edgefl_magnitude_key(float v)
     return bits & 0x7fffffffu;
 }
 
+/* Index of the lowest set bit of a non-zero word. */
+static inline int edgefl_lowest_bit(uint64_t word)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(word);
+#else
+    int bit = 0;
+    while (!(word & 1)) {
+        word >>= 1;
+        bit++;
+    }
+    return bit;
+#endif
+}
+
 /* Largest key of block[0:EDGEFL_TOPK_BLOCK]. */
 static inline uint32_t edgefl_block_max_key(const float *block)
 {
@@ -94,7 +109,7 @@ EDGEFL_TOPK_DISPATCH static size_t edgefl_topk_collect(const float *x, size_t n,
     for (; i + EDGEFL_TOPK_BLOCK <= n; i += EDGEFL_TOPK_BLOCK) {
         if (edgefl_block_max_key(x + i) < lowest) continue;
         for (uint32_t mask = edgefl_block_mask_from(x + i, lowest); mask; mask &= mask - 1)
-            candidates[m++] = (uint32_t)(i + (size_t)__builtin_ctz(mask));
+            candidates[m++] = (uint32_t)(i + (size_t)edgefl_lowest_bit(mask));
     }
     for (; i < n; i++) {
         if (edgefl_magnitude_key(x[i]) >= lowest) candidates[m++] = (uint32_t)i;
@@ -113,7 +128,7 @@ EDGEFL_TOPK_DISPATCH static size_t edgefl_topk_accumulate_collect(float *r, cons
         for (int j = 0; j < EDGEFL_TOPK_BLOCK; j++) block[j] += u[i + j];
         if (edgefl_block_max_key(block) < lowest) continue;
         for (uint32_t mask = edgefl_block_mask_from(block, lowest); mask; mask &= mask - 1)
-            candidates[m++] = (uint32_t)(i + (size_t)__builtin_ctz(mask));
+            candidates[m++] = (uint32_t)(i + (size_t)edgefl_lowest_bit(mask));
     }
     for (; i < n; i++) {
         r[i] += u[i];
@@ -151,7 +166,7 @@ EDGEFL_TOPK_DISPATCH static void edgefl_collect_above(const float *x, size_t n, 
     for (; i + EDGEFL_TOPK_BLOCK <= n; i += EDGEFL_TOPK_BLOCK) {
         if (edgefl_block_max_key(x + i) <= threshold) continue;
         for (uint32_t mask = edgefl_block_mask_from(x + i, threshold + 1); mask; mask &= mask - 1) {
-            size_t j = i + (size_t)__builtin_ctz(mask);
+            size_t j = i + (size_t)edgefl_lowest_bit(mask);
             idx[m] = (uint32_t)j;
             vals[m] = x[j];
             m++;
