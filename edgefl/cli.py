@@ -221,11 +221,14 @@ def run_simulate(argv) -> int:
 BENCHMARKS = {"kernels": "bench_kernels.py", "federated": "bench_federated.py"}
 
 
-def run_bench(argv) -> int:
+def run_bench(argv, benchmarks_dir: Path | None = None) -> int:
+    """Run a benchmark script of the source checkout (``benchmarks/`` next to the package)."""
     suite = "kernels"
     if argv and argv[0] in BENCHMARKS:
         suite, argv = argv[0], argv[1:]
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[suite]
+    if benchmarks_dir is None:
+        benchmarks_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = benchmarks_dir / BENCHMARKS[suite]
     if not script.is_file():
         print(
             f"edgefl bench: the benchmarks ship with edgefl's source, not with the installed "

@@ -1,0 +1,196 @@
+"""The edgefl command: subcommands, --help, options from the environment, clear errors, and one
+real device process driven only by environment variables."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgefl import cli
+from edgefl.protocol import RoundAnnouncement, Topics
+from edgefl.wire import encode_model
+from edgefl_server.models import build_mlp
+
+CLIENT_ENV = ("EDGEFL_BROKER", "EDGEFL_FLEET", "EDGEFL_CLIENT_ID", "EDGEFL_STATE_DIR",
+              "EDGEFL_PREDICT_RATE", "EDGEFL_DATA", "EDGEFL_TLS")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for name in CLIENT_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def parse_client(argv):
+    return cli.build_parser().parse_args(["client", *argv])
+
+
+def test_python_m_edgefl_lists_the_subcommands():
+    result = subprocess.run([sys.executable, "-m", "edgefl", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("client", "server", "simulate", "bench"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("client", "--state-dir"),
+    ("server", "--round-timeout"),
+    ("simulate", "--devices"),
+    ("bench", "--sizes"),
+])
+def test_every_subcommand_has_help(command, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert expected in out
+    if command != "bench":
+        assert "[env EDGEFL_" in out  # every option names its environment variable
+
+
+def test_client_options_come_from_the_environment_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setenv("EDGEFL_BROKER", "mqtt://gateway:1884")
+    monkeypatch.setenv("EDGEFL_FLEET", "plant-7")
+    monkeypatch.setenv("EDGEFL_CLIENT_ID", "press-3")
+    monkeypatch.setenv("EDGEFL_STATE_DIR", "/var/lib/edgefl")
+    monkeypatch.setenv("EDGEFL_PREDICT_RATE", "12.5")
+    monkeypatch.setenv("EDGEFL_TLS", "yes")
+    args = parse_client(["--client-id", "press-4"])
+    assert (args.broker, args.fleet, args.client_id, args.state_dir) == (
+        "mqtt://gateway:1884", "plant-7", "press-4", "/var/lib/edgefl")
+    assert args.predict_rate == 12.5 and args.tls is True
+
+
+def test_missing_required_options_are_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_client(["--broker", "mqtt://h:1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--fleet" in err and "--client-id" in err and "--state-dir" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--partition", "3/2"], "0 <= I < N"),
+    (["--partition", "half"], "must look like I/N"),
+    (["--predict-rate", "-1"], "zero or a positive number"),
+    (["--privacy-budget", "0"], "positive number"),
+])
+def test_bad_values_get_clear_errors(argv, message, capsys):
+    base = ["--broker", "mqtt://h:1", "--fleet", "f", "--client-id", "c", "--state-dir", "s"]
+    with pytest.raises(SystemExit):
+        parse_client(base + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_environment_value_is_reported_like_a_bad_option(monkeypatch, capsys):
+    monkeypatch.setenv("EDGEFL_PREDICT_RATE", "fast")
+    with pytest.raises(SystemExit):
+        parse_client(["--broker", "mqtt://h:1", "--fleet", "f", "--client-id", "c", "--state-dir", "s"])
+    assert "--predict-rate" in capsys.readouterr().err
+
+
+def args_for_data(**overrides):
+    base = dict(data=None, dataset=None, partition=None, alpha=0.5, seed=0)
+    return type("Args", (), {**base, **overrides})
+
+
+def test_data_from_an_npz_file(tmp_path):
+    path = tmp_path / "local.npz"
+    np.savez(path, X=np.ones((4, 64)), y=np.arange(4))
+    X, y = cli.load_client_data(args_for_data(data=str(path)))
+    assert X.dtype == np.float32 and X.shape == (4, 64) and list(y) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: np.savez(p, X=np.ones((2, 64))), "missing ['y']"),
+    (lambda p: p.write_bytes(b"not a zip"), "cannot read"),
+])
+def test_unreadable_data_files_are_explained(tmp_path, make, message):
+    path = tmp_path / "local.npz"
+    make(path)
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cli.load_client_data(args_for_data(data=str(path)))
+
+
+def test_exactly_one_data_source():
+    with pytest.raises(SystemExit, match="exactly one data source"):
+        cli.load_client_data(args_for_data())
+    with pytest.raises(SystemExit, match="exactly one data source"):
+        cli.load_client_data(args_for_data(data="x.npz", dataset="digits"))
+    with pytest.raises(SystemExit, match="--partition"):
+        cli.load_client_data(args_for_data(dataset="digits"))
+
+
+def test_digits_partitions_are_disjoint_parts_of_the_training_split():
+    parts = [cli.load_client_data(args_for_data(dataset="digits", partition=(i, 3)))
+             for i in range(3)]
+    assert sum(len(y) for _, y in parts) == 1347  # 75% of the 1797 digits
+    labels = [set(np.unique(y)) for _, y in parts]
+    assert labels[0] != labels[1] or labels[1] != labels[2]  # non-IID
+
+
+def test_bench_outside_a_source_checkout_says_where_the_benchmarks_are(tmp_path, capsys):
+    assert cli.run_bench([], benchmarks_dir=tmp_path) == 2
+    assert "benchmarks ship with edgefl's source" in capsys.readouterr().err
+
+
+def test_client_exits_with_a_clear_error_when_the_broker_is_unreachable(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        np.savez(tmp_path / "d.npz", X=np.ones((3, 64)), y=np.zeros(3, np.int64))
+        result = subprocess.run(
+            [sys.executable, "-m", "edgefl", "client", "--broker", f"mqtt://127.0.0.1:{port}",
+             "--fleet", "f", "--client-id", "dev", "--state-dir", str(tmp_path / "state"),
+             "--data", str(tmp_path / "d.npz"), "--connect-timeout", "1"],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"could not connect to the MQTT broker at mqtt://127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.integration
+def test_a_device_configured_only_by_environment_serves_and_exits_when_finished(broker, tmp_path):
+    """A real `edgefl client` process: env config, retained model, predictions, finished -> exit."""
+    model = build_mlp((64, 32, 10), seed=0).with_weights(
+        build_mlp((64, 32, 10), seed=1).weights, version=3, round_id=3)
+    topics = Topics("envfleet")
+    online = threading.Event()
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="peer", protocol=mqtt.MQTTv5)
+    peer.on_connect = lambda c, *a: c.subscribe(topics.status("env-dev"), 1)
+    peer.on_message = lambda c, u, msg: b'"online"' in msg.payload and online.set()
+    peer.connect(broker.host, broker.port)
+    peer.loop_start()
+    peer.publish(topics.model, encode_model(model), qos=1, retain=True).wait_for_publish(5)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", X=rng.random((20, 64)), y=rng.integers(0, 10, 20))
+    env = {**os.environ, "EDGEFL_BROKER": broker.url, "EDGEFL_FLEET": "envfleet",
+           "EDGEFL_CLIENT_ID": "env-dev", "EDGEFL_STATE_DIR": str(tmp_path / "state"),
+           "EDGEFL_DATA": str(tmp_path / "d.npz"), "EDGEFL_PREDICT_RATE": "200",
+           "EDGEFL_EXIT_WHEN_FINISHED": "1"}
+    device = subprocess.Popen([sys.executable, "-m", "edgefl", "client"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert online.wait(30), "the device did not come online"
+        time.sleep(0.5)  # let it serve predictions for a while
+        peer.publish(topics.round, RoundAnnouncement(3, 3, time.time(), state="finished").to_json(),
+                     qos=1, retain=True).wait_for_publish(5)
+        _, stderr = device.communicate(timeout=30)
+    finally:
+        device.kill()
+        peer.disconnect()
+        peer.loop_stop()
+    assert device.returncode == 0, stderr
+    stats = json.loads((tmp_path / "state" / "stats.json").read_text())
+    assert stats["model_version"] == 3
+    assert stats["predictions"] > 20 and stats["prediction_errors"] == 0
+    with np.load(tmp_path / "state" / "predictions.npz") as records:
+        assert set(records["version"]) == {3}
+        assert len(records["latency_us"]) == stats["predictions"]
