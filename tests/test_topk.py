@@ -99,11 +99,14 @@ def test_topk_edge_sizes():
     assert_same_selection(K.topk(empty, 0), (np.empty(0, np.uint32), empty))
 
 
-def test_topk_accepts_read_only_and_multidimensional_input():
+def test_read_only_and_multidimensional_input_is_fine_for_selection():
     x = np.arange(-6, 6, dtype=np.float32).reshape(3, 4)
     x.flags.writeable = False
     idx, vals = K.topk(x, 3)
     np.testing.assert_array_equal(idx, [0, 1, 11])  # -6, -5, 5: flat indices
+    np.testing.assert_array_equal(vals, [-6.0, -5.0, 5.0])
+    idx, vals = K.threshold_select(x, 4.5)
+    np.testing.assert_array_equal(idx, [0, 1, 11])
     np.testing.assert_array_equal(vals, [-6.0, -5.0, 5.0])
 
 
