@@ -197,7 +197,8 @@ def softmax_sgd_step_(W, b, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0,
     if _hyperparameters_ok(lr, momentum, weight_decay, mu, &h):
         s = _prepare(((W, b),), ref, X, y, &h, state, &m)
     if s is None:
-        _twin._check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state)
+        _twin._check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state,
+                                  state_type=SGDState)
         raise _disagreement()
     return _run_step(s, X, m, &h)
 
@@ -239,7 +240,8 @@ def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, r
     if _hyperparameters_ok(lr, momentum, weight_decay, mu, &h):
         s = _prepare(layers, ref, X, y, &h, state, &m)
     if s is None:
-        _twin._check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state)
+        _twin._check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state,
+                              state_type=SGDState)
         raise _disagreement()
     return _run_step(s, X, m, &h)
 

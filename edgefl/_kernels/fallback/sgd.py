@@ -191,10 +191,12 @@ def _loss_and_gradients(layers, X, y):
     return loss, grads[::-1]
 
 
-def _check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state):
+def _check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state, *,
+                        state_type=SGDState):
     """Validate the arguments of :func:`softmax_sgd_step_`; return the four hyperparameters.
 
-    The compiled backend calls this when its own checks fail, so both raise the same errors.
+    The compiled backend calls this (with its own ``state_type``) when its fast checks fail, so
+    both backends raise the same errors.
     """
     lr, momentum, weight_decay, mu = _check_hyperparameters(lr, momentum, weight_decay, mu)
     sizes = _check_pair(W, b, ("W", "b"), writeable=True)
@@ -208,11 +210,12 @@ def _check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref
         shape = _check_pair(W_ref, b_ref, ("W_ref", "b_ref"), writeable=False)
         if shape != sizes:
             raise ValueError(f"W_ref must have the shape of W {sizes}, got {shape}")
-    _check_batch(sizes, X, y, momentum, state)
+    _check_batch(sizes, X, y, momentum, state, state_type)
     return lr, momentum, weight_decay, mu
 
 
-def _check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
+def _check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state, *,
+                    state_type=SGDState):
     """Validate the arguments of :func:`mlp_sgd_step_`; return the four hyperparameters."""
     lr, momentum, weight_decay, mu = _check_hyperparameters(lr, momentum, weight_decay, mu)
     sizes = _check_layers(layers)
@@ -222,7 +225,7 @@ def _check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
             "ref=[(W, b), ...] (this round's global model), shaped like layers")
     if ref is not None:
         _check_ref_layers(ref, layers)
-    _check_batch(sizes, X, y, momentum, state)
+    _check_batch(sizes, X, y, momentum, state, state_type)
     return lr, momentum, weight_decay, mu
 
 
@@ -242,7 +245,7 @@ def _check_hyperparameters(lr, momentum, weight_decay, mu):
     return lr, momentum, weight_decay, mu
 
 
-def _check_batch(sizes, X, y, momentum, state):
+def _check_batch(sizes, X, y, momentum, state, state_type):
     X = _float32_array(X, "X", 2, writeable=False)
     m = X.shape[0]
     if m == 0:
@@ -253,7 +256,7 @@ def _check_batch(sizes, X, y, momentum, state):
             f"rows; X must have shape (m, {sizes[0]})")
     _check_labels(y, m, sizes[-1])
     if state is not None:
-        _check_state(state, sizes, m)
+        _check_state(state, state_type, sizes, m)
     if momentum > 0 and state is None:
         raise ValueError(
             f"momentum={momentum} > 0 needs velocity buffers that persist across steps: pass "
@@ -261,26 +264,31 @@ def _check_batch(sizes, X, y, momentum, state):
 
 
 def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
-    """The step itself, on validated arguments; ``ref`` is None unless mu > 0."""
-    loss, grads = _loss_and_gradients(layers, X, y)
-    if not math.isfinite(loss):
-        raise _divergence_error(loss, lr)
-    lr32, momentum32 = np.float32(lr), np.float32(momentum)
-    decay32, mu32 = np.float32(weight_decay), np.float32(mu)
-    for index, ((W, b), (g_w, g_b)) in enumerate(zip(layers, grads)):
-        velocity = state.velocity[index] if momentum > 0 else (None, None)
-        reference = ref[index] if ref is not None else (None, None)
-        for param, grad, decay, v, r in ((W, g_w, decay32, velocity[0], reference[0]),
-                                         (b, g_b, np.float32(0), velocity[1], reference[1])):
-            if decay:
-                grad += decay * param
-            if r is not None:
-                grad += mu32 * (param - r)
-            if v is not None:
-                v *= momentum32
-                v += grad
-                grad = v
-            param -= lr32 * grad
+    """The step itself, on validated arguments; ``ref`` is None unless mu > 0.
+
+    Like the compiled kernel, it does not warn about overflow: a non-finite loss is reported as
+    one clear error, and weights that an update sends to inf are caught by the next step's loss.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, grads = _loss_and_gradients(layers, X, y)
+        if not math.isfinite(loss):
+            raise _divergence_error(loss, lr)
+        lr32, momentum32 = np.float32(lr), np.float32(momentum)
+        decay32, mu32 = np.float32(weight_decay), np.float32(mu)
+        for index, ((W, b), (g_w, g_b)) in enumerate(zip(layers, grads)):
+            velocity = state.velocity[index] if momentum > 0 else (None, None)
+            reference = ref[index] if ref is not None else (None, None)
+            for param, grad, decay, v, r in ((W, g_w, decay32, velocity[0], reference[0]),
+                                             (b, g_b, np.float32(0), velocity[1], reference[1])):
+                if decay:
+                    grad += decay * param
+                if r is not None:
+                    grad += mu32 * (param - r)
+                if v is not None:
+                    v *= momentum32
+                    v += grad
+                    grad = v
+                param -= lr32 * grad
     return loss
 
 
@@ -347,7 +355,7 @@ def _check_layers(layers):
             sizes.append(n_in)
         elif n_in != sizes[-1]:
             raise ValueError(
-                f"{name}[{index}][0] (W) has {n_in} rows but the previous layer outputs "
+                f"layers[{index}][0] (W) has {n_in} rows but the previous layer outputs "
                 f"{sizes[-1]}; consecutive layers must chain")
         sizes.append(n_out)
     return tuple(sizes)
@@ -401,8 +409,8 @@ def _check_architecture(sizes, max_batch):
     return sizes, max_batch
 
 
-def _check_state(state, sizes, m):
-    if not isinstance(state, SGDState):
+def _check_state(state, state_type, sizes, m):
+    if not isinstance(state, state_type):
         raise TypeError(f"state must be an SGDState, got {type(state).__name__}")
     if state.sizes != sizes:
         raise ValueError(

@@ -1,0 +1,522 @@
+"""The fused SGD steps: the active backend against the NumPy twin, the twin's gradient against
+finite differences, each update term on its own, argument errors, and training that works."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import edgefl.kernels as K
+from edgefl._kernels.fallback import sgd as twin
+
+
+def make_model(sizes, rng, scale=1.0):
+    return [((rng.standard_normal((n_in, n_out)) * scale / np.sqrt(n_in)).astype(np.float32),
+             (rng.standard_normal(n_out) * 0.1).astype(np.float32))
+            for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+
+
+def copy_model(layers, dtype=np.float32):
+    return [(W.astype(dtype), b.astype(dtype)) for W, b in layers]
+
+
+def make_batch(sizes, m, rng):
+    X = rng.standard_normal((m, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], m)
+    return X, y
+
+
+def grads64(layers, X, y):
+    """Loss and gradient in float64 through the twin's math (itself checked by finite differences)."""
+    return twin._loss_and_gradients(copy_model(layers, np.float64), X.astype(np.float64), y)
+
+
+# --- agreement with the twin ------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 24), min_size=2, max_size=4).map(
+           lambda s: s[:-1] + [max(2, s[-1])]),
+       m=st.integers(1, 20),
+       lr=st.sampled_from([0.0, 0.01, 0.1]),
+       momentum=st.sampled_from([0.0, 0.9]),
+       weight_decay=st.sampled_from([0.0, 1e-2]),
+       mu=st.sampled_from([0.0, 0.1]),
+       seed=st.integers(0, 2**16))
+@example(sizes=[1, 2], m=1, lr=0.0, momentum=0.0, weight_decay=0.0, mu=0.0, seed=0)
+@example(sizes=[1, 2], m=1, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=1)
+@example(sizes=[64, 32, 10], m=32, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=2)
+def test_backend_agrees_with_twin_over_many_steps(sizes, m, lr, momentum, weight_decay, mu, seed):
+    rng = np.random.default_rng(seed)
+    start = make_model(sizes, rng)
+    ref = make_model(sizes, rng)
+    X, y = make_batch(sizes, m, rng)
+    ours, theirs = copy_model(start), copy_model(start)
+    state_ours, state_theirs = K.SGDState(sizes, m), twin.SGDState(sizes, m)
+    for _ in range(10):
+        loss_ours = K.mlp_sgd_step_(ours, X, y, lr, momentum=momentum, weight_decay=weight_decay,
+                                    mu=mu, ref=ref, state=state_ours)
+        loss_theirs = twin.mlp_sgd_step_(theirs, X, y, lr, momentum=momentum,
+                                         weight_decay=weight_decay, mu=mu, ref=ref,
+                                         state=state_theirs)
+        assert loss_ours == pytest.approx(loss_theirs, rel=1e-5, abs=1e-6)
+    for (W1, b1), (W2, b2), (v1, vb1), (v2, vb2) in zip(ours, theirs, state_ours.velocity,
+                                                       state_theirs.velocity):
+        np.testing.assert_allclose(W1, W2, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b1, b2, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(v1, v2, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(vb1, vb2, rtol=1e-4, atol=1e-4)
+    if lr == 0:
+        for (W, b), (W0, b0) in zip(ours, start):
+            np.testing.assert_array_equal(W, W0)
+            np.testing.assert_array_equal(b, b0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(1, 70), c=st.integers(2, 20), m=st.integers(1, 40), seed=st.integers(0, 99))
+def test_softmax_step_is_the_one_layer_mlp_step(d, c, m, seed):
+    rng = np.random.default_rng(seed)
+    [(W, b)] = make_model((d, c), rng)
+    X, y = make_batch((d, c), m, rng)
+    W2, b2 = W.copy(), b.copy()
+    loss = K.softmax_sgd_step_(W, b, X, y, 0.1)
+    loss_twin = twin.softmax_sgd_step_(W2, b2, X, y, 0.1)
+    assert loss == pytest.approx(loss_twin, rel=1e-5)
+    np.testing.assert_allclose(W, W2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, b2, rtol=1e-5, atol=1e-6)
+
+
+# --- the math ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes", [(5, 3), (6, 4, 3), (4, 5, 3, 2)])
+def test_twin_gradient_matches_central_differences_in_float64(sizes):
+    rng = np.random.default_rng(len(sizes))
+    layers = copy_model(make_model(sizes, rng), np.float64)
+    X = rng.standard_normal((7, sizes[0]))
+    y = rng.integers(0, sizes[-1], 7)
+    _, grads = twin._loss_and_gradients(layers, X, y)
+    h = 1e-6
+    for layer, grad in zip(layers, grads):
+        for param, g in zip(layer, grad):
+            numeric = np.empty_like(param)
+            for index in np.ndindex(param.shape):
+                saved = param[index]
+                param[index] = saved + h
+                up, _ = twin._loss_and_gradients(layers, X, y)
+                param[index] = saved - h
+                down, _ = twin._loss_and_gradients(layers, X, y)
+                param[index] = saved
+                numeric[index] = (up - down) / (2 * h)
+            np.testing.assert_allclose(g, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_step_subtracts_lr_times_the_float64_gradient():
+    rng = np.random.default_rng(3)
+    sizes = (12, 8, 5)
+    layers = make_model(sizes, rng)
+    X, y = make_batch(sizes, 9, rng)
+    loss64, grads = grads64(layers, X, y)
+    before = copy_model(layers)
+    lr = 0.5
+    loss = K.mlp_sgd_step_(layers, X, y, lr)
+    assert loss == pytest.approx(loss64, rel=1e-6)
+    for (W, b), (W0, b0), (g_w, g_b) in zip(layers, before, grads):
+        np.testing.assert_allclose((W0 - W) / lr, g_w, atol=2e-6)
+        np.testing.assert_allclose((b0 - b) / lr, g_b, atol=2e-6)
+
+
+def test_loss_returned_is_the_loss_before_the_step():
+    rng = np.random.default_rng(4)
+    [(W, b)] = make_model((10, 4), rng)
+    X, y = make_batch((10, 4), 16, rng)
+    expected, _ = grads64([(W, b)], X, y)
+    first = K.softmax_sgd_step_(W, b, X, y, 1.0)
+    assert first == pytest.approx(expected, rel=1e-6)
+    expected_second, _ = grads64([(W, b)], X, y)
+    second = K.softmax_sgd_step_(W, b, X, y, 1.0)
+    assert second == pytest.approx(expected_second, rel=1e-6)
+    assert second < first  # the step in between lowered it
+
+
+def test_loss_is_stable_for_huge_logits():
+    W = np.array([[1e4, -1e4, 0.0]], np.float32)
+    b = np.zeros(3, np.float32)
+    X = np.array([[1.0], [-1.0]], np.float32)
+    y = np.array([0, 2])
+    # Row 0: the label has the largest logit (loss ~0); row 1: it trails the maximum by 1e4.
+    loss = K.softmax_sgd_step_(W, b, X, y, 0.0)
+    assert loss == pytest.approx((0.0 + 1e4) / 2, rel=1e-6)
+
+
+def test_weight_decay_acts_on_weights_only():
+    rng = np.random.default_rng(5)
+    sizes = (6, 5, 3)
+    start = make_model(sizes, rng)
+    X, y = make_batch(sizes, 8, rng)
+    plain, decayed = copy_model(start), copy_model(start)
+    lr, decay = 0.1, 0.5
+    K.mlp_sgd_step_(plain, X, y, lr)
+    K.mlp_sgd_step_(decayed, X, y, lr, weight_decay=decay)
+    for (W, b), (Wd, bd), (W0, _) in zip(plain, decayed, start):
+        np.testing.assert_allclose(Wd, W - lr * decay * W0, atol=1e-6)
+        np.testing.assert_array_equal(bd, b)
+
+
+def test_momentum_accumulates_velocity():
+    rng = np.random.default_rng(6)
+    sizes = (7, 4)
+    [(W, b)] = make_model(sizes, rng)
+    X1, y1 = make_batch(sizes, 5, rng)
+    X2, y2 = make_batch(sizes, 5, rng)
+    state = K.SGDState(sizes, 5)
+    lr, beta = 0.3, 0.9
+    W0, b0 = W.copy(), b.copy()
+    _, [(g1_w, g1_b)] = grads64([(W0, b0)], X1, y1)
+    K.softmax_sgd_step_(W, b, X1, y1, lr, momentum=beta, state=state)
+    np.testing.assert_allclose(state.velocity[0][0], g1_w, atol=1e-6)
+    W1, b1 = W.copy(), b.copy()
+    _, [(g2_w, g2_b)] = grads64([(W1, b1)], X2, y2)
+    K.softmax_sgd_step_(W, b, X2, y2, lr, momentum=beta, state=state)
+    np.testing.assert_allclose(state.velocity[0][0], beta * g1_w + g2_w, atol=1e-6)
+    np.testing.assert_allclose(state.velocity[0][1], beta * g1_b + g2_b, atol=1e-6)
+    np.testing.assert_allclose(W, W1 - lr * (beta * g1_w + g2_w), atol=1e-6)
+    state.reset()
+    assert not any(v.any() for pair in state.velocity for v in pair)
+
+
+def test_fedprox_term_is_mu_times_distance_to_reference():
+    rng = np.random.default_rng(7)
+    sizes = (6, 5, 3)
+    start, ref = make_model(sizes, rng), make_model(sizes, rng)
+    X, y = make_batch(sizes, 8, rng)
+    plain, prox = copy_model(start), copy_model(start)
+    lr, mu = 0.1, 0.7
+    K.mlp_sgd_step_(plain, X, y, lr)
+    K.mlp_sgd_step_(prox, X, y, lr, mu=mu, ref=ref)
+    for (W, b), (Wp, bp), (W0, b0), (Wr, br) in zip(plain, prox, start, ref):
+        np.testing.assert_allclose(Wp, W - lr * mu * (W0 - Wr), atol=1e-6)
+        np.testing.assert_allclose(bp, b - lr * mu * (b0 - br), atol=1e-6)
+
+
+def test_large_mu_pulls_weights_to_the_reference():
+    rng = np.random.default_rng(8)
+    sizes = (10, 4)
+    [(W, b)] = make_model(sizes, rng)
+    [(W_ref, b_ref)] = make_model(sizes, rng)
+    X, y = make_batch(sizes, 16, rng)
+    distance = np.linalg.norm(W - W_ref)
+    for _ in range(100):
+        K.softmax_sgd_step_(W, b, X, y, 0.01, mu=50.0, W_ref=W_ref, b_ref=b_ref)
+    # The fixed point is w_ref - grad / mu: within |grad| / 50 of the reference.
+    assert np.linalg.norm(W - W_ref) < 0.05 * distance
+    assert np.abs(b - b_ref).max() < 0.05
+
+
+def test_mu_zero_ignores_the_reference():
+    rng = np.random.default_rng(9)
+    [(W, b)] = make_model((5, 3), rng)
+    [(W_ref, b_ref)] = make_model((5, 3), rng)
+    X, y = make_batch((5, 3), 4, rng)
+    W2, b2 = W.copy(), b.copy()
+    K.softmax_sgd_step_(W, b, X, y, 0.5, mu=0.0, W_ref=W_ref, b_ref=b_ref)
+    K.softmax_sgd_step_(W2, b2, X, y, 0.5)
+    np.testing.assert_array_equal(W, W2)
+    np.testing.assert_array_equal(b, b2)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def test_softmax_separates_a_separable_problem():
+    rng = np.random.default_rng(10)
+    centres = np.array([[4, 0], [-4, 0], [0, 4]], np.float32)
+    y = rng.integers(0, 3, 300)
+    X = (centres[y] + rng.standard_normal((300, 2))).astype(np.float32)
+    W, b = np.zeros((2, 3), np.float32), np.zeros(3, np.float32)
+    state = K.SGDState((2, 3), 30)
+    for _ in range(20):
+        for start in range(0, 300, 30):
+            K.softmax_sgd_step_(W, b, X[start:start + 30], y[start:start + 30], 0.2,
+                                momentum=0.5, state=state)
+    accuracy = np.mean((X @ W + b).argmax(axis=1) == y)
+    assert accuracy >= 0.99
+
+
+def test_mlp_learns_digits_to_95_percent_held_out():
+    digits = load_digits()
+    X = (digits.data / 16).astype(np.float32)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
+    rng = np.random.default_rng(11)
+    layers = [((rng.standard_normal((64, 32)) * np.sqrt(2 / 64)).astype(np.float32),
+               np.zeros(32, np.float32)),
+              ((rng.standard_normal((32, 10)) * np.sqrt(2 / 32)).astype(np.float32),
+               np.zeros(10, np.float32))]
+    state = K.SGDState((64, 32, 10), 32)
+    for _ in range(15):
+        order = rng.permutation(len(X_train))
+        for start in range(0, len(order), 32):
+            batch = order[start:start + 32]
+            K.mlp_sgd_step_(layers, np.ascontiguousarray(X_train[batch]), y_train[batch], 0.1,
+                            momentum=0.9, weight_decay=1e-4, state=state)
+    (W1, b1), (W2, b2) = layers
+    predictions = (np.maximum(X_test @ W1 + b1, 0) @ W2 + b2).argmax(axis=1)
+    assert np.mean(predictions == y_test) >= 0.95
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.int16, np.uint64])
+def test_any_integer_label_dtype_is_accepted(dtype):
+    rng = np.random.default_rng(12)
+    [(W, b)] = make_model((4, 3), rng)
+    X, y = make_batch((4, 3), 6, rng)
+    W2, b2 = W.copy(), b.copy()
+    loss = K.softmax_sgd_step_(W, b, X, y.astype(dtype), 0.1)
+    assert loss == pytest.approx(K.softmax_sgd_step_(W2, b2, X, y, 0.1))
+    np.testing.assert_array_equal(W, W2)
+
+
+def test_strided_labels_and_read_only_batch_are_accepted():
+    rng = np.random.default_rng(13)
+    [(W, b)] = make_model((4, 3), rng)
+    X, y = make_batch((4, 3), 6, rng)
+    X.flags.writeable = False
+    spread = np.repeat(y, 2)[::2]
+    assert not spread.flags.c_contiguous
+    W2, b2 = W.copy(), b.copy()
+    K.softmax_sgd_step_(W, b, X, spread, 0.1)
+    K.softmax_sgd_step_(W2, b2, X, y, 0.1)
+    np.testing.assert_array_equal(W, W2)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def _softmax_args(rng=None):
+    rng = rng or np.random.default_rng(14)
+    [(W, b)] = make_model((4, 3), rng)
+    X, y = make_batch((4, 3), 5, rng)
+    return dict(W=W, b=b, X=X, y=y, lr=0.1)
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+SOFTMAX_ERRORS = [
+    # (change to valid arguments, exception, words the message must contain)
+    (dict(W=[[0.0] * 3] * 4), TypeError, "W must be a numpy.ndarray"),
+    (dict(W=np.zeros((4, 3))), TypeError, "W must have dtype float32, got float64"),
+    (dict(W=np.zeros((4, 3), ">f4")), TypeError, "W must have dtype float32"),
+    (dict(W=np.zeros(12, np.float32)), ValueError, "W must be 2-D"),
+    (dict(W=np.asfortranarray(np.ones((4, 3), np.float32))), ValueError, "W must be C-contiguous"),
+    (dict(W=_read_only(np.ones((4, 3), np.float32))), ValueError, "W is read-only"),
+    (dict(W=np.zeros((4, 0), np.float32), b=np.zeros(0, np.float32)), ValueError, "empty"),
+    (dict(b=np.zeros(4, np.float32)), ValueError, r"b must have shape \(3,\)"),
+    (dict(b=_read_only(np.zeros(3, np.float32))), ValueError, "b is read-only"),
+    (dict(X=np.zeros((5, 6), np.float32)), ValueError, "X has 6 features per row"),
+    (dict(X=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64)), ValueError, "no samples"),
+    (dict(X=np.zeros((5, 4))), TypeError, "X must have dtype float32"),
+    (dict(X=np.zeros((4, 5), np.float32).T), ValueError, "X must be C-contiguous"),
+    (dict(y=[0, 1, 2, 0, 1]), TypeError, "y must be a numpy.ndarray"),
+    (dict(y=np.zeros(5)), TypeError, "y must hold integer class labels, got dtype float64"),
+    (dict(y=np.zeros(5, bool)), TypeError, "y must hold integer class labels"),
+    (dict(y=np.zeros(4, np.int64)), ValueError, r"y must have shape \(5,\)"),
+    (dict(y=np.array([0, 1, 2, 3, 0])), ValueError, r"y\[3\] = 3 is not a class label in \[0, 3\)"),
+    (dict(y=np.array([0, -1, 2, 1, 0])), ValueError, r"y\[1\] = -1"),
+    (dict(y=np.array([0, 1, 2, 1, 2**63], np.uint64)), ValueError, r"y\[4\] = 9223372036854775808"),
+    (dict(lr=-0.1), ValueError, "lr must be a finite number >= 0, got -0.1"),
+    (dict(lr=float("nan")), ValueError, "lr must be a finite number"),
+    (dict(lr="fast"), TypeError, "lr must be a real number"),
+    (dict(momentum=1.0), ValueError, r"momentum must be in \[0, 1\), got 1.0"),
+    (dict(momentum=0.5), ValueError, "momentum=0.5 > 0 needs velocity buffers"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay must be a finite number >= 0"),
+    (dict(mu=-1.0), ValueError, "mu must be a finite number >= 0"),
+    (dict(mu=0.1), ValueError, "mu=0.1 > 0 needs the reference model"),
+    (dict(W_ref=np.zeros((4, 3), np.float32)), ValueError, "pass both W_ref and b_ref"),
+    (dict(mu=0.1, W_ref=np.zeros((3, 3), np.float32), b_ref=np.zeros(3, np.float32)),
+     ValueError, r"W_ref must have the shape of W \(4, 3\)"),
+    (dict(W_ref=np.zeros((4, 3)), b_ref=np.zeros(3, np.float32)), TypeError, "W_ref must have dtype"),
+    (dict(state=object()), TypeError, "state must be an SGDState"),
+    (dict(state="sizes"), ValueError, r"state was built for layer sizes \(4, 5, 3\)"),
+    (dict(state="batch"), ValueError, "more than state.max_batch=2"),
+]
+
+
+def _resolve(args, module):
+    if args.get("state") == "sizes":
+        args["state"] = module.SGDState((4, 5, 3), 8)
+    elif args.get("state") == "batch":
+        args["state"] = module.SGDState((4, 3), 2)
+    return args
+
+
+@pytest.mark.parametrize("change, error, words", SOFTMAX_ERRORS)
+def test_softmax_step_rejects_bad_arguments_and_changes_nothing(change, error, words):
+    args = _resolve({**_softmax_args(), **change}, K)
+    W, b = args["W"], args["b"]
+    before = [np.array(W, copy=True), np.array(b, copy=True)]
+    with pytest.raises(error, match=words) as raised:
+        K.softmax_sgd_step_(**args)
+    np.testing.assert_array_equal(np.asarray(W), before[0])
+    np.testing.assert_array_equal(np.asarray(b), before[1])
+    # Both backends word every error the same way.
+    with pytest.raises(error) as raised_by_twin:
+        twin.softmax_sgd_step_(**_resolve({**_softmax_args(), **change}, twin))
+    assert str(raised.value) == str(raised_by_twin.value)
+
+
+def _mlp_args():
+    rng = np.random.default_rng(15)
+    layers = make_model((4, 5, 3), rng)
+    X, y = make_batch((4, 5, 3), 5, rng)
+    return dict(layers=layers, X=X, y=y, lr=0.1)
+
+
+MLP_ERRORS = [
+    (lambda a: a.update(layers=()), TypeError, "layers must be a non-empty list"),
+    (lambda a: a.update(layers=np.zeros((2, 2))), TypeError, "layers must be a non-empty list"),
+    (lambda a: a["layers"].__setitem__(1, (a["layers"][1][0],)), TypeError,
+     r"layers\[1\] must be a \(W, b\) pair"),
+    (lambda a: a["layers"].__setitem__(1, (np.zeros((4, 3), np.float32), np.zeros(3, np.float32))),
+     ValueError, r"layers\[1\]\[0\] \(W\) has 4 rows but the previous layer outputs 5"),
+    (lambda a: a["layers"].__setitem__(0, (a["layers"][0][0].astype(np.float64),
+                                           a["layers"][0][1])),
+     TypeError, r"layers\[0\]\[0\] \(W\) must have dtype float32"),
+    (lambda a: a["layers"].__setitem__(1, (a["layers"][1][0], np.zeros(4, np.float32))),
+     ValueError, r"layers\[1\]\[1\] \(b\) must have shape \(3,\)"),
+    (lambda a: a.update(mu=0.5), ValueError, r"pass ref=\[\(W, b\), ...\]"),
+    (lambda a: a.update(mu=0.5, ref=a["layers"][:1]), ValueError, "ref must hold 2"),
+    (lambda a: a.update(mu=0.5, ref=[a["layers"][0], (np.zeros((5, 4), np.float32),
+                                                     np.zeros(4, np.float32))]),
+     ValueError, r"ref\[1\]\[0\] \(W\) must have the shape of layers\[1\]\[0\] \(5, 3\)"),
+    (lambda a: a.update(y=np.array([0, 1, 2, 5, 0])), ValueError, r"y\[3\] = 5"),
+    (lambda a: a.update(X=np.zeros((5, 3), np.float32)), ValueError, "X has 3 features"),
+]
+
+
+@pytest.mark.parametrize("change, error, words", MLP_ERRORS)
+def test_mlp_step_rejects_bad_arguments_and_changes_nothing(change, error, words):
+    args = _mlp_args()
+    change(args)
+    before = [np.array(a, copy=True) for pair in args["layers"] for a in pair] \
+        if isinstance(args["layers"], list) else []
+    with pytest.raises(error, match=words) as raised:
+        K.mlp_sgd_step_(**args)
+    after = [np.asarray(a) for pair in args["layers"] for a in pair] \
+        if isinstance(args["layers"], list) else []
+    for x, x0 in zip(after, before):
+        np.testing.assert_array_equal(x, x0)
+    twin_args = _mlp_args()
+    change(twin_args)
+    with pytest.raises(error) as raised_by_twin:
+        twin.mlp_sgd_step_(**twin_args)
+    assert str(raised.value) == str(raised_by_twin.value)
+
+
+@pytest.mark.parametrize("poison", ["X", "W"])
+def test_non_finite_loss_refuses_the_step(poison):
+    rng = np.random.default_rng(16)
+    sizes = (4, 6, 3)
+    layers = make_model(sizes, rng)
+    X, y = make_batch(sizes, 5, rng)
+    if poison == "X":
+        X[2, 1] = np.nan
+    else:
+        layers[0][0][1, 2] = np.inf
+    state = K.SGDState(sizes, 5)
+    state.velocity[0][0][:] = 1.0
+    before = copy_model(layers)
+    with pytest.raises(ValueError, match=r"the batch loss is nan.*nothing changed.*Lower lr"):
+        K.mlp_sgd_step_(layers, X, y, 0.1, momentum=0.9, state=state)
+    for (W, b), (W0, b0) in zip(layers, before):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+    assert (state.velocity[0][0] == 1.0).all()
+
+
+def test_divergence_stops_with_an_error_and_keeps_the_last_weights():
+    rng = np.random.default_rng(17)
+    [(W, b)] = make_model((8, 4), rng)
+    X, y = make_batch((8, 4), 8, rng)
+    X *= 100  # the first step sends the weights to inf, the second sees a nan loss
+    with pytest.raises(ValueError, match="the batch loss is nan"):
+        for _ in range(10):
+            last = W.copy(), b.copy()
+            K.softmax_sgd_step_(W, b, X, y, 1e38)
+    np.testing.assert_array_equal(W, last[0])
+    np.testing.assert_array_equal(b, last[1])
+
+
+# --- the state ---------------------------------------------------------------------------------
+
+def test_state_holds_zero_velocity_shaped_like_the_layers():
+    state = K.SGDState([64, 32, 10], max_batch=32)
+    assert state.sizes == (64, 32, 10)
+    assert state.max_batch == 32
+    assert [(v_w.shape, v_b.shape) for v_w, v_b in state.velocity] == [((64, 32), (32,)),
+                                                                      ((32, 10), (10,))]
+    assert all(v.dtype == np.float32 and not v.any() for pair in state.velocity for v in pair)
+    assert repr(state) == "SGDState(sizes=(64, 32, 10), max_batch=32)"
+
+
+@pytest.mark.parametrize("sizes, max_batch, error, words", [
+    ((10,), 4, ValueError, "at least two layer widths"),
+    ((10, 0), 4, ValueError, "at least two layer widths >= 1"),
+    ((10, 2.5), 4, TypeError, "sizes must be a sequence of ints"),
+    (10, 4, TypeError, "sizes must be a sequence of ints"),
+    ((10, 3), 0, ValueError, "max_batch must be >= 1"),
+    ((10, 3), 4.0, TypeError, "max_batch must be an int"),
+])
+def test_state_rejects_bad_architecture(sizes, max_batch, error, words):
+    with pytest.raises(error, match=words):
+        K.SGDState(sizes, max_batch)
+
+
+def test_one_state_serves_steps_of_any_batch_up_to_its_maximum():
+    rng = np.random.default_rng(18)
+    sizes = (9, 7, 4)
+    start = make_model(sizes, rng)
+    state = K.SGDState(sizes, 16)
+    for m in (16, 3, 1, 11):
+        X, y = make_batch(sizes, m, rng)
+        ours, theirs = copy_model(start), copy_model(start)
+        K.mlp_sgd_step_(ours, X, y, 0.2, state=state)
+        twin.mlp_sgd_step_(theirs, X, y, 0.2)
+        for (W, b), (W2, b2) in zip(ours, theirs):
+            np.testing.assert_allclose(W, W2, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b, b2, rtol=1e-5, atol=1e-6)
+
+
+def test_step_releases_the_gil():
+    rng = np.random.default_rng(19)
+    sizes = (1024, 1024, 10)
+    layers = make_model(sizes, rng)
+    X, y = make_batch(sizes, 256, rng)
+    state = K.SGDState(sizes, 256)
+    inside = []
+    done = threading.Event()
+
+    def train():
+        # Taken while this thread holds the GIL: the main thread cannot be running Python code
+        # at these instants, so a main-thread timestamp between them proves the GIL was free.
+        inside.append(time.perf_counter())
+        K.mlp_sgd_step_(layers, X, y, 1e-3, state=state)
+        inside.append(time.perf_counter())
+        done.set()
+
+    worker = threading.Thread(target=train)
+    stamps, last = [], 0.0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        if now - last > 1e-3:
+            stamps.append(now)
+            last = now
+    worker.join()
+    enter, leave = inside
+    assert any(enter < t < leave for t in stamps), f"no progress during a {leave - enter:.3f} s step"
