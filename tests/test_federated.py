@@ -1,0 +1,238 @@
+"""End to end against a real Mosquitto: the aggregation server in this process, devices as real
+``python -m edgefl client`` processes on the digits task.
+
+Faults are made deterministic with signals: a device frozen with SIGSTOP before a round opens is
+still "online" (its retained status says so), so the server selects it and the round waits for
+it; what happens next (SIGKILL and a reboot, a broker restart, SIGCONT) is then certainly
+mid-round.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgefl.protocol import DeviceStatus, Topics, TrainingConfig
+from edgefl.transport import MqttConnection
+from edgefl_server.app import AggregationServer, ServerConfig
+from edgefl_server.cli import digits_evaluator
+from edgefl_server.models import build_mlp
+
+pytestmark = pytest.mark.integration
+
+FLEET = "e2e"
+TRAINING = TrainingConfig(epochs=5, batch_size=16, lr=0.1, momentum=0.9)
+
+
+class Fleet:
+    """Device processes of one test, each with its own state directory and log."""
+
+    def __init__(self, broker, root, count):
+        self.broker, self.root, self.count = broker, root, count
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    def name(self, i):
+        return f"dev-{i}"
+
+    def state(self, i):
+        return self.root / self.name(i)
+
+    def start(self, i):
+        state = self.state(i)
+        state.mkdir(parents=True, exist_ok=True)
+        with open(state / "device.log", "ab") as log:
+            self.processes[i] = subprocess.Popen(
+                [sys.executable, "-m", "edgefl", "client", "--broker", self.broker.url,
+                 "--fleet", FLEET, "--client-id", self.name(i), "--state-dir", str(state),
+                 "--dataset", "digits", "--partition", f"{i}/{self.count}", "--seed", "0",
+                 "--predict-rate", "100", "--connect-timeout", "20"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    def start_all(self):
+        for i in range(self.count):
+            self.start(i)
+
+    def signal(self, i, signum):
+        os.kill(self.processes[i].pid, signum)
+
+    def stop(self, i, timeout=20):
+        """SIGTERM: the device finishes, says offline, writes its stats; returns its exit code."""
+        p = self.processes[i]
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+        return p.wait(timeout)
+
+    def kill_all(self):
+        for p in self.processes.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def log(self, i):
+        return (self.state(i) / "device.log").read_text(errors="replace")
+
+    def stats(self, i):
+        return json.loads((self.state(i) / "stats.json").read_text())
+
+    def predictions(self, i):
+        with np.load(self.state(i) / "predictions.npz") as records:
+            return {k: records[k] for k in records.files}
+
+
+class OnlineWatch:
+    """Which devices of the fleet say "online" right now (their retained status)."""
+
+    def __init__(self, broker):
+        self.online: set[str] = set()
+        self.changed = threading.Condition()
+        topics = Topics(FLEET)
+
+        def on_status(msg):
+            state = DeviceStatus.from_json(msg.payload).state if msg.payload else "offline"
+            with self.changed:
+                (self.online.add if state == "online" else self.online.discard)(
+                    topics.client_of(msg.topic))
+                self.changed.notify_all()
+
+        self.conn = MqttConnection("e2e-watch", broker.url, session_expiry=0,
+                                   subscriptions=[(topics.all_status, 1)], on_message=on_status,
+                                   reconnect_delay=(0.1, 0.5)).start(timeout=5)
+
+    def wait(self, predicate, timeout=60):
+        with self.changed:
+            assert self.changed.wait_for(lambda: predicate(self.online), timeout), \
+                f"devices online: {sorted(self.online)}"
+
+    def close(self):
+        self.conn.stop()
+
+
+@pytest.fixture
+def fleet(broker, tmp_path):
+    devices = {}
+
+    def make(count):
+        devices["fleet"] = Fleet(broker, tmp_path / "devices", count)
+        return devices["fleet"]
+
+    yield make
+    if "fleet" in devices:
+        devices["fleet"].kill_all()
+
+
+@pytest.fixture
+def watch(broker):
+    w = OnlineWatch(broker)
+    yield w
+    w.close()
+
+
+def make_server(broker, tmp_path, *, rounds, min_clients, on_round=None, round_timeout=30.0):
+    config = ServerConfig(broker_url=broker.url, fleet=FLEET, state_dir=tmp_path / "server",
+                          rounds=rounds, min_clients=min_clients, round_timeout=round_timeout,
+                          training=TRAINING, seed=0)
+    return AggregationServer(config, initial_model=build_mlp((64, 32, 10), seed=0),
+                             evaluate=digits_evaluator(0), on_round=on_round)
+
+
+def finish(server, fleet, timeout=60):
+    """Wait for the last round, let devices serve the final model a moment, stop them."""
+    try:
+        assert server.wait(timeout), f"rounds done: {[r.round_id for r in server.history]}"
+    finally:
+        server.stop()
+    time.sleep(0.5)  # devices swap in the final model and predict with it
+    for i in fleet.processes:
+        assert fleet.stop(i) == 0, fleet.log(i)
+
+
+def assert_everyone_on_the_final_model(server, fleet):
+    final = server.model.version
+    assert final == len(server.history)  # every round produced a new model
+    for i in fleet.processes:
+        stats = fleet.stats(i)
+        assert stats["model_version"] == final, fleet.log(i)
+        records = fleet.predictions(i)
+        assert stats["prediction_errors"] == 0
+        assert records["version"][-1] == final  # the last predictions came from the final model
+        assert np.all(np.diff(records["version"]) >= 0)  # versions only ever go forward
+
+
+def test_rounds_with_device_processes_improve_accuracy(broker, tmp_path, fleet, watch):
+    devices = fleet(4)
+    devices.start_all()
+    watch.wait(lambda online: len(online) == 4)
+    server = make_server(broker, tmp_path, rounds=4, min_clients=4).start()
+    finish(server, devices)
+    accuracy = [r.metrics["accuracy"] for r in server.history]
+    assert [r.accepted for r in server.history] == [4, 4, 4, 4]
+    assert accuracy[-1] > accuracy[0] + 0.1, accuracy
+    assert_everyone_on_the_final_model(server, devices)
+    for i in range(4):
+        stats = devices.stats(i)
+        assert stats["accepted"] == 4 and stats["outbox"] == 0
+        assert stats["predictions"] > 50
+
+
+def test_a_device_that_crashes_mid_round_and_reboots_still_counts(broker, tmp_path, fleet, watch):
+    devices = fleet(3)
+    devices.start_all()
+    watch.wait(lambda online: len(online) == 3)
+    devices.signal(2, signal.SIGSTOP)  # still "online", so the round selects it and waits
+    server = make_server(broker, tmp_path, rounds=2, min_clients=3).start()
+    deadline = time.monotonic() + 30
+    while server.round.phase != "open" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert server.history == []  # round 1 waits for dev-2
+    devices.signal(2, signal.SIGKILL)  # a crash: no clean goodbye, the Last Will says offline
+    devices.processes[2].wait()
+    watch.wait(lambda online: "dev-2" not in online)
+    devices.start(2)  # the reboot, same state directory
+    finish(server, devices)
+    assert [r.accepted for r in server.history] == [3, 3]
+    assert server.history[0].close_reason == "every selected device answered"
+    assert_everyone_on_the_final_model(server, devices)
+
+
+def test_a_device_offline_for_a_whole_round_catches_up(broker, tmp_path, fleet, watch):
+    devices = fleet(3)
+    devices.start_all()
+    watch.wait(lambda online: len(online) == 3)
+    assert devices.stop(2) == 0  # goes offline cleanly before round 1
+
+    def on_round(result):
+        if result.round_id == 1:  # bring dev-2 back before round 2 opens
+            devices.start(2)
+            watch.wait(lambda online: "dev-2" in online)
+
+    server = make_server(broker, tmp_path, rounds=3, min_clients=2, on_round=on_round).start()
+    finish(server, devices)
+    # Round 2 may open before the server has processed dev-2's "online"; round 3 cannot.
+    assert server.history[0].accepted == 2 and "dev-2" not in server.history[0].selected
+    assert server.history[-1].accepted == 3
+    assert_everyone_on_the_final_model(server, devices)
+    assert devices.stats(2)["last_round"] == 3
+
+
+def test_broker_restart_mid_round(broker, tmp_path, fleet, watch):
+    devices = fleet(3)
+    devices.start_all()
+    watch.wait(lambda online: len(online) == 3)
+    devices.signal(1, signal.SIGSTOP)  # round 1 cannot close until dev-1 answers
+    server = make_server(broker, tmp_path, rounds=3, min_clients=3).start()
+    deadline = time.monotonic() + 30
+    while server.round.phase != "open" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    broker.restart(downtime=1.0)
+    devices.signal(1, signal.SIGCONT)
+    finish(server, devices)
+    assert [r.accepted for r in server.history] == [3, 3, 3]
+    assert_everyone_on_the_final_model(server, devices)
