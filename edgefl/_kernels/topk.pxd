@@ -7,11 +7,9 @@ cdef extern from "topk_impl.h" nogil:
     enum:
         EDGEFL_TOPK_SHIFT
         EDGEFL_TOPK_BINS
-        EDGEFL_TOPK_COPIES
     uint32_t edgefl_magnitude_key(float v)
     int edgefl_lowest_bit(uint64_t word)
-    void edgefl_topk_histogram(const float *x, size_t n, uint32_t *copies)
-    void edgefl_topk_histogram_sum(const float *r, const float *u, size_t n, uint32_t *copies)
+    int edgefl_topk_histogram(const float *x, const float *u, size_t n, Py_ssize_t *counts)
     size_t edgefl_topk_collect(const float *x, size_t n, uint32_t lowest, uint32_t *candidates)
     size_t edgefl_topk_accumulate_collect(float *r, const float *u, size_t n, uint32_t lowest,
                                           uint32_t *candidates)

@@ -21,18 +21,21 @@ from libc.stdlib cimport calloc, free, malloc
 
 import numpy as np
 
+cimport numpy as cnp
+
 from edgefl._kernels._typedefs cimport float32_t, intp_t, uint32_t, uint64_t
 from edgefl._kernels.topk cimport (
-    EDGEFL_TOPK_BINS, EDGEFL_TOPK_COPIES, EDGEFL_TOPK_SHIFT,
+    EDGEFL_TOPK_BINS, EDGEFL_TOPK_SHIFT,
     edgefl_collect_above, edgefl_count_above, edgefl_lowest_bit, edgefl_magnitude_key,
     edgefl_topk_accumulate_collect, edgefl_topk_collect, edgefl_topk_histogram,
-    edgefl_topk_histogram_sum,
 )
 
 from edgefl._kernels.fallback.topk import (
     _check_array, _check_k, _check_no_overlap, _check_randomk_args, _check_tau,
     _empty_selection, _raise_non_finite, _raise_non_finite_sum,
 )
+
+cnp.import_array()
 
 cdef enum:
     # Keys of NaN and Inf start at 0x7f800000: they land in the level-1 bins from here up.
@@ -49,6 +52,13 @@ cdef enum Status:
     NO_MEMORY = 2
 
 
+cdef inline void* _data(object array):
+    """Start of the buffer of an ndarray the argument checks have accepted (C-contiguous).
+
+    Cheaper than acquiring a typed memoryview, which matters for small updates."""
+    return cnp.PyArray_DATA(<cnp.ndarray> array)
+
+
 cdef intp_t _boundary_bin(const intp_t* counts, intp_t bins, intp_t k, intp_t* above) noexcept nogil:
     """The bin holding the k-th largest key (1 <= k <= total count); ``above`` gets the number of
     keys in higher bins."""
@@ -61,34 +71,18 @@ cdef intp_t _boundary_bin(const intp_t* counts, intp_t bins, intp_t k, intp_t* a
     return b
 
 
-cdef int _merge_counts(uint32_t* copies, intp_t* counts) noexcept nogil:
-    """Add the interleaved counter copies into ``counts``; NON_FINITE if a NaN/Inf bin is used."""
+cdef int _histogram(const float32_t* x, const float32_t* u, intp_t n,
+                    intp_t* counts) noexcept nogil:
+    """Pass 1: level-1 counts of the keys of ``x``, or of ``x + u`` if ``u`` is not NULL.
+
+    NON_FINITE if a NaN/Inf bin is used."""
     cdef intp_t b
-    cdef int c
-    for b in range(EDGEFL_TOPK_BINS):
-        counts[b] = 0
-        for c in range(EDGEFL_TOPK_COPIES):
-            counts[b] += copies[c * EDGEFL_TOPK_BINS + b]
+    if edgefl_topk_histogram(x, u, n, counts) != 0:
+        return NO_MEMORY
     for b in range(NON_FINITE_KEY >> EDGEFL_TOPK_SHIFT, EDGEFL_TOPK_BINS):
         if counts[b]:
             return NON_FINITE
     return OK
-
-
-cdef int _histogram(const float32_t* x, const float32_t* u, intp_t n,
-                    intp_t* counts) noexcept nogil:
-    """Pass 1: level-1 counts of the keys of ``x``, or of ``x + u`` if ``u`` is not NULL."""
-    cdef uint32_t* copies = <uint32_t*> calloc(EDGEFL_TOPK_COPIES * EDGEFL_TOPK_BINS,
-                                               sizeof(uint32_t))
-    if copies == NULL:
-        return NO_MEMORY
-    if u == NULL:
-        edgefl_topk_histogram(x, n, copies)
-    else:
-        edgefl_topk_histogram_sum(x, u, n, copies)
-    cdef int status = _merge_counts(copies, counts)
-    free(copies)
-    return status
 
 
 cdef uint32_t _kth_largest_key(uint32_t* keys, intp_t m, intp_t k, intp_t* ties) noexcept nogil:
@@ -224,17 +218,15 @@ def topk(x, k):
     cdef intp_t kk = _check_k(k, n)
     if n == 0:
         return _empty_selection()
-    cdef const float32_t[::1] xv = flat
     idx = np.empty(kk, dtype=np.uint32)
     vals = np.empty(kk, dtype=np.float32)
-    cdef uint32_t[::1] iv = idx
-    cdef float32_t[::1] vv = vals
-    cdef uint32_t* pidx = &iv[0] if kk else NULL
-    cdef float32_t* pvals = &vv[0] if kk else NULL
+    # Without an update to add, _topk_into only reads x (which may be read-only).
+    cdef float32_t* px = <float32_t*> _data(flat)
+    cdef uint32_t* pidx = <uint32_t*> _data(idx)
+    cdef float32_t* pvals = <float32_t*> _data(vals)
     cdef int status
     with nogil:
-        # Without an update to add, _topk_into only reads x: the cast drops const, nothing else.
-        status = _topk_into(<float32_t*> &xv[0], NULL, n, kk, pidx, pvals)
+        status = _topk_into(px, NULL, n, kk, pidx, pvals)
     if status == NON_FINITE:
         _raise_non_finite(flat, "x")
     if status == NO_MEMORY:
@@ -291,17 +283,15 @@ def topk_ef_(residual, update, k):
     cdef intp_t kk = _check_k(k, n)
     if n == 0:
         return _empty_selection()
-    cdef float32_t[::1] rv = r
-    cdef const float32_t[::1] uv = u
     idx = np.empty(kk, dtype=np.uint32)
     vals = np.empty(kk, dtype=np.float32)
-    cdef uint32_t[::1] iv = idx
-    cdef float32_t[::1] vv = vals
-    cdef uint32_t* pidx = &iv[0] if kk else NULL
-    cdef float32_t* pvals = &vv[0] if kk else NULL
+    cdef float32_t* pr = <float32_t*> _data(r)
+    cdef const float32_t* pu = <const float32_t*> _data(u)
+    cdef uint32_t* pidx = <uint32_t*> _data(idx)
+    cdef float32_t* pvals = <float32_t*> _data(vals)
     cdef int status
     with nogil:
-        status = _topk_into(&rv[0], &uv[0], n, kk, pidx, pvals)
+        status = _topk_into(pr, pu, n, kk, pidx, pvals)
     if status == NON_FINITE:
         _raise_non_finite_sum(r, u)
     if status == NO_MEMORY:
@@ -355,8 +345,7 @@ def threshold_select(x, tau):
     cdef intp_t n = flat.shape[0]
     if n == 0:
         return _empty_selection()
-    cdef const float32_t[::1] xv = flat
-    cdef const float32_t* px = &xv[0]
+    cdef const float32_t* px = <const float32_t*> _data(flat)
     cdef size_t count
     cdef uint32_t largest
     with nogil:
@@ -367,10 +356,8 @@ def threshold_select(x, tau):
     vals = np.empty(count, dtype=np.float32)
     if count == 0:
         return idx, vals
-    cdef uint32_t[::1] iv = idx
-    cdef float32_t[::1] vv = vals
-    cdef uint32_t* pidx = &iv[0]
-    cdef float32_t* pvals = &vv[0]
+    cdef uint32_t* pidx = <uint32_t*> _data(idx)
+    cdef float32_t* pvals = <float32_t*> _data(vals)
     with nogil:
         edgefl_collect_above(px, n, threshold, pidx, pvals)
     return idx, vals
@@ -463,11 +450,11 @@ def randomk(n, k, seed):
     idx = np.empty(kk, dtype=np.uint32)
     if kk == 0:
         return idx
-    cdef uint32_t[::1] iv = idx
+    cdef uint32_t* pidx = <uint32_t*> _data(idx)
     cdef uint64_t n64 = nn, k64 = kk, seed64 = s
     cdef int status
     with nogil:
-        status = _floyd_sample(n64, k64, seed64, &iv[0])
+        status = _floyd_sample(n64, k64, seed64, pidx)
     if status == NO_MEMORY:
         raise MemoryError(f"randomk: out of memory for a bitmap of n = {nn} bits")
     return idx

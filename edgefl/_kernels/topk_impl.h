@@ -17,6 +17,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -76,28 +77,49 @@ static inline uint32_t edgefl_block_mask_from(const float *block, uint32_t lowes
     return mask;
 }
 
-/* Level-1 counts of the keys of x into copies[EDGEFL_TOPK_COPIES * EDGEFL_TOPK_BINS] (zeroed). */
-static void edgefl_topk_histogram(const float *x, size_t n, uint32_t *copies)
+/* Below this many elements one set of counters is used: zeroing and merging the interleaved copies
+ * would cost more than the stalls they avoid. */
+#define EDGEFL_TOPK_SMALL 65536
+
+/* counts[b] += the interleaved copies of bin b. */
+static inline void edgefl_topk_merge(const uint32_t *copies, ptrdiff_t *counts)
 {
-    size_t body = n - n % EDGEFL_TOPK_COPIES;
-    for (size_t i = 0; i < body; i += EDGEFL_TOPK_COPIES) {
-        for (int c = 0; c < EDGEFL_TOPK_COPIES; c++)
-            copies[c * EDGEFL_TOPK_BINS + (edgefl_magnitude_key(x[i + c]) >> EDGEFL_TOPK_SHIFT)]++;
+    for (int c = 0; c < EDGEFL_TOPK_COPIES; c++) {
+        for (uint32_t b = 0; b < EDGEFL_TOPK_BINS; b++) counts[b] += copies[c * EDGEFL_TOPK_BINS + b];
     }
-    for (size_t i = body; i < n; i++) copies[edgefl_magnitude_key(x[i]) >> EDGEFL_TOPK_SHIFT]++;
 }
 
-/* The same for the keys of r + u, computed on the fly and not stored. */
-static void edgefl_topk_histogram_sum(const float *r, const float *u, size_t n, uint32_t *copies)
+/* Level-1 counts of the keys of x (of x + u when u is not NULL, computed on the fly and not stored)
+ * into counts[EDGEFL_TOPK_BINS]. Returns 0, or -1 when out of memory. */
+static int edgefl_topk_histogram(const float *x, const float *u, size_t n, ptrdiff_t *counts)
 {
+    memset(counts, 0, EDGEFL_TOPK_BINS * sizeof *counts);
+    if (n < EDGEFL_TOPK_SMALL) {
+        for (size_t i = 0; i < n; i++)
+            counts[edgefl_magnitude_key(u ? x[i] + u[i] : x[i]) >> EDGEFL_TOPK_SHIFT]++;
+        return 0;
+    }
+    uint32_t *copies = calloc(EDGEFL_TOPK_COPIES * EDGEFL_TOPK_BINS, sizeof *copies);
+    if (copies == NULL) return -1;
     size_t body = n - n % EDGEFL_TOPK_COPIES;
-    for (size_t i = 0; i < body; i += EDGEFL_TOPK_COPIES) {
-        for (int c = 0; c < EDGEFL_TOPK_COPIES; c++)
-            copies[c * EDGEFL_TOPK_BINS
-                   + (edgefl_magnitude_key(r[i + c] + u[i + c]) >> EDGEFL_TOPK_SHIFT)]++;
+    if (u == NULL) {
+        for (size_t i = 0; i < body; i += EDGEFL_TOPK_COPIES) {
+            for (int c = 0; c < EDGEFL_TOPK_COPIES; c++)
+                copies[c * EDGEFL_TOPK_BINS
+                       + (edgefl_magnitude_key(x[i + c]) >> EDGEFL_TOPK_SHIFT)]++;
+        }
+    } else {
+        for (size_t i = 0; i < body; i += EDGEFL_TOPK_COPIES) {
+            for (int c = 0; c < EDGEFL_TOPK_COPIES; c++)
+                copies[c * EDGEFL_TOPK_BINS
+                       + (edgefl_magnitude_key(x[i + c] + u[i + c]) >> EDGEFL_TOPK_SHIFT)]++;
+        }
     }
     for (size_t i = body; i < n; i++)
-        copies[edgefl_magnitude_key(r[i] + u[i]) >> EDGEFL_TOPK_SHIFT]++;
+        copies[edgefl_magnitude_key(u ? x[i] + u[i] : x[i]) >> EDGEFL_TOPK_SHIFT]++;
+    edgefl_topk_merge(copies, counts);
+    free(copies);
+    return 0;
 }
 
 /* Indices i (ascending) with key(x[i]) >= lowest into candidates; returns how many. Inside a block

@@ -12,6 +12,7 @@ Every function returns exactly what the compiled kernel returns, bit for bit:
 The argument checks live here and the compiled module imports them, so both backends reject bad
 input with the same exception and message.
 """
+import math
 import numbers
 import operator
 
@@ -53,7 +54,7 @@ def _check_array(x, name, *, writeable=False):
             f"{name} has {x.size} elements, more than 2**32: indices are uint32, so split the "
             "parameter vector into chunks"
         )
-    return x.reshape(-1)
+    return x if x.ndim == 1 else x.reshape(-1)
 
 
 def _check_k(k, n, name="k"):
@@ -72,7 +73,7 @@ def _check_tau(tau):
     if not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a real number, got {type(tau).__name__} {tau!r}")
     value = float(tau)
-    if not (np.isfinite(value) and value >= 0.0):
+    if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"tau must be finite and >= 0, got {tau!r}")
     return value
 
