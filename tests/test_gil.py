@@ -77,39 +77,31 @@ def test_control_sleep_lets_the_counter_run():
     assert counter_progress(lambda: time.sleep(0.05), 3) >= MIN_ROUNDS * COUNTS_PER_YIELD
 
 
-def _long_calls():
+@pytest.fixture(scope="module")
+def long_calls():
     """Kernel name -> (a call of it on large data, how many calls)."""
     rng = np.random.default_rng(0)
     big = rng.standard_normal(20_000_000, dtype=np.float32)
     residual = np.zeros(10_000_000, np.float32)
     update = rng.standard_normal(10_000_000, dtype=np.float32)
     scratch = big.copy()
-    calls = {
+    noise_rng = np.random.default_rng(1)
+    return {
         "topk": (lambda: K.topk(big, 200_000), 4),
         "topk_ef_": (lambda: K.topk_ef_(residual, update, 100_000), 4),
         "threshold_select": (lambda: K.threshold_select(big, 2.5), 4),
         "randomk": (lambda: K.randomk(20_000_000, 2_000_000, 7), 3),
+        # The other long kernels a device runs on every update.
+        "clip_l2_": (lambda: K.clip_l2_(scratch, 1e9), 8),
+        "clip_l1_": (lambda: K.clip_l1_(scratch, 1e12), 8),
+        "laplace_": (lambda: K.laplace_(scratch, 1e-3, noise_rng), 3),
     }
-    # The other long kernels of the compiled backend, by their public names.
-    if hasattr(K, "clip_l2_"):
-        calls["clip_l2_"] = (lambda: K.clip_l2_(scratch, 1e9), 8)
-    if hasattr(K, "clip_l1_"):
-        calls["clip_l1_"] = (lambda: K.clip_l1_(scratch, 1e12), 8)
-    if hasattr(K, "laplace_"):
-        noise_rng = np.random.default_rng(1)
-        calls["laplace_"] = (lambda: K.laplace_(scratch, 1e-3, noise_rng), 3)
-    return calls
 
 
 # The NumPy twin releases the GIL wherever NumPy does, inside its array loops: true for the
 # vectorised top-k family, not for randomk's twin, which is a Python loop over k draws.
 COMPILED = ["topk", "topk_ef_", "threshold_select", "randomk", "clip_l2_", "clip_l1_", "laplace_"]
 TWIN = ["topk", "topk_ef_", "threshold_select"]
-
-
-@pytest.fixture(scope="module")
-def long_calls():
-    return _long_calls()
 
 
 @pytest.mark.parametrize("name", COMPILED if K.BACKEND == "cython" else TWIN)
