@@ -368,20 +368,17 @@ cdef bint _pair_ok(object pair, intp_t n_in, intp_t n_out, bint writeable, float
 
 
 cdef tuple _layer_sizes(object layers):
-    """The widths (d, ..., c) of well-formed, chaining layers, else None."""
+    """The widths (d, d_1, ..., c) that ``layers`` of float32 (W, b) pairs imply, else None.
+
+    Only enough to build a state: :func:`_bind_layers` then checks every shape against it.
+    """
     if not isinstance(layers, (list, tuple)) or not layers:
         return None
-    sizes = [None]
     for pair in layers:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _float32_ok(pair[0], 2, True):
             return None
-        n_in, n_out = pair[0].shape
-        if sizes[0] is None:
-            sizes[0] = n_in
-        elif n_in != sizes[len(sizes) - 1]:
-            return None
-        sizes.append(n_out)
-    return tuple(sizes) if min(sizes) >= 1 else None
+    sizes = (layers[0][0].shape[0],) + tuple(pair[0].shape[1] for pair in layers)
+    return sizes if min(sizes) >= 1 else None
 
 
 cdef intp_t _batch_rows(object X, SGDState s):
@@ -448,7 +445,7 @@ cdef bint _as_double(object value, double *out):
     return True
 
 
-def _disagreement():
+cdef object _disagreement():
     return RuntimeError(
         "edgefl's compiled SGD step rejected arguments that its NumPy twin accepts; this is a "
         "bug in edgefl, please report it with the shapes and dtypes of the arguments")

@@ -24,10 +24,13 @@
 #error "edgefl's SGD kernel uses GCC/Clang vector extensions: build it with GCC or Clang"
 #endif
 
+/* Defining EDGEFL_CLONES empty (-DEDGEFL_CLONES=) builds the baseline code only, to test it. */
+#ifndef EDGEFL_CLONES
 #if defined(__x86_64__) && !defined(__clang__) && defined(__GLIBC__) && __GNUC__ >= 11
 #define EDGEFL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define EDGEFL_CLONES
+#endif
 #endif
 
 #define EDGEFL_INLINE static inline __attribute__((always_inline))
@@ -144,11 +147,42 @@ EDGEFL_CLONES static void edgefl_matmul(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
 }
 
 /*
- * Softmax cross-entropy on logits Z (m x c, row stride ldz), labels y in [0, c).
+ * z[j] = e^(z[j] - shift) for one tile, shift >= every z[j], within 2 float32 ulp of expf
+ * (Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-5 polynomial for e^r, 2^n from the
+ * exponent bits), in vector registers where a call to expf per element would cost more than the
+ * rest of the softmax.
+ *
+ * The softmax only exponentiates logits minus their row maximum, so x > 0 never occurs; below
+ * -87.3 the result would leave the normal range and is returned as ~1e-38 instead, which does
+ * not move a sum that contains e^0 = 1. NaN stays NaN, so a bad logit still reaches the loss.
+ */
+EDGEFL_INLINE void edgefl_exp_shifted(float *z, float shift)
+{
+    edgefl_v8 x = EDGEFL_LOAD(z) - shift;
+    const edgefl_v8 lowest = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
+    const edgefl_v8i below = x < lowest;
+    x = (edgefl_v8)((below & (edgefl_v8i)lowest) | (~below & (edgefl_v8i)x));
+    edgefl_v8 t = x * 1.44269504088896341f - 0.5f;
+    t = (edgefl_v8)((edgefl_v8i)t & (edgefl_v8i)(t == t)); /* NaN -> 0: a defined conversion */
+    edgefl_v8i n = __builtin_convertvector(t, edgefl_v8i); /* toward zero: ceil(t) = round */
+    edgefl_v8 fn = __builtin_convertvector(n, edgefl_v8);
+    edgefl_v8 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    edgefl_v8 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    EDGEFL_STORE(z, p * (edgefl_v8)((n + 127) << 23));
+}
+
+/*
+ * Softmax cross-entropy on logits Z (m x c, row stride ldz >= edgefl_padded(c)), labels y in
+ * [0, c).
  *
  * Returns the mean loss, each row's log-sum-exp shifted by the row maximum and everything summed
  * in double. Overwrites Z with the gradient of the mean loss with respect to the logits,
- * (softmax(z) - onehot(y)) / m; padding columns are left as they are (zero).
+ * (softmax(z) - onehot(y)) / m, and zeroes its padding columns.
  */
 EDGEFL_CLONES static double edgefl_softmax_xent(ptrdiff_t m, ptrdiff_t c, float *Z,
                                                 ptrdiff_t ldz, const int32_t *y)
@@ -158,17 +192,18 @@ EDGEFL_CLONES static double edgefl_softmax_xent(ptrdiff_t m, ptrdiff_t c, float 
      * overflow a double. */
     double total = 0.0, product = 1.0;
     const float inv_m = 1.0f / (float)m;
+    const ptrdiff_t padded = edgefl_padded(c);
     for (ptrdiff_t i = 0; i < m; i++) {
         float *z = Z + i * ldz;
         float shift = z[0];
         for (ptrdiff_t j = 1; j < c; j++)
             shift = z[j] > shift ? z[j] : shift;
         float picked = z[y[i]] - shift;
+        for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
+            edgefl_exp_shifted(z + j, shift);
         double sum = 0.0;
-        for (ptrdiff_t j = 0; j < c; j++) {
-            z[j] = expf(z[j] - shift);
+        for (ptrdiff_t j = 0; j < c; j++)
             sum += z[j];
-        }
         product *= sum;
         if (product > 1e250) {
             total += log(product);
@@ -176,8 +211,11 @@ EDGEFL_CLONES static double edgefl_softmax_xent(ptrdiff_t m, ptrdiff_t c, float 
         }
         total -= (double)picked;
         float scale = (float)(1.0 / sum) * inv_m;
+#pragma omp simd
         for (ptrdiff_t j = 0; j < c; j++)
             z[j] *= scale;
+        for (ptrdiff_t j = c; j < padded; j++)
+            z[j] = 0.0f;
         z[y[i]] -= inv_m;
     }
     return (total + log(product)) / (double)m;
