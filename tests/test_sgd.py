@@ -151,6 +151,25 @@ def test_loss_is_stable_for_huge_logits():
     assert loss == pytest.approx((0.0 + 1e4) / 2, rel=1e-6)
 
 
+def test_softmax_is_accurate_across_the_float32_exponent_range():
+    # One feature equal to 1, so the logits are W's row, spread over [-87, 0]: the gradient of the
+    # logits, (softmax - onehot) / m, comes back as the change of b at lr = 1.
+    rng = np.random.default_rng(20)
+    logits = np.sort(rng.uniform(-87.0, 0.0, 64)).astype(np.float32)
+    logits[-1] = 0.0
+    W = logits[None, :].copy()
+    b = np.zeros_like(logits)
+    X = np.ones((1, 1), np.float32)
+    y = np.array([40])
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    loss = K.softmax_sgd_step_(W, b, X, y, 1.0)
+    assert loss == pytest.approx(np.log(np.exp(z).sum()) - z[40], rel=1e-7)
+    expected = p.copy()
+    expected[40] -= 1
+    np.testing.assert_allclose(-b, expected, rtol=4e-7, atol=1e-37)
+
+
 def test_weight_decay_acts_on_weights_only():
     rng = np.random.default_rng(5)
     sizes = (6, 5, 3)
