@@ -502,7 +502,7 @@ def format_summary(summary: dict) -> str:
         + (f"; dense FedAvg {pct(summary['dense_fedavg']['final_accuracy'])}" if dense else ""),
         f"uplink: {b['uplink'] / 1024:.1f} KiB for {b['updates_accepted']} updates; dense float32 "
         f"would be {b['uplink_dense_float32'] / 1024:.1f} KiB"
-        + (f" (ratio {b['uplink_ratio_vs_dense']:.2f})" if b["uplink_ratio_vs_dense"] else ""),
+        + _ratio_text(b["uplink_ratio_vs_dense"]),
         f"downlink: devices received {b['downlink_received_by_devices'] / 1024:.1f} KiB "
         f"({b['models_installed']} model installs; their float32 weights alone are "
         f"{b['downlink_model_weights_float32'] / 1024:.1f} KiB, the rest is ONNX graphs, "
@@ -517,6 +517,14 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratio_text(ratio: float | None) -> str:
+    if not ratio:
+        return ""
+    if ratio >= 1:
+        return f" ({ratio:.1f}x fewer bytes)"
+    return f" ({1 / ratio:.3f}x more: the update header and checksum)"
+
+
 def write_plot(summary: dict, path: Path) -> None:
     """Accuracy against rounds for the run and its baselines."""
     import matplotlib
@@ -527,7 +535,12 @@ def write_plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     rounds = np.arange(1, len(summary["accuracy"]) + 1)
     plan = summary["plan"]
+    training = plan["training"]
     label = f"{plan['strategy']}, {plan['devices']} devices"
+    if training["compression"]["method"] != "none" or training["compression"]["values"] != "f32":
+        label += f", {training['compression']['method']} {training['compression']['values']}"
+    if training["privacy"]["mechanism"] != "none":
+        label += f", {training['privacy']['mechanism']} eps {training['privacy']['epsilon']:g}"
     ax.plot(rounds, summary["accuracy"], marker="o", ms=3, label=f"federated ({label})")
     central = summary["centralised"]["accuracy"]
     ax.plot(np.arange(1, len(central) + 1), central, ls="--", label="centralised (epochs)")
@@ -629,6 +642,10 @@ def plan_from_args(args) -> SimulationPlan:
         devices_as="threads" if args.threads else "processes")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     """``edgefl simulate``: 0 on success, 1 if the run failed, 2 for bad options."""
     from edgefl.datasets import load_digits
@@ -644,6 +661,9 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     broker = None
     started = time.monotonic()
+    # Ctrl-C and SIGTERM both unwind through the cleanup below, so no process is left behind.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.broker is None:
             broker = MosquittoBroker(persistence_dir=out / "broker").start()
