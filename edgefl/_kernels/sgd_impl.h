@@ -193,17 +193,38 @@ EDGEFL_CLONES static double edgefl_softmax_xent(ptrdiff_t m, ptrdiff_t c, float 
     double total = 0.0, product = 1.0;
     const float inv_m = 1.0f / (float)m;
     const ptrdiff_t padded = edgefl_padded(c);
+    const edgefl_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const edgefl_v8 minus_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                                 -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     for (ptrdiff_t i = 0; i < m; i++) {
         float *z = Z + i * ldz;
-        float shift = z[0];
-        for (ptrdiff_t j = 1; j < c; j++)
-            shift = z[j] > shift ? z[j] : shift;
+        /* Row maximum and row sum as vectors and short trees: a scalar loop is a chain of c
+         * dependent operations per row, which is what this function used to spend its time on.
+         * NaN drops out of the maximum but not out of the exponentials, so it reaches the loss. */
+        edgefl_v8 top = minus_inf;
+        for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE) {
+            edgefl_v8i valid = lane < (int32_t)(c - j);
+            edgefl_v8 v = EDGEFL_LOAD(z + j);
+            v = (edgefl_v8)((valid & (edgefl_v8i)v) | (~valid & (edgefl_v8i)minus_inf));
+            edgefl_v8i larger = v > top;
+            top = (edgefl_v8)((larger & (edgefl_v8i)v) | (~larger & (edgefl_v8i)top));
+        }
+        float t0 = top[0] > top[4] ? top[0] : top[4], t1 = top[1] > top[5] ? top[1] : top[5];
+        float t2 = top[2] > top[6] ? top[2] : top[6], t3 = top[3] > top[7] ? top[3] : top[7];
+        t0 = t0 > t1 ? t0 : t1;
+        t2 = t2 > t3 ? t2 : t3;
+        float shift = t0 > t2 ? t0 : t2;
         float picked = z[y[i]] - shift;
         for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
             edgefl_exp_shifted(z + j, shift);
-        double sum = 0.0;
-        for (ptrdiff_t j = 0; j < c; j++)
-            sum += z[j];
+        for (ptrdiff_t j = c; j < padded; j++)
+            z[j] = 0.0f;
+        double lanes[EDGEFL_TILE] = {0.0};
+        for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
+            for (int k = 0; k < EDGEFL_TILE; k++)
+                lanes[k] += z[j + k];
+        double sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                     + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
         product *= sum;
         if (product > 1e250) {
             total += log(product);
@@ -212,10 +233,8 @@ EDGEFL_CLONES static double edgefl_softmax_xent(ptrdiff_t m, ptrdiff_t c, float 
         total -= (double)picked;
         float scale = (float)(1.0 / sum) * inv_m;
 #pragma omp simd
-        for (ptrdiff_t j = 0; j < c; j++)
+        for (ptrdiff_t j = 0; j < padded; j++)
             z[j] *= scale;
-        for (ptrdiff_t j = c; j < padded; j++)
-            z[j] = 0.0f;
         z[y[i]] -= inv_m;
     }
     return (total + log(product)) / (double)m;
