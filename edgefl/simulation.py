@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -659,6 +660,9 @@ def run(args) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Each run starts fresh: a server state directory left by an earlier run would be resumed.
+    for leftover in ("server", "devices", "broker"):
+        shutil.rmtree(out / leftover, ignore_errors=True)
     broker = None
     started = time.monotonic()
     # Ctrl-C and SIGTERM both unwind through the cleanup below, so no process is left behind.

@@ -194,3 +194,28 @@ def test_a_device_configured_only_by_environment_serves_and_exits_when_finished(
     with np.load(tmp_path / "state" / "predictions.npz") as records:
         assert set(records["version"]) == {3}
         assert len(records["latency_us"]) == stats["predictions"]
+
+
+@pytest.mark.integration
+def test_simulate_runs_a_small_federation_and_writes_its_summary(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "simulate", "--devices", "3", "--rounds", "3",
+         "--compression", "topk", "--density", "0.05", "--values", "f16", "--predict-rate", "100",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "round   3/3" in result.stdout and "accuracy per round" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["accuracy"]) == 3
+    assert summary["devices_on_final_version"] == 3 and summary["final_model_version"] == 3
+    assert len(summary["dense_fedavg"]["accuracy"]) == 3  # compressed run: the dense baseline ran
+    assert len(summary["centralised"]["accuracy"]) == 3
+    assert summary["bytes"]["uplink"] < summary["bytes"]["uplink_dense_float32"] / 5
+    assert summary["predictions"]["served"] > 0 and summary["predictions"]["errors"] == 0
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_rejects_bad_counts(tmp_path, capsys):
+    assert cli.main(["simulate", "--devices", "0", "--out", str(tmp_path)]) == 2
+    assert "--devices and --rounds must be at least 1" in capsys.readouterr().err
