@@ -196,46 +196,62 @@ EDGEFL_CLONES static double edgefl_softmax_xent(ptrdiff_t m, ptrdiff_t c, float 
     const edgefl_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
     const edgefl_v8 minus_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
                                  -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    for (ptrdiff_t i = 0; i < m; i++) {
-        float *z = Z + i * ldz;
-        /* Row maximum and row sum as vectors and short trees: a scalar loop is a chain of c
-         * dependent operations per row, which is what this function used to spend its time on.
-         * NaN drops out of the maximum but not out of the exponentials, so it reaches the loss. */
-        edgefl_v8 top = minus_inf;
-        for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE) {
-            edgefl_v8i valid = lane < (int32_t)(c - j);
-            edgefl_v8 v = EDGEFL_LOAD(z + j);
-            v = (edgefl_v8)((valid & (edgefl_v8i)v) | (~valid & (edgefl_v8i)minus_inf));
-            edgefl_v8i larger = v > top;
-            top = (edgefl_v8)((larger & (edgefl_v8i)v) | (~larger & (edgefl_v8i)top));
+    /* Eight rows at a time, one stage after the other: each row is a chain of dependent steps
+     * (maximum, exponentials, sum, division), and interleaving independent rows keeps the
+     * vector units busy where one row at a time would mostly wait. */
+    enum { ROWS = 8 };
+    for (ptrdiff_t i0 = 0; i0 < m; i0 += ROWS) {
+        const ptrdiff_t rows = m - i0 < ROWS ? m - i0 : ROWS;
+        float shift[ROWS], scale[ROWS];
+        double sum[ROWS];
+        /* Row maxima as vectors and a short tree. NaN drops out of the maximum but not out of
+         * the exponentials below, so it still reaches the loss. */
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *z = Z + (i0 + r) * ldz;
+            edgefl_v8 top = minus_inf;
+            for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE) {
+                edgefl_v8i valid = lane < (int32_t)(c - j);
+                edgefl_v8 v = EDGEFL_LOAD(z + j);
+                v = (edgefl_v8)((valid & (edgefl_v8i)v) | (~valid & (edgefl_v8i)minus_inf));
+                edgefl_v8i larger = v > top;
+                top = (edgefl_v8)((larger & (edgefl_v8i)v) | (~larger & (edgefl_v8i)top));
+            }
+            float t0 = top[0] > top[4] ? top[0] : top[4], t1 = top[1] > top[5] ? top[1] : top[5];
+            float t2 = top[2] > top[6] ? top[2] : top[6], t3 = top[3] > top[7] ? top[3] : top[7];
+            t0 = t0 > t1 ? t0 : t1;
+            t2 = t2 > t3 ? t2 : t3;
+            shift[r] = t0 > t2 ? t0 : t2;
+            total -= (double)(z[y[i0 + r]] - shift[r]);
         }
-        float t0 = top[0] > top[4] ? top[0] : top[4], t1 = top[1] > top[5] ? top[1] : top[5];
-        float t2 = top[2] > top[6] ? top[2] : top[6], t3 = top[3] > top[7] ? top[3] : top[7];
-        t0 = t0 > t1 ? t0 : t1;
-        t2 = t2 > t3 ? t2 : t3;
-        float shift = t0 > t2 ? t0 : t2;
-        float picked = z[y[i]] - shift;
-        for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
-            edgefl_exp_shifted(z + j, shift);
-        for (ptrdiff_t j = c; j < padded; j++)
-            z[j] = 0.0f;
-        double lanes[EDGEFL_TILE] = {0.0};
-        for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
-            for (int k = 0; k < EDGEFL_TILE; k++)
-                lanes[k] += z[j + k];
-        double sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
+                edgefl_exp_shifted(Z + (i0 + r) * ldz + j, shift[r]);
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            float *z = Z + (i0 + r) * ldz;
+            for (ptrdiff_t j = c; j < padded; j++)
+                z[j] = 0.0f;
+            double lanes[EDGEFL_TILE] = {0.0};
+            for (ptrdiff_t j = 0; j < padded; j += EDGEFL_TILE)
+                for (int k = 0; k < EDGEFL_TILE; k++)
+                    lanes[k] += z[j + k];
+            sum[r] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
                      + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-        product *= sum;
-        if (product > 1e250) {
-            total += log(product);
-            product = 1.0;
+            scale[r] = (float)(1.0 / sum[r]) * inv_m;
         }
-        total -= (double)picked;
-        float scale = (float)(1.0 / sum) * inv_m;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            product *= sum[r];
+            if (product > 1e250) {
+                total += log(product);
+                product = 1.0;
+            }
+        }
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            float *z = Z + (i0 + r) * ldz;
 #pragma omp simd
-        for (ptrdiff_t j = 0; j < padded; j++)
-            z[j] *= scale;
-        z[y[i]] -= inv_m;
+            for (ptrdiff_t j = 0; j < padded; j++)
+                z[j] *= scale[r];
+            z[y[i0 + r]] -= inv_m;
+        }
     }
     return (total + log(product)) / (double)m;
 }
