@@ -1,1 +1,475 @@
-"""placeholder"""
+"""Compact encodings of a sparse update, in NumPy: the twin of the compiled ``codec``.
+
+The formats are specified in the compiled module's docstring (``edgefl/_kernels/codec.pyx``); this
+module produces the same bytes and values and raises the same errors. Encoders and quantizers are
+vectorised; the varint and Rice decoders walk the buffer element by element exactly as the
+compiled loop does, so that a corrupt buffer is reported with the same first fault.
+"""
+import math
+import operator
+
+import numpy as np
+
+from edgefl._kernels.fallback.clip import lane_sum
+
+KINDS = ("f32", "f16", "int8", "ternary")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _indices(idx):
+    if not isinstance(idx, np.ndarray):
+        raise TypeError(f"idx must be a numpy.ndarray of uint32, got {type(idx).__name__}")
+    if idx.dtype != np.uint32:
+        raise TypeError(f"idx must have dtype uint32, got {idx.dtype}; convert with idx.astype(np.uint32)")
+    if idx.ndim != 1:
+        raise ValueError(f"idx must be 1-D, got shape {idx.shape}")
+    if not idx.flags.c_contiguous:
+        raise ValueError("idx must be C-contiguous; pass np.ascontiguousarray(idx)")
+    return idx
+
+
+def _values(vals):
+    if not isinstance(vals, np.ndarray):
+        raise TypeError(f"vals must be a numpy.ndarray of float32, got {type(vals).__name__}")
+    if vals.dtype != np.float32:
+        raise TypeError(f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)")
+    if vals.ndim != 1:
+        raise ValueError(f"vals must be 1-D, got shape {vals.shape}")
+    if not vals.flags.c_contiguous:
+        raise ValueError("vals must be C-contiguous; pass np.ascontiguousarray(vals)")
+    return vals
+
+
+def _buffer(buf):
+    if isinstance(buf, str):
+        raise TypeError("buf must be bytes-like (bytes, bytearray, memoryview), got str")
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        view = None
+    if view is None or view.ndim != 1 or view.format != "B" or not view.c_contiguous:
+        raise TypeError(
+            f"buf must be a contiguous bytes-like object (bytes, bytearray, memoryview), "
+            f"got {type(buf).__name__}"
+        )
+    return np.frombuffer(view, dtype=np.uint8)
+
+
+def _check_n(n):
+    try:
+        value = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n must be an integer, got {type(n).__name__}") from None
+    if not 0 <= value <= 2**32:
+        raise ValueError(f"n must be in [0, 2**32] (indices are uint32), got {value}")
+    return value
+
+
+def _check_k(k, n):
+    try:
+        value = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
+    if not 0 <= value <= n:
+        raise ValueError(f"k must be in [0, n] = [0, {n}], got {value}")
+    return value
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------
+# index coders
+
+
+def _checked_gaps(idx, n):
+    """The gap-1 values of valid indices, or the error for the first invalid one."""
+    idx = _indices(idx)
+    n = _check_n(n)
+    wide = idx.astype(np.int64)
+    unsorted = np.flatnonzero(np.diff(wide) <= 0) + 1
+    out_of_range = np.flatnonzero(wide >= n)
+    first_unsorted = int(unsorted[0]) if unsorted.size else idx.size
+    first_out = int(out_of_range[0]) if out_of_range.size else idx.size
+    if first_unsorted <= first_out and first_unsorted < idx.size:
+        i = first_unsorted
+        raise ValueError(
+            f"idx must be sorted strictly ascending: idx[{i}] = {idx[i]} follows "
+            f"idx[{i - 1}] = {idx[i - 1]}; sort and deduplicate with np.unique(idx)"
+        )
+    if first_out < idx.size:
+        raise ValueError(f"idx[{first_out}] = {idx[first_out]} is out of range for n = {n} (indices must be < n)")
+    return np.diff(wide, prepend=-1) - 1, n
+
+
+def _decode_fault(coder, n, k):
+    return f"{coder}: corrupt buffer or wrong header (n = {n}, k = {k}): "
+
+
+def encode_indices(idx, n):
+    """Encode sorted indices as gap-1 LEB128 varints (see the compiled module for the format).
+
+    Parameters
+    ----------
+    idx : numpy.ndarray
+        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
+    n : int
+        The dense length, 0 <= n <= 2**32.
+
+    Returns
+    -------
+    bytes
+        The encoding.
+    """
+    gaps, _ = _checked_gaps(idx, n)
+    sizes = 1 + sum((gaps >= 1 << (7 * b)).astype(np.int64) for b in range(1, 5))
+    starts = np.cumsum(sizes) - sizes
+    out = np.zeros(int(sizes.sum()), dtype=np.uint8)
+    for b in range(5):
+        more = sizes > b
+        group = (gaps[more] >> (7 * b)) & 0x7F
+        out[starts[more] + b] = group | np.where(sizes[more] > b + 1, 0x80, 0)
+    return out.tobytes()
+
+
+def decode_indices(buf, n, k):
+    """Decode the output of :func:`encode_indices`, checking it against the header's n and k.
+
+    Parameters
+    ----------
+    buf : bytes-like
+        The encoded indices, nothing before or after them.
+    n : int
+        The dense length from the message header, 0 <= n <= 2**32.
+    k : int
+        The number of indices from the message header, 0 <= k <= n.
+
+    Returns
+    -------
+    numpy.ndarray
+        k uint32 indices, sorted strictly ascending, all < n.
+    """
+    data = _buffer(buf)
+    n = _check_n(n)
+    k = _check_k(k, n)
+    where = _decode_fault("decode_indices", n, k)
+    size = data.size
+    if k > size:
+        raise ValueError(where + f"truncated: {size} bytes cannot hold {k} varints")
+    data = data.tolist()
+    out = np.empty(k, dtype=np.uint32)
+    pos = 0
+    next_free = 0
+    for i in range(k):
+        value = 0
+        shift = 0
+        while True:
+            if pos >= size:
+                raise ValueError(where + f"truncated: the {size}-byte buffer ends inside index {i}")
+            byte = data[pos]
+            if shift == 28 and byte > 0x0F:
+                raise ValueError(where + f"the varint of index {i} at byte {pos} exceeds 32 bits or 5 bytes")
+            value |= (byte & 0x7F) << shift
+            pos += 1
+            if byte < 0x80:
+                if byte == 0 and shift > 0:
+                    raise ValueError(
+                        where + f"the varint of index {i} at byte {pos - 1} is non-canonical (a redundant zero byte)"
+                    )
+                break
+            shift += 7
+        value += next_free
+        if value >= n:
+            raise ValueError(where + f"index {i} decodes to {value}, out of range (must be < n)")
+        out[i] = value
+        next_free = value + 1
+    if pos != size:
+        raise ValueError(where + f"{size - pos} trailing bytes after the last index")
+    return out
+
+
+def _rice_parameter(total, k):
+    c = 0
+    while (k << c) < total:
+        c += 1
+    return max(c - 1, 0)
+
+
+def encode_indices_rice(idx, n):
+    """Encode sorted indices as Golomb-Rice coded gaps (see the compiled module for the format).
+
+    Parameters
+    ----------
+    idx : numpy.ndarray
+        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
+    n : int
+        The dense length, 0 <= n <= 2**32.
+
+    Returns
+    -------
+    bytes
+        The Rice parameter byte, then the coded gaps.
+    """
+    gaps, _ = _checked_gaps(idx, n)
+    k = gaps.size
+    r = _rice_parameter(int(gaps.sum()), k) if k else 0
+    quotients = gaps >> r
+    # bit offset of each gap's terminating one bit; its remainder's r bits follow it
+    ends = np.cumsum(quotients + 1 + r) - r - 1
+    nbits = int(ends[-1]) + 1 + r if k else 0
+    bits = np.zeros(nbits, dtype=np.uint8)
+    bits[ends] = 1
+    for b in range(r):
+        bits[ends + 1 + b] = (gaps >> b) & 1
+    return bytes([r]) + np.packbits(bits, bitorder="little").tobytes()
+
+
+def decode_indices_rice(buf, n, k):
+    """Decode the output of :func:`encode_indices_rice`, checking it against the header.
+
+    Parameters
+    ----------
+    buf : bytes-like
+        The Rice parameter byte and the coded gaps, nothing after them.
+    n : int
+        The dense length from the message header, 0 <= n <= 2**32.
+    k : int
+        The number of indices from the message header, 0 <= k <= n.
+
+    Returns
+    -------
+    numpy.ndarray
+        k uint32 indices, sorted strictly ascending, all < n.
+    """
+    data = _buffer(buf)
+    n = _check_n(n)
+    k = _check_k(k, n)
+    where = _decode_fault("decode_indices_rice", n, k)
+    size = data.size
+    if size == 0:
+        raise ValueError(where + "truncated: the Rice parameter byte is missing")
+    r = int(data[0])
+    if r > 31:
+        raise ValueError(where + f"Rice parameter {r} in byte 0 is out of range (0..31)")
+    nbits = (size - 1) * 8
+    if k * (r + 1) > nbits:
+        raise ValueError(where + f"truncated: {size} bytes cannot hold {k} gaps of at least {r + 1} bits")
+    bits = np.unpackbits(data[1:], bitorder="little")
+    ones = np.flatnonzero(bits).tolist()
+    out = np.empty(k, dtype=np.uint32)
+    pos = 0
+    next_free = 0
+    cursor = 0  # into ones: the first set bit at or after pos
+    for i in range(k):
+        while cursor < len(ones) and ones[cursor] < pos:
+            cursor += 1
+        if cursor == len(ones):
+            raise ValueError(where + f"truncated: the {size}-byte buffer ends inside index {i}")
+        q = ones[cursor] - pos
+        pos = ones[cursor] + 1
+        if pos + r > nbits:
+            raise ValueError(where + f"truncated: the {size}-byte buffer ends inside index {i}")
+        remainder = 0
+        for b in range(r):
+            remainder |= int(bits[pos + b]) << b
+        value = 1 << 33 if q >> (33 - r) else (q << r) | remainder
+        pos += r
+        value += next_free
+        if value >= n:
+            raise ValueError(where + f"index {i} decodes to {value}, out of range (must be < n)")
+        out[i] = value
+        next_free = value + 1
+    if nbits - pos >= 8:
+        raise ValueError(where + f"{size - (1 + ((pos + 7) >> 3))} trailing bytes after the last index")
+    if bits[pos:].any():
+        raise ValueError(where + "nonzero padding bits after the last index")
+    return out
+
+
+def encode_indices_bitmap(idx, n):
+    """Encode sorted indices as an n-bit bitmap (least significant bit first).
+
+    Parameters
+    ----------
+    idx : numpy.ndarray
+        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
+    n : int
+        The dense length, 0 <= n <= 2**32.
+
+    Returns
+    -------
+    bytes
+        ``ceil(n / 8)`` bytes; bit i % 8 of byte i // 8 is set when i is in ``idx``.
+    """
+    _, n = _checked_gaps(idx, n)
+    out = np.zeros((n + 7) // 8, dtype=np.uint8)
+    np.bitwise_or.at(out, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
+    return out.tobytes()
+
+
+def decode_indices_bitmap(buf, n, k):
+    """Decode the output of :func:`encode_indices_bitmap`, checking it against the header.
+
+    Parameters
+    ----------
+    buf : bytes-like
+        Exactly ``ceil(n / 8)`` bytes.
+    n : int
+        The dense length from the message header, 0 <= n <= 2**32.
+    k : int
+        The number of indices from the message header, 0 <= k <= n.
+
+    Returns
+    -------
+    numpy.ndarray
+        k uint32 indices, sorted strictly ascending, all < n.
+    """
+    data = _buffer(buf)
+    n = _check_n(n)
+    k = _check_k(k, n)
+    where = _decode_fault("decode_indices_bitmap", n, k)
+    size, expected = data.size, (n + 7) // 8
+    if size < expected:
+        raise ValueError(where + f"truncated: {size} bytes, an {n}-bit bitmap needs {expected}")
+    if size > expected:
+        raise ValueError(where + f"{size - expected} trailing bytes after the {expected}-byte bitmap")
+    count = int(np.bitwise_count(data).sum(dtype=np.uint64))
+    if n & 7 and int(data[-1]) >> (n & 7):
+        raise ValueError(where + "bits set beyond n in the last byte (indices out of range)")
+    if count != k:
+        raise ValueError(where + f"the bitmap has {count} bits set, the header says k = {k}")
+    return np.flatnonzero(np.unpackbits(data, bitorder="little")).astype(np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
+# value quantizers
+
+
+def _encoded_size(kind, k):
+    return {"f32": 4 * k, "f16": 2 * k, "int8": k, "ternary": (k + 3) // 4}[kind]
+
+
+def quantize(vals, kind):
+    """Quantize float32 values for the wire (see the compiled module for each rule).
+
+    Parameters
+    ----------
+    vals : numpy.ndarray
+        float32, 1-D, C-contiguous, all finite.
+    kind : {"f32", "f16", "int8", "ternary"}
+        The encoding.
+
+    Returns
+    -------
+    data : bytes
+        The encoded values, little-endian.
+    scale : float
+        1.0 for "f32" and "f16"; the float32 step for "int8"; the float32 magnitude for "ternary".
+    """
+    vals = _values(vals)
+    kind = _check_kind(kind)
+    bad = np.flatnonzero(~np.isfinite(vals))
+    if bad.size:
+        at = int(bad[0])
+        raise ValueError(f"vals contains a non-finite value ({vals[at]} at index {at}); quantize only finite values")
+    if kind == "f32":
+        return vals.astype("<f4").tobytes(), 1.0
+    if kind == "f16":
+        with np.errstate(over="ignore"):
+            halves = vals.astype("<f2")
+        over = np.flatnonzero(np.isinf(halves))
+        if over.size:
+            at = int(over[0])
+            raise ValueError(
+                f"vals[{at}] = {vals[at]} is beyond float16's range (|v| < 65520); "
+                "use kind 'f32' or 'int8', or scale the values first"
+            )
+        return halves.tobytes(), 1.0
+    if kind == "int8":
+        magnitude = np.abs(vals).max() if vals.size else np.float32(0)
+        scale = np.float32(float(magnitude) / 127.0)
+        if scale == 0:
+            return bytes(vals.size), 0.0
+        codes = np.clip(np.rint(vals.astype(np.float64) / float(scale)), -127, 127)
+        return codes.astype(np.int8).tobytes(), float(scale)
+    nonzero = int(np.count_nonzero(vals))
+    scale = np.float32(lane_sum(np.abs(vals.astype(np.float64))) / nonzero) if nonzero else np.float32(0)
+    codes = np.where(vals < 0, 3, np.where(vals > 0, 1, 0)).astype(np.uint8)
+    codes = np.concatenate((codes, np.zeros(-vals.size % 4, dtype=np.uint8))).reshape(-1, 4)
+    packed = codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
+    return packed.astype(np.uint8).tobytes(), float(scale)
+
+
+def dequantize(buf, kind, k, scale):
+    """Decode the output of :func:`quantize`.
+
+    Parameters
+    ----------
+    buf : bytes-like
+        Exactly the bytes ``quantize`` produced for k values of this kind.
+    kind : {"f32", "f16", "int8", "ternary"}
+        The encoding.
+    k : int
+        The number of values (from the message header), >= 0.
+    scale : float
+        The scale ``quantize`` returned: 1.0 for "f32" and "f16", finite and >= 0 otherwise.
+
+    Returns
+    -------
+    numpy.ndarray
+        k float32 values.
+    """
+    data = _buffer(buf)
+    kind = _check_kind(kind)
+    try:
+        count = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
+    if count < 0:
+        raise ValueError(f"k must be >= 0, got {count}")
+    expected = _encoded_size(kind, count)
+    if data.size != expected:
+        raise ValueError(
+            f"dequantize: buf has {data.size} bytes, kind {kind!r} with k = {count} needs exactly "
+            f"{expected}: the buffer is corrupt or the header does not match it"
+        )
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
+    if kind in ("f32", "f16"):
+        if s != 1.0:
+            raise ValueError(f"scale must be 1.0 for kind {kind!r} (quantize returns 1.0), got {scale!r}")
+    else:
+        with np.errstate(over="ignore"):
+            finite = math.isfinite(np.float32(s))
+        if not (finite and s >= 0):
+            raise ValueError(f"scale must be finite and >= 0 for kind {kind!r}, got {scale!r}")
+    s32 = np.float32(s)
+    where = f"dequantize: corrupt buffer ({kind!r}, k = {count}): "
+    if kind in ("f32", "f16"):
+        values = data.view("<f4" if kind == "f32" else "<f2").astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ValueError(where + f"value {int(bad[0])} is not finite")
+        return values
+    if kind == "int8":
+        codes = data.view(np.int8)
+        bad = np.flatnonzero(codes == -128)
+        if bad.size:
+            raise ValueError(where + f"value {int(bad[0])} has an invalid code (int8 -128 or ternary 0b10)")
+        return codes.astype(np.float32) * s32
+    codes = ((data[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(-1)
+    bad = np.flatnonzero(codes[:count] == 2)
+    if bad.size:
+        raise ValueError(where + f"value {int(bad[0])} has an invalid code (int8 -128 or ternary 0b10)")
+    if codes[count:].any():
+        raise ValueError(where + "nonzero padding bits after the last value")
+    table = np.array([0, s32, 0, -s32], dtype=np.float32)
+    return table[codes[:count]]
