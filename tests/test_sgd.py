@@ -31,7 +31,7 @@ def make_batch(sizes, m, rng):
 
 
 def grads64(layers, X, y):
-    """Loss and gradient in float64 through the twin's math (itself checked by finite differences)."""
+    """Loss and gradient in float64 by the twin's math (checked against finite differences)."""
     return twin._loss_and_gradients(copy_model(layers, np.float64), X.astype(np.float64), y)
 
 
@@ -332,7 +332,8 @@ SOFTMAX_ERRORS = [
     (dict(W=np.zeros((4, 3))), TypeError, "W must have dtype float32, got float64"),
     (dict(W=np.zeros((4, 3), ">f4")), TypeError, "W must have dtype float32"),
     (dict(W=np.zeros(12, np.float32)), ValueError, "W must be 2-D"),
-    (dict(W=np.asfortranarray(np.ones((4, 3), np.float32))), ValueError, "W must be C-contiguous"),
+    (dict(W=np.asfortranarray(np.ones((4, 3), np.float32))), ValueError,
+     "W must be C-contiguous"),
     (dict(W=_read_only(np.ones((4, 3), np.float32))), ValueError, "W is read-only"),
     (dict(W=np.zeros((4, 0), np.float32), b=np.zeros(0, np.float32)), ValueError, "empty"),
     (dict(b=np.zeros(4, np.float32)), ValueError, r"b must have shape \(3,\)"),
@@ -345,9 +346,11 @@ SOFTMAX_ERRORS = [
     (dict(y=np.zeros(5)), TypeError, "y must hold integer class labels, got dtype float64"),
     (dict(y=np.zeros(5, bool)), TypeError, "y must hold integer class labels"),
     (dict(y=np.zeros(4, np.int64)), ValueError, r"y must have shape \(5,\)"),
-    (dict(y=np.array([0, 1, 2, 3, 0])), ValueError, r"y\[3\] = 3 is not a class label in \[0, 3\)"),
+    (dict(y=np.array([0, 1, 2, 3, 0])), ValueError,
+     r"y\[3\] = 3 is not a class label in \[0, 3\)"),
     (dict(y=np.array([0, -1, 2, 1, 0])), ValueError, r"y\[1\] = -1"),
-    (dict(y=np.array([0, 1, 2, 1, 2**63], np.uint64)), ValueError, r"y\[4\] = 9223372036854775808"),
+    (dict(y=np.array([0, 1, 2, 1, 2**63], np.uint64)), ValueError,
+     r"y\[4\] = 9223372036854775808"),
     (dict(lr=-0.1), ValueError, "lr must be a finite number >= 0, got -0.1"),
     (dict(lr=float("nan")), ValueError, "lr must be a finite number"),
     (dict(lr="fast"), TypeError, "lr must be a real number"),
@@ -359,7 +362,8 @@ SOFTMAX_ERRORS = [
     (dict(W_ref=np.zeros((4, 3), np.float32)), ValueError, "pass both W_ref and b_ref"),
     (dict(mu=0.1, W_ref=np.zeros((3, 3), np.float32), b_ref=np.zeros(3, np.float32)),
      ValueError, r"W_ref must have the shape of W \(4, 3\)"),
-    (dict(W_ref=np.zeros((4, 3)), b_ref=np.zeros(3, np.float32)), TypeError, "W_ref must have dtype"),
+    (dict(W_ref=np.zeros((4, 3)), b_ref=np.zeros(3, np.float32)), TypeError,
+     "W_ref must have dtype"),
     (dict(state=object()), TypeError, "state must be an SGDState"),
     (dict(state="sizes"), ValueError, r"state was built for layer sizes \(4, 5, 3\)"),
     (dict(state="batch"), ValueError, "more than state.max_batch=2"),
@@ -401,7 +405,8 @@ MLP_ERRORS = [
     (lambda a: a.update(layers=np.zeros((2, 2))), TypeError, "layers must be a non-empty list"),
     (lambda a: a["layers"].__setitem__(1, (a["layers"][1][0],)), TypeError,
      r"layers\[1\] must be a \(W, b\) pair"),
-    (lambda a: a["layers"].__setitem__(1, (np.zeros((4, 3), np.float32), np.zeros(3, np.float32))),
+    (lambda a: a["layers"].__setitem__(1, (np.zeros((4, 3), np.float32),
+                                           np.zeros(3, np.float32))),
      ValueError, r"layers\[1\]\[0\] \(W\) has 4 rows but the previous layer outputs 5"),
     (lambda a: a["layers"].__setitem__(0, (a["layers"][0][0].astype(np.float64),
                                            a["layers"][0][1])),
@@ -421,15 +426,13 @@ MLP_ERRORS = [
 @pytest.mark.parametrize("change, error, words", MLP_ERRORS)
 def test_mlp_step_rejects_bad_arguments_and_changes_nothing(change, error, words):
     args = _mlp_args()
+    weights = [a for pair in args["layers"] for a in pair]
+    before = [a.copy() for a in weights]
     change(args)
-    before = [np.array(a, copy=True) for pair in args["layers"] for a in pair] \
-        if isinstance(args["layers"], list) else []
     with pytest.raises(error, match=words) as raised:
         K.mlp_sgd_step_(**args)
-    after = [np.asarray(a) for pair in args["layers"] for a in pair] \
-        if isinstance(args["layers"], list) else []
-    for x, x0 in zip(after, before):
-        np.testing.assert_array_equal(x, x0)
+    for a, a0 in zip(weights, before):
+        np.testing.assert_array_equal(a, a0)
     twin_args = _mlp_args()
     change(twin_args)
     with pytest.raises(error) as raised_by_twin:
@@ -538,4 +541,4 @@ def test_step_releases_the_gil():
             last = now
     worker.join()
     enter, leave = inside
-    assert any(enter < t < leave for t in stamps), f"no progress during a {leave - enter:.3f} s step"
+    assert any(enter < t < leave for t in stamps), f"no progress in a {leave - enter:.3f} s step"

@@ -360,7 +360,8 @@ cdef bint _pair_ok(object pair, intp_t n_in, intp_t n_out, bint writeable, float
     if not (_float32_ok(W, 2, writeable) and _float32_ok(bias, 1, writeable)):
         return False
     cdef cnp.npy_intp *w_dims = cnp.PyArray_DIMS(<cnp.ndarray>W)
-    if w_dims[0] != n_in or w_dims[1] != n_out or cnp.PyArray_DIMS(<cnp.ndarray>bias)[0] != n_out:
+    if (w_dims[0] != n_in or w_dims[1] != n_out
+            or cnp.PyArray_DIMS(<cnp.ndarray>bias)[0] != n_out):
         return False
     w[0] = <float32_t *>cnp.PyArray_DATA(<cnp.ndarray>W)
     b[0] = <float32_t *>cnp.PyArray_DATA(<cnp.ndarray>bias)
@@ -375,7 +376,8 @@ cdef tuple _layer_sizes(object layers):
     if not isinstance(layers, (list, tuple)) or not layers:
         return None
     for pair in layers:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _float32_ok(pair[0], 2, True):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and _float32_ok(pair[0], 2, True)):
             return None
     sizes = (layers[0][0].shape[0],) + tuple(pair[0].shape[1] for pair in layers)
     return sizes if min(sizes) >= 1 else None

@@ -329,7 +329,8 @@ def _check_pair(W, b, names, *, writeable):
     W = _float32_array(W, names[0], 2, writeable=writeable)
     b = _float32_array(b, names[1], 1, writeable=writeable)
     if 0 in W.shape:
-        raise ValueError(f"{names[0]} has an empty dimension (shape {W.shape}); layers need >= 1 unit")
+        raise ValueError(
+            f"{names[0]} has an empty dimension (shape {W.shape}); layers need >= 1 unit")
     if b.shape[0] != W.shape[1]:
         raise ValueError(
             f"{names[1]} must have shape ({W.shape[1]},) to match {names[0]} of shape "
@@ -376,7 +377,8 @@ def _check_ref_layers(ref, layers):
 
 def _check_labels(y, m, classes):
     if not isinstance(y, np.ndarray):
-        raise TypeError(f"y must be a numpy.ndarray of integer class labels, got {type(y).__name__}")
+        raise TypeError(
+            f"y must be a numpy.ndarray of integer class labels, got {type(y).__name__}")
     if y.dtype.kind not in "iu":
         raise TypeError(
             f"y must hold integer class labels, got dtype {y.dtype}; convert with "
@@ -396,7 +398,8 @@ def _check_architecture(sizes, max_batch):
     try:
         sizes = tuple(operator.index(s) for s in sizes)
     except TypeError:
-        raise TypeError(f"sizes must be a sequence of ints (layer widths), got {sizes!r:.80}") from None
+        raise TypeError(
+            f"sizes must be a sequence of ints (layer widths), got {sizes!r:.80}") from None
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(
             f"sizes must list at least two layer widths >= 1 (input, ..., classes), got {sizes}")
