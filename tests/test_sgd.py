@@ -49,6 +49,7 @@ def grads64(layers, X, y):
 @example(sizes=[1, 2], m=1, lr=0.0, momentum=0.0, weight_decay=0.0, mu=0.0, seed=0)
 @example(sizes=[1, 2], m=1, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=1)
 @example(sizes=[64, 32, 10], m=32, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=2)
+@example(sizes=[37, 41, 17, 9], m=13, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=3)
 def test_backend_agrees_with_twin_over_many_steps(sizes, m, lr, momentum, weight_decay, mu, seed):
     rng = np.random.default_rng(seed)
     start = make_model(sizes, rng)
