@@ -64,4 +64,11 @@ EDGEFL_DISPATCH static void edgefl_scale(float *x, size_t n, float factor)
     for (size_t i = 0; i < n; i++) x[i] *= factor;
 }
 
+/* x[i] = (float)(x[i] * factor) in double: for factors below float32's normal range, where a
+ * float32 factor would lose its precision. */
+EDGEFL_DISPATCH static void edgefl_scale_wide(float *x, size_t n, double factor)
+{
+    for (size_t i = 0; i < n; i++) x[i] = (float)((double)x[i] * factor);
+}
+
 #endif

@@ -78,6 +78,8 @@ def _writeable_float32(x):
 
 
 def _check_bound(max_norm):
+    if isinstance(max_norm, (str, bytes, bytearray)):
+        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
     try:
         bound = float(max_norm)
     except (TypeError, ValueError):
@@ -102,7 +104,11 @@ def _clip(x, max_norm, term, root):
     if not math.isfinite(norm):
         _raise_non_finite(flat)
     if norm > bound:
-        np.multiply(flat, np.float32(bound / norm * _SHRINK), out=flat)
+        factor = bound / norm * _SHRINK
+        if factor >= np.finfo(np.float32).tiny:
+            np.multiply(flat, np.float32(factor), out=flat)
+        else:  # below float32's normal range: scale in double, as the compiled kernel does
+            flat[...] = flat.astype(np.float64) * factor
     return norm
 
 

@@ -440,6 +440,8 @@ def dequantize(buf, kind, k, scale):
             f"{expected}: the buffer is corrupt or the header does not match it"
         )
     try:
+        if isinstance(scale, (str, bytes, bytearray)):
+            raise TypeError
         s = float(scale)
     except (TypeError, ValueError):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None

@@ -30,6 +30,8 @@ def _writeable_float32(x):
 
 
 def _check_scale(value, name):
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         v = float(value)
     except (TypeError, ValueError):
