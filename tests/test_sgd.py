@@ -1,5 +1,6 @@
 """The fused SGD steps: the active backend against the NumPy twin, the twin's gradient against
 finite differences, each update term on its own, argument errors, and training that works."""
+import pickle
 import threading
 import time
 
@@ -498,6 +499,28 @@ def test_state_holds_zero_velocity_shaped_like_the_layers():
 def test_state_rejects_bad_architecture(sizes, max_batch, error, words):
     with pytest.raises(error, match=words):
         K.SGDState(sizes, max_batch)
+
+
+def test_state_pickles_with_its_velocity():
+    rng = np.random.default_rng(21)
+    sizes = (6, 5, 3)
+    layers = make_model(sizes, rng)
+    X, y = make_batch(sizes, 4, rng)
+    state = K.SGDState(sizes, 4)
+    K.mlp_sgd_step_(layers, X, y, 0.1, momentum=0.9, state=state)
+    restored = pickle.loads(pickle.dumps(state))
+    assert (restored.sizes, restored.max_batch) == (sizes, 4)
+    for pair, restored_pair in zip(state.velocity, restored.velocity):
+        for v, w in zip(pair, restored_pair):
+            assert v.any()
+            np.testing.assert_array_equal(w, v)
+    # The restored state steps like the original.
+    resumed = copy_model(layers)
+    K.mlp_sgd_step_(layers, X, y, 0.1, momentum=0.9, state=state)
+    K.mlp_sgd_step_(resumed, X, y, 0.1, momentum=0.9, state=restored)
+    for (W, b), (W2, b2) in zip(layers, resumed):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
 
 
 def test_one_state_serves_steps_of_any_batch_up_to_its_maximum():

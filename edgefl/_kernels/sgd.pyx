@@ -144,6 +144,16 @@ cdef class SGDState:
             v_w.fill(0.0)
             v_b.fill(0.0)
 
+    def __reduce__(self):
+        # Pickles as its architecture and velocity, so a trainer can checkpoint momentum; the
+        # scratch buffers are rebuilt.
+        return SGDState, (self.sizes, self.max_batch), self.velocity
+
+    def __setstate__(self, velocity):
+        for (v_w, v_b), (saved_w, saved_b) in zip(self.velocity, velocity):
+            np.copyto(v_w, saved_w)
+            np.copyto(v_b, saved_b)
+
     def __repr__(self):
         return f"SGDState(sizes={self.sizes}, max_batch={self.max_batch})"
 
