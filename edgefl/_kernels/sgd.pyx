@@ -111,7 +111,7 @@ cdef class SGDState:
         self.velocity = tuple(velocity)
         self.transposed = self._scratch(
             max([self.width[l + 1] * self.padded[l] for l in range(1, n)], default=1))
-        self.pack = self._scratch(max(self.max_batch, max(self.sizes)) * 8)
+        self.pack = self._scratch(max(self.max_batch, max(self.sizes)) * EDGEFL_TILE)
         labels = np.zeros(self.max_batch, np.int32)
         self._arrays.append(labels)
         self.labels = <int32_t *>cnp.PyArray_DATA(labels)
@@ -135,7 +135,7 @@ cdef class SGDState:
         return <float32_t *>cnp.PyArray_DATA(<cnp.ndarray>array)
 
     cdef float32_t *_scratch(self, Py_ssize_t n):
-        # Zeroed, because the padding columns of the activation buffers must stay zero.
+        # Zeroed (free for fresh pages), so no buffer ever holds stale memory.
         return self._keep(np.zeros(n, np.float32))
 
     def reset(self):
