@@ -34,6 +34,9 @@ from edgefl._kernels.fallback import sgd as _twin
 
 cnp.import_array()
 
+#: Raised for a non-finite batch loss; one class for both backends.
+TrainingDiverged = _twin.TrainingDiverged
+
 
 cdef struct Hyperparameters:
     double lr
@@ -196,9 +199,10 @@ def softmax_sgd_step_(W, b, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0,
     ------
     TypeError, ValueError
         For a bad argument, naming it; nothing is changed.
-    ValueError
+    TrainingDiverged
         When the loss of the batch is not finite (divergence, or inf/nan in ``X`` or the
-        weights): the step is refused and the weights and velocity are left unchanged.
+        weights): the step is refused and the weights and velocity are left unchanged. It is a
+        ``FloatingPointError`` and a ``ValueError``.
     """
     cdef Hyperparameters h
     cdef intp_t m = 0
@@ -241,7 +245,7 @@ def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, r
 
     Raises
     ------
-    TypeError, ValueError
+    TypeError, ValueError, TrainingDiverged
         As in :func:`softmax_sgd_step_`.
     """
     cdef Hyperparameters h

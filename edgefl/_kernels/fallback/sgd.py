@@ -22,6 +22,15 @@ import operator
 import numpy as np
 
 
+class TrainingDiverged(ValueError, FloatingPointError):
+    """A step met a non-finite batch loss, refused to update, and changed nothing.
+
+    A ``FloatingPointError``, so a trainer can catch divergence apart from bad arguments, and a
+    ``ValueError``, because the values it was given (the learning rate, the data, the weights)
+    are what has to change.
+    """
+
+
 class SGDState:
     """Momentum buffers (and, in the compiled backend, scratch memory) for one architecture.
 
@@ -103,9 +112,10 @@ def softmax_sgd_step_(W, b, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0,
     ------
     TypeError, ValueError
         For a bad argument, naming it; nothing is changed.
-    ValueError
+    TrainingDiverged
         When the loss of the batch is not finite (divergence, or inf/nan in ``X`` or the
-        weights): the step is refused and the weights and velocity are left unchanged.
+        weights): the step is refused and the weights and velocity are left unchanged. It is a
+        ``FloatingPointError`` and a ``ValueError``.
     """
     lr, momentum, weight_decay, mu = _check_softmax_args(
         W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state)
@@ -141,7 +151,7 @@ def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, r
 
     Raises
     ------
-    TypeError, ValueError
+    TypeError, ValueError, TrainingDiverged
         As in :func:`softmax_sgd_step_`.
     """
     lr, momentum, weight_decay, mu = _check_mlp_args(
@@ -294,7 +304,7 @@ def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
 
 def _divergence_error(loss, lr):
     """The error for a batch whose loss is not finite (the step changed nothing)."""
-    return ValueError(
+    return TrainingDiverged(
         f"the batch loss is {loss}: training diverged or X or the weights hold inf/nan; the "
         f"step was refused and nothing changed. Lower lr (now {lr}) or check the inputs")
 
