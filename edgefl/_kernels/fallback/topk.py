@@ -100,6 +100,7 @@ def _check_randomk_args(n, k, seed):
 
 
 def _check_no_overlap(residual, update):
+    """Reject an update that aliases the residual it is added into."""
     if np.may_share_memory(residual, update):
         raise ValueError(
             "update shares memory with residual; topk_ef_ adds update into residual in place, "
@@ -107,11 +108,11 @@ def _check_no_overlap(residual, update):
         )
 
 
-def _raise_non_finite(values, name, detail=""):
+def _raise_non_finite(values, name):
     """Raise the ValueError for the first non-finite entry of the flat float array ``values``."""
     i = int(np.flatnonzero(~np.isfinite(values))[0])
     raise ValueError(
-        f"{name} is not finite at flat index {i} (value {values[i]}){detail}; selection by "
+        f"{name} is not finite at flat index {i} (value {values[i]}); selection by "
         "magnitude needs finite values, so check the training step that produced them"
     )
 
