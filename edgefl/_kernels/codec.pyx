@@ -31,9 +31,10 @@ Value quantizers (``quantize(vals, kind) -> (bytes, scale)``, little-endian)
     IEEE half, 2 bytes per value, round to nearest even (NumPy's ``astype(np.float16)``); scale is
     1.0; a value that would round to infinity (|v| >= 65520) is an error.
 ``"int8"``
-    scale = float32(max|v| / 127); code = round-half-even(v / scale) clipped to [-127, 127] (-128
-    is never produced and is rejected on decode); value = float32(code) * scale. When scale is 0
-    every code is 0.
+    scale = max|v| / 127 rounded down to float32 (so 127 * scale never exceeds max|v| and never
+    overflows); code = round-half-even(v / scale) in double, clipped to [-127, 127] (-128 is never
+    produced and is rejected on decode); value = float32(code) * scale. When scale is 0 every code
+    is 0.
 ``"ternary"``
     Sparse ternary compression (Sattler et al., 2019): every nonzero value becomes +-scale with
     scale = float32(sum |v| / count of nonzero v), the sum accumulated in double in the clip
@@ -45,7 +46,8 @@ buffer's length against kind and k exactly.
 """
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.math cimport fabs, isfinite, rint
+from libc.float cimport FLT_MAX
+from libc.math cimport fabs, isfinite, nextafterf, rint
 from libc.stdint cimport int8_t, uint16_t
 from libc.string cimport memcpy, memset
 
@@ -696,7 +698,10 @@ def quantize(vals, kind):
             for i in range(k):
                 if fabs(p[i]) > magnitude:
                     magnitude = <float32_t>fabs(p[i])
-            scale = <float32_t>(<float64_t>magnitude / 127.0)
+            step = <float64_t>magnitude / 127.0
+            scale = <float32_t>step
+            if scale > step:
+                scale = nextafterf(scale, 0)
             for i in range(k):
                 if scale == 0:
                     d[i] = 0
@@ -775,6 +780,11 @@ def dequantize(buf, kind, k, scale):
             raise ValueError(f"scale must be 1.0 for kind {k_ind!r} (quantize returns 1.0), got {scale!r}")
     elif not (isfinite(<float32_t>s) and s >= 0):
         raise ValueError(f"scale must be finite and >= 0 for kind {k_ind!r}, got {scale!r}")
+    elif k_ind == "int8" and <float32_t>s > FLT_MAX / 127:
+        raise ValueError(
+            f"scale {scale!r} is too large for kind 'int8': 127 * scale overflows float32 "
+            "(quantize never returns such a scale)"
+        )
     cdef float32_t s32 = <float32_t>s
     cdef intp_t kk = count, i, at = 0
     out = np.empty(kk, dtype=np.float32)

@@ -105,7 +105,7 @@ def _clip(x, max_norm, term, root):
         _raise_non_finite(flat)
     if norm > bound:
         factor = bound / norm * _SHRINK
-        if factor >= np.finfo(np.float32).tiny:
+        if factor >= float(np.finfo(np.float32).tiny):  # compared in double, as in C
             np.multiply(flat, np.float32(factor), out=flat)
         else:  # below float32's normal range: scale in double, as the compiled kernel does
             flat[...] = flat.astype(np.float64) * factor

@@ -393,7 +393,10 @@ def quantize(vals, kind):
         return halves.tobytes(), 1.0
     if kind == "int8":
         magnitude = np.abs(vals).max() if vals.size else np.float32(0)
-        scale = np.float32(float(magnitude) / 127.0)
+        step = float(magnitude) / 127.0
+        scale = np.float32(step)
+        if float(scale) > step:  # round down: 127 * scale never exceeds max|v|
+            scale = np.nextafter(scale, np.float32(0))
         if scale == 0:
             return bytes(vals.size), 0.0
         codes = np.clip(np.rint(vals.astype(np.float64) / float(scale)), -127, 127)
@@ -453,6 +456,11 @@ def dequantize(buf, kind, k, scale):
             finite = math.isfinite(np.float32(s))
         if not (finite and s >= 0):
             raise ValueError(f"scale must be finite and >= 0 for kind {kind!r}, got {scale!r}")
+        if kind == "int8" and np.float32(s) > np.finfo(np.float32).max / np.float32(127):
+            raise ValueError(
+                f"scale {scale!r} is too large for kind 'int8': 127 * scale overflows float32 "
+                "(quantize never returns such a scale)"
+            )
     s32 = np.float32(s)
     where = f"dequantize: corrupt buffer ({kind!r}, k = {count}): "
     if kind in ("f32", "f16"):
