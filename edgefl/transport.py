@@ -126,7 +126,7 @@ class MqttConnection:
     Attributes
     ----------
     connected : threading.Event
-        Set while a CONNACK with success is in force.
+        Set while connected: after a successful CONNACK and the SUBACK of the subscriptions.
     on_connect_hooks : list of callable(session_present: bool)
         Run on the dispatcher thread after every successful connect, after the subscriptions were
         renewed (e.g. to publish a retained status or to resend an outbox).
@@ -165,6 +165,8 @@ class MqttConnection:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._dispatcher: threading.Thread | None = None
         self._started = False
+        self._session_present = False
+        self._subscribe_mid: int | None = None
 
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -186,6 +188,7 @@ class MqttConnection:
             client.will_set(topic, payload, qos=qos, retain=retain)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._client = client
@@ -284,13 +287,32 @@ class MqttConnection:
                 self.last_error = f"broker refused the connection: {reason_code}"
                 log.warning("%s: %s", self.client_id, self.last_error)
                 return
-            for topic, qos in self.subscriptions:
-                client.subscribe(topic, qos)
             self.last_error = None
-            self.connected.set()
-            self._events.put((_CONNECTED, bool(flags.session_present)))
+            self._session_present = bool(flags.session_present)
+            if not self.subscriptions:
+                self._ready()
+                return
+            # One SUBSCRIBE for all topics; "connected" waits for its SUBACK, so a message
+            # published after start() returned cannot miss a subscription still in flight.
+            _, self._subscribe_mid = client.subscribe(self.subscriptions)
         except Exception:  # noqa: BLE001 - never let an exception reach paho's network thread
             log.exception("%s: on_connect failed", self.client_id)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        try:
+            if mid != self._subscribe_mid:
+                return
+            for (topic, _), code in zip(self.subscriptions, reason_codes):
+                if code.is_failure:
+                    log.error("%s: the broker refused the subscription to %s (%s); check the "
+                              "broker's access control for this client", self.client_id, topic, code)
+            self._ready()
+        except Exception:  # noqa: BLE001
+            log.exception("%s: on_subscribe failed", self.client_id)
+
+    def _ready(self) -> None:
+        self.connected.set()
+        self._events.put((_CONNECTED, self._session_present))
 
     def _on_connect_fail(self, client, userdata):
         try:
