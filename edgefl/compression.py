@@ -31,6 +31,8 @@ from edgefl.protocol import CompressionConfig
 
 METHODS = ("none", "topk", "threshold", "randomk")
 VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
+#: Magnitudes from here on round to infinity in IEEE half precision (65504 is the largest half).
+F16_OVERFLOW = 65520.0
 
 
 class Compressor:
@@ -123,6 +125,9 @@ class Compressor:
         values = np.ascontiguousarray(values, dtype=np.float32)
         if self.value_encoding == "f32" or values.size == 0:
             return values
+        if self.value_encoding == "f16" and np.abs(values).max() >= F16_OVERFLOW:
+            raise ValueError(f"a value of magnitude {np.abs(values).max():g} does not fit f16 "
+                             f"(largest 65504): use f32 or int8, or clip the update")
         buf, scale = kernels.quantize(values, self.value_encoding)
         return kernels.dequantize(buf, self.value_encoding, values.size, scale)
 

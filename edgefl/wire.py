@@ -31,6 +31,8 @@ DEFAULT_MAX_UPDATE_BYTES = 16 << 20
 DEFAULT_MAX_MODEL_BYTES = 256 << 20
 
 VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
+#: Magnitudes from here on round to infinity in IEEE half precision (65504 is the largest half).
+F16_OVERFLOW = 65520.0
 INDEX_CODINGS = ("dense", "varint", "rice", "bitmap")
 
 _UPDATE_HEADER = struct.Struct("<4sBBBBIIQIIIfII")
@@ -116,6 +118,9 @@ def _check_update(update: Update) -> tuple[np.ndarray | None, np.ndarray]:
     values = np.ascontiguousarray(update.values, dtype=np.float32)
     if values.ndim != 1 or not np.isfinite(values).all():
         raise ValueError("update values must be a 1-D array of finite float32")
+    if update.value_encoding == "f16" and values.size and np.abs(values).max() >= F16_OVERFLOW:
+        raise ValueError(f"a value of magnitude {np.abs(values).max():g} does not fit f16 "
+                         f"(largest 65504): send f32 or int8, or clip the update")
     if update.indices is None:
         if values.size != update.num_params:
             raise ValueError(f"a dense update carries {update.num_params} values, got "
@@ -144,10 +149,13 @@ def encode_update(update: Update) -> bytes:
     if indices is None:
         coding, index_blob = "dense", b""
     else:
-        # Delta-varint suits dense-ish clusters, Rice near-uniform gaps, a bitmap high density:
-        # try all three, keep the shortest (ties go to the simplest, in this order).
-        blobs = {name: bytes(encode(indices, update.num_params))
-                 for name, (encode, _) in _INDEX_CODECS.items()}
+        # Delta-varint suits clustered indices, Rice near-uniform gaps, a bitmap high density:
+        # keep the shortest (ties go to the first in this order). A bitmap's size is known
+        # without building it (ceil(n / 8)), so it is only built when it would win.
+        blobs = {name: bytes(_INDEX_CODECS[name][0](indices, update.num_params))
+                 for name in ("varint", "rice")}
+        if (update.num_params + 7) // 8 < min(len(b) for b in blobs.values()):
+            blobs["bitmap"] = bytes(kernels.encode_indices_bitmap(indices, update.num_params))
         coding = min(blobs, key=lambda name: len(blobs[name]))
         index_blob = blobs[coding]
     if values.size:
@@ -243,6 +251,11 @@ def decode_update(payload, *, expected_params: int | None = None,
             indices = _INDEX_CODECS[coding][1](index_blob, num_params, k)
         except ValueError as exc:  # the kernels name what is wrong (truncated, unsorted, ...)
             raise UpdateDecodeError(f"{coding} indices: {exc}") from None
+        # The codecs validate too; this O(k) pass keeps the format's promise on its own.
+        if indices.shape != (k,) or (k and (int(indices[-1]) >= num_params or np.any(
+                np.diff(indices.astype(np.int64)) <= 0))):
+            raise UpdateDecodeError(f"{coding} indices are not {k} strictly increasing "
+                                    f"coordinates below {num_params}")
     try:
         values = kernels.dequantize(value_blob, encoding, k, scale) if k else \
             np.zeros(0, np.float32)

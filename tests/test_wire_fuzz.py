@@ -77,8 +77,11 @@ def test_update_decoder_only_raises_update_decode_error():
             assert update.indices.size == update.values.size
             assert np.all(np.diff(update.indices.astype(np.int64)) > 0)
             assert update.indices.size == 0 or update.indices[-1] < update.num_params
-        again = decode_update(encode_update(update))
-        np.testing.assert_array_equal(again.dense(), update.dense())
+        # f32 and f16 re-encode exactly (int8 and ternary re-derive their scale from the values);
+        # a mutated header may claim billions of parameters, too many to densify here.
+        if update.value_encoding in ("f32", "f16") and update.num_params <= 1 << 20:
+            again = decode_update(encode_update(update))
+            np.testing.assert_array_equal(again.dense(), update.dense())
         checked += 1
     assert checked > 0, "no resealed mutant decoded: the deep checks were never passed"
 
