@@ -59,10 +59,14 @@ import numpy as np
 from edgefl._kernels._typedefs cimport float32_t, float64_t, intp_t, uint8_t, uint32_t, uint64_t
 from edgefl._kernels.clip cimport edgefl_sum_abs
 from edgefl._kernels.codec cimport (
+    edgefl_any_non_finite,
     edgefl_ctz8,
-    edgefl_float_to_half,
-    edgefl_half_to_float,
+    edgefl_dequantize_f16,
+    edgefl_dequantize_int8,
+    edgefl_max_abs,
     edgefl_popcount8,
+    edgefl_quantize_f16,
+    edgefl_quantize_int8,
 )
 
 if sys.byteorder != "little":
@@ -654,26 +658,21 @@ def quantize(vals, kind):
     """
     cdef const float32_t[::1] v = _values(vals)
     cdef str k_ind = _check_kind(kind)
-    cdef intp_t k = v.shape[0], i, at = 0
+    cdef intp_t k = v.shape[0], i, nonzero = 0
     cdef const float32_t *p = &v[0] if k else NULL
-    cdef Fault fault = OK
+    cdef bint bad
     with nogil:
-        for i in range(k):
-            if not isfinite(p[i]):
-                fault = NON_FINITE
-                at = i
-                break
-    if fault != OK:
+        bad = edgefl_any_non_finite(p, k)
+    if bad:
+        at = int(np.flatnonzero(~np.isfinite(vals))[0])
         raise ValueError(
             f"vals contains a non-finite value ({vals[at]} at index {at}); quantize only finite values"
         )
     cdef Py_ssize_t size = _encoded_size(k_ind, k)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t *d = <uint8_t *>PyBytes_AS_STRING(out)
-    cdef float32_t scale = 1.0, magnitude = 0.0
+    cdef float32_t scale = 1.0
     cdef float64_t step
-    cdef uint16_t half
-    cdef intp_t nonzero = 0
     cdef uint8_t code
     if k_ind == "f32":
         with nogil:
@@ -681,37 +680,23 @@ def quantize(vals, kind):
                 memcpy(d, p, 4 * k)
     elif k_ind == "f16":
         with nogil:
-            for i in range(k):
-                half = edgefl_float_to_half(p[i])
-                if (half & 0x7C00) == 0x7C00:
-                    fault = F16_OVERFLOW
-                    at = i
-                    break
-                memcpy(d + 2 * i, &half, 2)
-        if fault != OK:
+            bad = edgefl_quantize_f16(p, k, <uint16_t *>d)
+        if bad:
+            at = int(np.flatnonzero(np.abs(vals) >= 65520)[0])
             raise ValueError(
                 f"vals[{at}] = {vals[at]} is beyond float16's range (|v| < 65520); "
                 "use kind 'f32' or 'int8', or scale the values first"
             )
     elif k_ind == "int8":
         with nogil:
-            for i in range(k):
-                if fabs(p[i]) > magnitude:
-                    magnitude = <float32_t>fabs(p[i])
-            step = <float64_t>magnitude / 127.0
+            step = <float64_t>edgefl_max_abs(p, k) / 127.0
             scale = <float32_t>step
             if scale > step:
                 scale = nextafterf(scale, 0)
-            for i in range(k):
-                if scale == 0:
-                    d[i] = 0
-                    continue
-                step = rint(<float64_t>p[i] / <float64_t>scale)
-                if step > 127:
-                    step = 127
-                elif step < -127:
-                    step = -127
-                d[i] = <uint8_t><int8_t>step
+            if scale == 0:
+                memset(d, 0, size)
+            else:
+                edgefl_quantize_int8(p, k, scale, <int8_t *>d)
     else:
         with nogil:
             for i in range(k):
@@ -789,37 +774,24 @@ def dequantize(buf, kind, k, scale):
     cdef intp_t kk = count, i, at = 0
     out = np.empty(kk, dtype=np.float32)
     cdef float32_t *o = <float32_t *>cnp.PyArray_DATA(out)
+    if k_ind == "f16" and size and <size_t>&b[0] & 1:
+        b = bytes(b)  # a view at an odd address: copy so the halves can be read as uint16
     cdef const uint8_t *d = &b[0] if size else NULL
     cdef Fault fault = OK
-    cdef uint16_t half
-    cdef int8_t code8
     cdef uint32_t code
     cdef int kind_code = KINDS.index(k_ind)  # compared without the GIL below
     with nogil:
         if kind_code == 0:
             if kk:
                 memcpy(o, d, 4 * kk)
-            for i in range(kk):
-                if not isfinite(o[i]):
-                    fault = NON_FINITE
-                    at = i
-                    break
+            if edgefl_any_non_finite(o, kk):
+                fault = NON_FINITE
         elif kind_code == 1:
-            for i in range(kk):
-                memcpy(&half, d + 2 * i, 2)
-                if (half & 0x7C00) == 0x7C00:
-                    fault = NON_FINITE
-                    at = i
-                    break
-                o[i] = edgefl_half_to_float(half)
+            if edgefl_dequantize_f16(<const uint16_t *>d, kk, o):
+                fault = NON_FINITE
         elif kind_code == 2:
-            for i in range(kk):
-                code8 = <int8_t>d[i]
-                if code8 == -128:
-                    fault = BAD_CODE
-                    at = i
-                    break
-                o[i] = <float32_t>code8 * s32
+            if edgefl_dequantize_int8(<const int8_t *>d, kk, s32, o):
+                fault = BAD_CODE
         else:
             for i in range(kk):
                 code = (d[i >> 2] >> (2 * (i & 3))) & 3
@@ -832,8 +804,11 @@ def dequantize(buf, kind, k, scale):
                 fault = PADDING
     where = f"dequantize: corrupt buffer ({k_ind!r}, k = {kk}): "
     if fault == NON_FINITE:
+        at = int(np.flatnonzero(~np.isfinite(out))[0])
         raise ValueError(where + f"value {at} is not finite")
     if fault == BAD_CODE:
+        if kind_code == 2:
+            at = int(np.flatnonzero(np.frombuffer(buf, np.int8) == -128)[0])
         raise ValueError(where + f"value {at} has an invalid code (int8 -128 or ternary 0b10)")
     if fault == PADDING:
         raise ValueError(where + "nonzero padding bits after the last value")

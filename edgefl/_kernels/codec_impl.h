@@ -5,8 +5,12 @@
 #ifndef EDGEFL_CODEC_IMPL_H
 #define EDGEFL_CODEC_IMPL_H
 
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "clip_impl.h"  /* EDGEFL_DISPATCH: AVX-512 / AVX2 / baseline clones on x86-64 GCC */
 
 static inline uint32_t edgefl_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float edgefl_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -48,6 +52,78 @@ static inline float edgefl_half_to_float(uint16_t h)
         u = edgefl_f32_bits(edgefl_bits_f32(u) - edgefl_bits_f32(113u << 23));
     }
     return edgefl_bits_f32(u | ((uint32_t)h & 0x8000u) << 16);
+}
+
+/* The value loops below check with an OR-accumulated flag instead of an early exit, so that they
+ * vectorise; the caller looks for the first offending element only when the flag is set. */
+
+/* Nonzero when some x[i] is NaN or Inf. */
+EDGEFL_DISPATCH static int edgefl_any_non_finite(const float *x, size_t n)
+{
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (edgefl_f32_bits(x[i]) & 0x7f800000u) == 0x7f800000u;
+    return bad != 0;
+}
+
+/* max |x[i]| of finite values (0 for n = 0). The bit patterns of non-negative finite floats order
+ * like the floats, and an integer max reduction vectorises where a float one (NaN and signed-zero
+ * rules) does not. */
+EDGEFL_DISPATCH static float edgefl_max_abs(const float *x, size_t n)
+{
+    uint32_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t a = edgefl_f32_bits(x[i]) & 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    return edgefl_bits_f32(m);
+}
+
+/* codes[i] = clip(round-half-even(x[i] / scale), -127, 127), divided in double; scale > 0. */
+EDGEFL_DISPATCH static void edgefl_quantize_int8(const float *x, size_t n, float scale,
+                                                 int8_t *codes)
+{
+    double s = scale;
+    for (size_t i = 0; i < n; i++) {
+        double q = rint((double)x[i] / s);
+        q = q > 127.0 ? 127.0 : q;
+        q = q < -127.0 ? -127.0 : q;
+        codes[i] = (int8_t)q;
+    }
+}
+
+/* out[i] = codes[i] * scale in float32; nonzero when some code is -128 (never produced). */
+EDGEFL_DISPATCH static int edgefl_dequantize_int8(const int8_t *codes, size_t n, float scale,
+                                                  float *out)
+{
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        bad |= codes[i] == -128;
+        out[i] = (float)codes[i] * scale;
+    }
+    return bad != 0;
+}
+
+/* halves[i] = half(x[i]); nonzero when some value rounds to infinity. */
+EDGEFL_DISPATCH static int edgefl_quantize_f16(const float *x, size_t n, uint16_t *halves)
+{
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h = edgefl_float_to_half(x[i]);
+        bad |= (h & 0x7c00u) == 0x7c00u;
+        halves[i] = h;
+    }
+    return bad != 0;
+}
+
+/* out[i] = float(halves[i]); nonzero when some half is Inf or NaN. */
+EDGEFL_DISPATCH static int edgefl_dequantize_f16(const uint16_t *halves, size_t n, float *out)
+{
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        bad |= (halves[i] & 0x7c00u) == 0x7c00u;
+        out[i] = edgefl_half_to_float(halves[i]);
+    }
+    return bad != 0;
 }
 
 /* Trailing zero bits of a nonzero byte, and set bits of a byte (builtins where the compiler has
