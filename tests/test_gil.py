@@ -23,7 +23,7 @@ MIN_ROUNDS = 25
 
 
 class Counter:
-    """A thread counting in pure Python, giving the GIL back every ``COUNTS_PER_YIELD`` counts."""
+    """A thread counting in pure Python, pausing every ``COUNTS_PER_YIELD`` counts."""
 
     def __init__(self):
         self.count = 0
@@ -34,7 +34,9 @@ class Counter:
         while self._running:
             for _ in range(COUNTS_PER_YIELD):
                 self.count += 1
-            time.sleep(0)  # a voluntary release, so the main thread can take the GIL back
+            # A voluntary release, long enough for a waiting main thread to wake up and take the
+            # GIL (after a zero sleep this thread could win it straight back).
+            time.sleep(1e-4)
 
     def __enter__(self):
         self._thread.start()
