@@ -1,5 +1,6 @@
 """The fused SGD steps: the active backend against the NumPy twin, the twin's gradient against
 finite differences, each update term on its own, argument errors, and training that works."""
+import contextlib
 import pickle
 import threading
 import time
@@ -13,6 +14,24 @@ from sklearn.model_selection import train_test_split
 
 import edgefl.kernels as K
 from edgefl._kernels.fallback import sgd as twin
+
+
+#: The compiled backend has two matrix products (AVX2 and the 4-float baseline an ARM board
+#: runs); the agreement tests run both on any machine.
+PRODUCTS = ["native", "baseline"] if K.BACKEND == "cython" else ["native"]
+
+
+@contextlib.contextmanager
+def matrix_product(kind):
+    if kind == "native":
+        yield
+        return
+    from edgefl._kernels import sgd as compiled
+    previous = compiled._use_baseline_product(True)
+    try:
+        yield
+    finally:
+        compiled._use_baseline_product(previous)
 
 
 def make_model(sizes, rng, scale=1.0):
@@ -38,6 +57,7 @@ def grads64(layers, X, y):
 
 # --- agreement with the twin ------------------------------------------------------------------
 
+@pytest.mark.parametrize("product", PRODUCTS)
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(1, 24), min_size=2, max_size=4).map(
            lambda s: s[:-1] + [max(2, s[-1])]),
@@ -51,7 +71,13 @@ def grads64(layers, X, y):
 @example(sizes=[1, 2], m=1, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=1)
 @example(sizes=[64, 32, 10], m=32, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=2)
 @example(sizes=[37, 41, 17, 9], m=13, lr=0.1, momentum=0.9, weight_decay=1e-2, mu=0.1, seed=3)
-def test_backend_agrees_with_twin_over_many_steps(sizes, m, lr, momentum, weight_decay, mu, seed):
+def test_backend_agrees_with_twin_over_many_steps(product, sizes, m, lr, momentum, weight_decay,
+                                                  mu, seed):
+    with matrix_product(product):
+        _agree_over_many_steps(sizes, m, lr, momentum, weight_decay, mu, seed)
+
+
+def _agree_over_many_steps(sizes, m, lr, momentum, weight_decay, mu, seed):
     rng = np.random.default_rng(seed)
     start = make_model(sizes, rng)
     ref = make_model(sizes, rng)
@@ -265,7 +291,14 @@ def test_softmax_separates_a_separable_problem():
     assert accuracy >= 0.99
 
 
-def test_mlp_learns_digits_to_95_percent_held_out():
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_mlp_learns_digits_to_95_percent_held_out(product):
+    with matrix_product(product):
+        accuracy = _digits_accuracy()
+    assert accuracy >= 0.95
+
+
+def _digits_accuracy():
     digits = load_digits()
     X = (digits.data / 16).astype(np.float32)
     X_train, X_test, y_train, y_test = train_test_split(
@@ -284,7 +317,7 @@ def test_mlp_learns_digits_to_95_percent_held_out():
                             momentum=0.9, weight_decay=1e-4, state=state)
     (W1, b1), (W2, b2) = layers
     predictions = (np.maximum(X_test @ W1 + b1, 0) @ W2 + b2).argmax(axis=1)
-    assert np.mean(predictions == y_test) >= 0.95
+    return np.mean(predictions == y_test)
 
 
 # --- labels ------------------------------------------------------------------------------------

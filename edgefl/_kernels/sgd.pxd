@@ -4,6 +4,7 @@ from edgefl._kernels._typedefs cimport float32_t, int32_t, intp_t
 
 cdef extern from "sgd_impl.h" nogil:
     const int EDGEFL_TILE
+    int edgefl_baseline_only
     intp_t edgefl_padded(intp_t n)
     void edgefl_matmul(intp_t M, intp_t N, intp_t K,
                        const float32_t *A, intp_t a_rs, intp_t a_cs,

@@ -461,6 +461,15 @@ cdef bint _as_double(object value, double *out):
     return True
 
 
+def _use_baseline_product(bint enabled):
+    """Run the 4-float baseline matrix product even where AVX2 is available; return the previous
+    setting. For tests: it is the code a board without AVX2 (an ARM one) runs."""
+    global edgefl_baseline_only
+    previous = edgefl_baseline_only != 0
+    edgefl_baseline_only = enabled
+    return previous
+
+
 cdef object _disagreement():
     return RuntimeError(
         "edgefl's compiled SGD step rejected arguments that its NumPy twin accepts; this is a "

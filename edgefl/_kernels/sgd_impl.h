@@ -200,10 +200,15 @@ EDGEFL_TARGET_WIDE static void edgefl_matmul_wide(EDGEFL_MATMUL_PARAMS)
  * Dispatched by hand rather than with target_clones: the two variants differ in their vector
  * width, not only in the instructions the compiler may pick.
  */
+/* Non-zero: run the baseline product even where AVX2 is available, so that tests cover the code
+ * an ARM board runs on any machine. */
+static int edgefl_baseline_only = 0;
+
 static void edgefl_matmul(EDGEFL_MATMUL_PARAMS)
 {
 #if EDGEFL_WIDE
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (!edgefl_baseline_only && __builtin_cpu_supports("avx2")
+            && __builtin_cpu_supports("fma")) {
         edgefl_matmul_wide(EDGEFL_MATMUL_ARGS);
         return;
     }
