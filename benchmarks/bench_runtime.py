@@ -154,21 +154,34 @@ def update_size(n: int = 100_000, density: float = 0.01) -> dict:
 
 # -- 3. client footprint ------------------------------------------------------------------------
 
-FOOTPRINT = """
-import resource, sys, time
+# Peak RSS from /proc/self/status VmHWM: getrusage's ru_maxrss survives exec on Linux, so a child
+# of this (large) benchmark process would report the parent's high-water mark.
+_PEAK = """
+def peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+FOOTPRINT = _PEAK + """
+import sys, time
 t0 = time.perf_counter()
 import numpy, onnxruntime, paho.mqtt.client
 import edgefl, edgefl.predictor, edgefl.wire, edgefl.trainer, edgefl.privacy, edgefl.compression
 model = edgefl.wire.decode_model(open(sys.argv[1], "rb").read())
 p = edgefl.predictor.Predictor(model)
 p.predict(numpy.zeros(model.manifest.input_width, numpy.float32))
-elapsed = time.perf_counter() - t0
-print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.perf_counter() - t0, peak_mib())
 """
-BARE = """
-import resource, time
+DEPENDENCIES = _PEAK + """
+import time
 t0 = time.perf_counter()
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+import numpy, onnxruntime, paho.mqtt.client
+print(time.perf_counter() - t0, peak_mib())
+"""
+BARE = _PEAK + """
+import time
+t0 = time.perf_counter()
+print(time.perf_counter() - t0, peak_mib())
 """
 
 
@@ -186,14 +199,19 @@ def footprint(reps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.bin"
         path.write_bytes(wire.encode_model(build_mlp((64, 32, 10))))
-        device = [_subprocess_run(FOOTPRINT, str(path)) for _ in range(reps)]
-        bare = [_subprocess_run(BARE) for _ in range(reps)]
+        device, deps, bare = [], [], []
+        for _ in range(reps):  # interleaved, so machine load hits all three alike
+            device.append(_subprocess_run(FOOTPRINT, str(path)))
+            deps.append(_subprocess_run(DEPENDENCIES))
+            bare.append(_subprocess_run(BARE))
     med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
     return {
         "repetitions": reps,
         "device_import_session_predict_ms": med(device, 0) * 1e3,
         "device_peak_rss_mib": med(device, 1),
         "device_process_wall_ms": med(device, 2) * 1e3,
+        "dependencies_import_ms": med(deps, 0) * 1e3,
+        "dependencies_peak_rss_mib": med(deps, 1),
         "bare_peak_rss_mib": med(bare, 1),
         "bare_process_wall_ms": med(bare, 2) * 1e3,
     }
@@ -236,8 +254,9 @@ def plot(results: dict, path: Path) -> None:
 
     foot = results["footprint"]
     ax = axes[2]
-    ax.bar(["bare", "device path"], [foot["bare_peak_rss_mib"], foot["device_peak_rss_mib"]],
-           color="tab:purple")
+    ax.bar(["bare", "numpy+ort+paho", "device path"],
+           [foot["bare_peak_rss_mib"], foot["dependencies_peak_rss_mib"],
+            foot["device_peak_rss_mib"]], color="tab:purple")
     ax.axhline(70, color="grey", ls="--", lw=1, label="target 70 MiB")
     ax.set_ylabel("peak RSS (MiB)")
     ax.set_title(f"client footprint; import+session+predict "
@@ -275,9 +294,10 @@ def main(argv=None) -> int:
         ib = row["index_bytes"]
         print(f"{name:<9}{row['message_bytes']:>8}{row['bytes_per_kept_coordinate']:>9.2f}"
               f"{row['ratio_vs_dense_f32']:>8.0f}x   {ib['varint']}/{ib['rice']}/{ib['bitmap']}")
-    print(f"\nfootprint: device path peak RSS {foot['device_peak_rss_mib']:.1f} MiB (bare "
-          f"{foot['bare_peak_rss_mib']:.1f}), import+session+predict "
-          f"{foot['device_import_session_predict_ms']:.0f} ms (process wall "
+    print(f"\nfootprint: device path peak RSS {foot['device_peak_rss_mib']:.1f} MiB (numpy+ort+paho "
+          f"alone {foot['dependencies_peak_rss_mib']:.1f}, bare {foot['bare_peak_rss_mib']:.1f}); "
+          f"import+session+predict {foot['device_import_session_predict_ms']:.0f} ms (imports of "
+          f"numpy+ort+paho alone {foot['dependencies_import_ms']:.0f} ms; process wall "
           f"{foot['device_process_wall_ms']:.0f} ms, bare {foot['bare_process_wall_ms']:.0f} ms)")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "runtime.json").write_text(json.dumps(results, indent=2) + "\n")

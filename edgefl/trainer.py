@@ -133,12 +133,14 @@ class LocalTrainer:
         state = kernels.SGDState(self.manifest.layer_sizes, batch)
         losses = []
         for _ in range(config.epochs):
+            # One shuffled copy per epoch makes every minibatch a contiguous view: no per-step
+            # copies, so each step holds the GIL only briefly around the GIL-free kernel.
             order = self._rng.permutation(n)
+            X_epoch, y_epoch = X[order], y[order]
             losses = []
             for start in range(0, n, batch):
-                take = order[start:start + batch]
                 losses.append(kernels.mlp_sgd_step_(
-                    layers, np.ascontiguousarray(X[take]), np.ascontiguousarray(y[take]),
+                    layers, X_epoch[start:start + batch], y_epoch[start:start + batch],
                     config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                     mu=config.mu, ref=reference, state=state))
         loss = float(np.mean(losses))
