@@ -378,3 +378,23 @@ def test_dequantize_random_bytes(kind, buf, k, scale):
         assert np.array_equal(ours[1].view(np.uint32), theirs[1].view(np.uint32))
     else:
         assert ours[1] == theirs[1]
+
+
+def test_f16_matches_numpy_on_every_half_and_its_neighbours():
+    halves = np.arange(2**16, dtype=np.uint16)
+    halves = halves[(halves & 0x7C00) != 0x7C00]  # the finite ones
+    exact = halves.view(np.float16).astype(np.float32)
+    back = K.dequantize(halves.astype("<u2").tobytes(), "f16", halves.size, 1.0)
+    assert np.array_equal(back.view(np.uint32), exact.view(np.uint32))
+    # every finite half, the float32 values next to it and the midpoints to its neighbours:
+    # all the rounding cases, ties to even included
+    above = np.nextafter(exact, np.float32(np.inf))
+    below = np.nextafter(exact, np.float32(-np.inf))
+    ordered = np.sort(exact[~((exact == 0) & np.signbit(exact))])
+    mids = ((ordered[:-1].astype(np.float64) + ordered[1:]) / 2).astype(np.float32)
+    vals = np.concatenate((exact, above, below, mids))
+    vals = vals[np.abs(vals) < 65520]
+    data, scale = K.quantize(vals, "f16")
+    assert scale == 1.0
+    assert data == vals.astype("<f2").tobytes()
+    assert data == twin.quantize(vals, "f16")[0]

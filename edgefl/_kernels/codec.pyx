@@ -804,7 +804,10 @@ def dequantize(buf, kind, k, scale):
                 fault = PADDING
     where = f"dequantize: corrupt buffer ({k_ind!r}, k = {kk}): "
     if fault == NON_FINITE:
-        at = int(np.flatnonzero(~np.isfinite(out))[0])
+        if kind_code == 1:
+            at = int(np.flatnonzero(np.frombuffer(buf, "<u2") & 0x7C00 == 0x7C00)[0])
+        else:
+            at = int(np.flatnonzero(~np.isfinite(out))[0])
         raise ValueError(where + f"value {at} is not finite")
     if fault == BAD_CODE:
         if kind_code == 2:
