@@ -7,7 +7,9 @@ The NumPy baseline is what one would write by hand: ``X @ W + b``, ``np.maximum`
 max-shifted softmax, ``X.T @ delta`` for the weight gradients and in-place updates, with the same
 momentum / weight decay / FedProx terms as the kernel when those are on. Both sides train the same
 starting weights with a small learning rate, so neither diverges however often it is called. The
-edgefl side holds an :class:`SGDState` as a trainer does; one row shows the cost without it.
+edgefl side holds an :class:`SGDState` as a trainer does; one row shows the cost without it, and
+(compiled backend) one runs the 4-float baseline matrix product that machines without AVX2, such
+as ARM boards, use.
 """
 import numpy as np
 
@@ -60,6 +62,16 @@ def numpy_sgd_step(layers, X, y, lr, momentum=0.0, weight_decay=0.0, mu=0.0, ref
     return loss
 
 
+def _on_baseline_product(step):
+    from edgefl._kernels import sgd as compiled
+
+    previous = compiled._use_baseline_product(True)
+    try:
+        return step()
+    finally:
+        compiled._use_baseline_product(previous)
+
+
 def _model(sizes, rng):
     return [(rng.standard_normal((n_in, n_out), dtype=np.float32) * np.float32(n_in ** -0.5),
              np.zeros(n_out, np.float32)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
@@ -108,6 +120,10 @@ def comparisons(sizes):
         yield Comparison(f"{name} no state", None, stateless,
                          lambda: numpy_sgd_step(theirs, X, y, LR),
                          note=f"{label}, m={BATCH}, scratch allocated per call")
+        if K.BACKEND == "cython" and name == "mlp_sgd_step_":
+            yield Comparison(f"{name} baseline", None, lambda: _on_baseline_product(plain),
+                             lambda: numpy_sgd_step(theirs, X, y, LR),
+                             note=f"{label}, m={BATCH}, 4-float product (no AVX2), with SGDState")
         yield Comparison(f"{name} mom+prox", None, full,
                          lambda: numpy_sgd_step(theirs, X, y, LR, ref=reference,
                                                 velocity=velocity, **extras),
