@@ -286,8 +286,10 @@ def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
         lr32, momentum32 = np.float32(lr), np.float32(momentum)
         decay32, mu32 = np.float32(weight_decay), np.float32(mu)
         for index, ((W, b), (g_w, g_b)) in enumerate(zip(layers, grads)):
-            velocity = state.velocity[index] if momentum > 0 else (None, None)
-            reference = ref[index] if ref is not None else (None, None)
+            # Decided on the float32 values, as the compiled kernel does (a momentum below
+            # float32's smallest number is no momentum).
+            velocity = state.velocity[index] if momentum32 > 0 else (None, None)
+            reference = ref[index] if ref is not None and mu32 > 0 else (None, None)
             for param, grad, decay, v, r in ((W, g_w, decay32, velocity[0], reference[0]),
                                              (b, g_b, np.float32(0), velocity[1], reference[1])):
                 if decay:
