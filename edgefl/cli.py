@@ -213,6 +213,8 @@ def run_simulate(argv) -> int:
     parser = argparse.ArgumentParser(prog="edgefl simulate", description=simulation.__doc__.splitlines()[0])
     simulation.add_arguments(parser)
     add_logging_option(parser)
+    # The progress lines are the output; the components' INFO logs would drown them.
+    parser.set_defaults(log_level=os.environ.get("EDGEFL_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     return simulation.run(args)

@@ -601,14 +601,14 @@ def add_arguments(parser) -> None:
     env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float, default=0.9,
                help="local SGD momentum")
     env_option(train, "--compression", env="EDGEFL_COMPRESSION",
-               choices=["none", "topk", "threshold", "randomk"], default="none",
-               help="sparsification of updates")
+               choices=["none", "topk", "threshold", "randomk"], default="topk",
+               help="sparsification of updates (none: dense updates)")
     env_option(train, "--density", env="EDGEFL_DENSITY", type=positive_float, default=0.1,
                help="fraction of coordinates kept by topk / randomk")
     env_option(train, "--tau", env="EDGEFL_TAU", type=non_negative_float, default=0.0,
                help="threshold of the threshold method")
     env_option(train, "--values", env="EDGEFL_VALUES", choices=["f32", "f16", "int8", "ternary"],
-               default="f32", help="value encoding of updates")
+               default="f16", help="value encoding of updates")
     env_option(train, "--privacy", env="EDGEFL_PRIVACY", choices=["none", "laplace", "gaussian"],
                default="none", help="differential privacy mechanism on devices")
     env_option(train, "--epsilon", env="EDGEFL_EPSILON", type=positive_float, default=1.0,
