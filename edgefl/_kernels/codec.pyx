@@ -47,7 +47,7 @@ buffer's length against kind and k exactly.
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.float cimport FLT_MAX
-from libc.math cimport fabs, isfinite, nextafterf, rint
+from libc.math cimport isfinite, nextafterf
 from libc.stdint cimport int8_t, uint16_t
 from libc.string cimport memcpy, memset
 
@@ -89,7 +89,6 @@ cdef enum Fault:
     PADDING
     BAD_CODE
     NON_FINITE
-    F16_OVERFLOW
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-/* float32 <-> IEEE half conversions for edgefl's "f16" quantizer, bit-identical to NumPy's
- * astype(np.float16) / astype(np.float32): round to nearest, ties to even, subnormals kept.
- * (After F. Giesen's branch-light converters; plain C so every compiler and CPU gets the same bits.)
+/* The value loops of edgefl's codec, and the bit tricks its index coders need.
+ *
+ * float32 <-> IEEE half conversions for the "f16" quantizer are bit-identical to NumPy's
+ * astype(np.float16) / astype(np.float32): round to nearest, ties to even, subnormals kept (after
+ * F. Giesen's branch-light converters; checked against NumPy on all 2**32 float32 inputs). Where the
+ * CPU has F16C, the same conversions run eight at a time in hardware.
  */
 #ifndef EDGEFL_CODEC_IMPL_H
 #define EDGEFL_CODEC_IMPL_H

@@ -19,7 +19,7 @@ _SHRINK = 1.0 - 2.0**-22
 
 
 def lane_sum(terms):
-    """Sum float64 ``terms`` (1-D, C-contiguous) in the compiled kernels' lane order.
+    """Sum float64 ``terms`` (1-D) in the compiled kernels' lane order.
 
     Parameters
     ----------
@@ -31,27 +31,18 @@ def lane_sum(terms):
     float
         The sum, bit-identical to ``edgefl_sum_squares`` / ``edgefl_sum_abs`` in C.
     """
-    n = terms.shape[0]
-    body = n - n % LANES
-    lanes = np.zeros(LANES)
-    rows = terms[:body].reshape(-1, LANES)
-    for start in range(0, rows.shape[0], _BLOCK_ROWS):
-        block = np.concatenate((lanes[None, :], rows[start:start + _BLOCK_ROWS]))
-        lanes = np.add.reduce(block, axis=0)
-    total = 0.0
-    for value in lanes.tolist() + terms[body:].tolist():
-        total += value
-    return total
+    return _lane_sum_of(terms, lambda block: block)
 
 
 def _lane_sum_of(x, term):
-    """``lane_sum(term(x))`` without a float64 copy of all of x at once."""
+    """The lane-ordered sum of ``term(x as float64)``, one bounded block of rows at a time."""
     n = x.shape[0]
     body = n - n % LANES
     lanes = np.zeros(LANES)
     step = _BLOCK_ROWS * LANES
     for start in range(0, body, step):
         rows = term(x[start:min(start + step, body)].astype(np.float64)).reshape(-1, LANES)
+        # the previous lane totals go first, so each column keeps adding in index order
         lanes = np.add.reduce(np.concatenate((lanes[None, :], rows)), axis=0)
     total = 0.0
     for value in lanes.tolist() + term(x[body:].astype(np.float64)).tolist():
