@@ -51,6 +51,10 @@ class LocalTrainer:
     -----
     Eviction rule: the buffer is a ring. Once full, each new sample overwrites the oldest one, so
     the device trains on its most recent ``capacity`` samples (its current data distribution).
+
+    With a featurizer the buffer holds extractor features, computed once in :meth:`add`; they
+    stay valid while the extractor is frozen. A model with a different graph (another
+    extractor) needs a new trainer.
     """
 
     def __init__(self, manifest: ModelManifest, *, capacity: int = 4096, seed: int = 0,
