@@ -219,3 +219,13 @@ def test_simulate_runs_a_small_federation_and_writes_its_summary(tmp_path):
 def test_simulate_rejects_bad_counts(tmp_path, capsys):
     assert cli.main(["simulate", "--devices", "0", "--out", str(tmp_path)]) == 2
     assert "--devices and --rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_the_device_path_never_imports_the_server_or_onnx():
+    """`edgefl client` imports: a device installs edgefl without the server's dependencies."""
+    code = ("import sys, edgefl.cli, edgefl.client, edgefl.simulation; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('edgefl_server', 'onnx', 'sklearn', 'matplotlib')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
