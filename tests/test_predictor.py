@@ -106,12 +106,18 @@ def test_the_first_model_is_checked_too(model):
 
 
 def test_swap_storm_under_concurrent_predictions(model, X):
-    """Every prediction equals exactly the output of the version it reports."""
+    """Every prediction equals exactly the output of the version it reports.
+
+    Most swaps bring new weights; every fifth brings a different graph (a new session).
+    """
     versions = 40
     rng = np.random.default_rng(1)
-    models = [model] + [model.with_weights(model.weights + rng.normal(0, 0.3, model.weights.size)
-                                           .astype(np.float32), version=v, round_id=v)
-                        for v in range(1, versions + 1)]
+    other_graph = build_mlp((64, 16, 10), seed=9)
+    models = [model]
+    for v in range(1, versions + 1):
+        base = other_graph if v % 5 == 0 else model
+        noise = rng.normal(0, 0.3, base.weights.size).astype(np.float32)
+        models.append(base.with_weights(base.weights + noise, version=v, round_id=v))
     expected = {m.version: softmax(mlp_logits(m.manifest, m.weights, X[:4])) for m in models}
     p = Predictor(model)
     stop = threading.Event()
@@ -179,3 +185,9 @@ def test_stats_report_latency_percentiles_and_version(model, X):
 def test_intra_op_threads_is_validated(model):
     with pytest.raises(ValueError, match="intra_op_threads"):
         Predictor(model, intra_op_threads=0)
+
+
+def test_features_of_a_plain_head_are_the_samples(model, X):
+    features = Predictor(model).features(X[:3].astype(np.float64))
+    assert features.dtype == np.float32 and features.flags.c_contiguous
+    np.testing.assert_array_equal(features, X[:3])
