@@ -179,6 +179,7 @@ class MqttConnection:
         if username is not None:
             client.username_pw_set(username, password)
         use_tls = self.address.tls if tls is None else tls
+        self._tls = bool(use_tls)
         if isinstance(use_tls, ssl.SSLContext):
             client.tls_set_context(use_tls)
         elif use_tls:
@@ -316,7 +317,11 @@ class MqttConnection:
 
     def _on_connect_fail(self, client, userdata):
         try:
-            self.last_error = "connection failed (is the broker running?)"
+            # paho does not pass the exception; say what the usual causes are.
+            self.last_error = (
+                "the TLS connection failed: is the broker running on that port, and does "
+                "ca_certs hold the CA that signed its certificate?" if self._tls else
+                "the TCP connection failed: is the broker running on that port?")
             log.debug("%s: %s", self.client_id, self.last_error)
         except Exception:  # noqa: BLE001
             pass

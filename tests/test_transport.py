@@ -89,7 +89,7 @@ def test_start_fails_clearly_when_no_broker_listens():
         port = s.getsockname()[1]  # bound but not listening: connections are refused
         conn = MqttConnection("dev-a", f"mqtt://127.0.0.1:{port}", reconnect_delay=(0.1, 0.2))
         started = time.monotonic()
-        with pytest.raises(BrokerUnreachable, match=f"127.0.0.1:{port}.*dev-a"):
+        with pytest.raises(BrokerUnreachable, match=f"127.0.0.1:{port}.*dev-a.*TCP connection failed"):
             conn.start(timeout=0.5)
         assert time.monotonic() - started < 5
     assert not conn.connected.is_set()
@@ -248,3 +248,76 @@ def test_manual_ack_redelivers_a_message_that_was_not_acknowledged(broker):
 def test_rejects_an_empty_client_id():
     with pytest.raises(ValueError, match="client id"):
         MqttConnection("", "mqtt://127.0.0.1:1883")
+
+
+# -- credentials and TLS, against a Mosquitto that demands them ----------------------------------
+
+@pytest.fixture(scope="module")
+def secured_broker(tmp_path_factory):
+    """Mosquitto with a password file, a plain listener and a TLS listener (own CA, SAN 127.0.0.1)."""
+    import getpass
+    import shutil
+    import subprocess
+
+    from edgefl_server.broker import find_mosquitto, free_port
+
+    d = tmp_path_factory.mktemp("secured")
+
+    def run(*command):
+        subprocess.run(command, cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+        "-out", "ca.pem", "-days", "1", "-subj", "/CN=edgefl test CA")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+        "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+    run(shutil.which("mosquitto_passwd", path="/usr/bin:/usr/sbin:/usr/local/bin") or "mosquitto_passwd",
+        "-c", "-b", "passwd", "device-7", "s3cret")
+    plain, tls = free_port(), free_port()
+    (d / "mosquitto.conf").write_text("\n".join([
+        f"user {getpass.getuser()}", "allow_anonymous false", f"password_file {d}/passwd",
+        f"listener {plain} 127.0.0.1",
+        f"listener {tls} 127.0.0.1", f"cafile {d}/ca.pem", f"certfile {d}/server.pem",
+        f"keyfile {d}/server.key", "log_dest stderr", ""]))
+    process = subprocess.Popen([find_mosquitto(), "-c", str(d / "mosquitto.conf")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_until(lambda: _listening(plain) and _listening(tls), 10), "mosquitto did not start"
+        yield {"plain": f"mqtt://127.0.0.1:{plain}", "tls": f"mqtts://127.0.0.1:{tls}",
+               "ca": str(d / "ca.pem")}
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_credentials_are_passed_to_the_broker(secured_broker):
+    with MqttConnection("dev-a", secured_broker["plain"], username="device-7", password="s3cret") as conn:
+        assert conn.publish("t/x", b"1", qos=1, timeout=5)
+
+
+def test_wrong_credentials_fail_with_the_brokers_reason(secured_broker):
+    conn = MqttConnection("dev-a", secured_broker["plain"], username="device-7", password="wrong",
+                          reconnect_delay=(0.1, 0.2))
+    with pytest.raises(BrokerUnreachable, match="refused the connection: Not authorized"):
+        conn.start(timeout=2)
+
+
+def test_tls_with_the_brokers_ca(secured_broker):
+    with MqttConnection("dev-a", secured_broker["tls"], username="device-7", password="s3cret",
+                        ca_certs=secured_broker["ca"]) as conn:
+        assert conn.address.tls
+        assert conn.publish("t/x", b"1", qos=1, timeout=5)
+
+
+def test_tls_refuses_a_broker_it_cannot_verify(secured_broker):
+    conn = MqttConnection("dev-a", secured_broker["tls"], username="device-7", password="s3cret",
+                          reconnect_delay=(0.1, 0.2))  # system trust store: our test CA is unknown
+    with pytest.raises(BrokerUnreachable, match="TLS connection failed.*ca_certs"):
+        conn.start(timeout=2)
