@@ -24,6 +24,10 @@ Threads: the transport's dispatcher thread handles every incoming message (and n
 one worker thread trains and sends; any number of caller threads predict. No exception leaves a
 message handler (the transport logs any that would).
 
+A state directory belongs to one run of one fleet: the device never goes back to an older model
+version and never trains a round it already answered, so after a server is reset to version 0,
+give its devices fresh state directories.
+
 State directory layout: ``model.bin`` (the last model envelope), ``privacy.json`` (epsilon
 spent), ``state.json`` (the last round this device sent an update for), ``outbox/``, and
 ``stats.json`` (written by :meth:`EdgeClient.write_stats`).
