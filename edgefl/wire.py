@@ -31,6 +31,9 @@ DEFAULT_MAX_UPDATE_BYTES = 16 << 20
 DEFAULT_MAX_MODEL_BYTES = 256 << 20
 
 VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
+#: Value codes on the wire: the four encodings, then "signs", the packing of a ternary update
+#: with no zero value (one sign bit per value instead of two bits), chosen by the encoder.
+WIRE_VALUE_CODES = VALUE_ENCODINGS + ("signs",)
 #: Magnitudes from here on round to infinity in IEEE half precision (65504 is the largest half).
 F16_OVERFLOW = 65520.0
 INDEX_CODINGS = ("dense", "varint", "rice", "bitmap")
@@ -58,10 +61,31 @@ def _checksum(data) -> bytes:
 
 
 def value_bytes(encoding: str, k: int) -> int:
-    """Exact size of ``k`` values in ``encoding``: 4, 2, 1 bytes or 2 bits (ternary) each."""
+    """Exact size of ``k`` values for a wire value code: 4, 2, 1 bytes, 2 bits (ternary) or one
+    bit (signs) each."""
     if encoding == "ternary":
         return (k + 3) // 4
+    if encoding == "signs":
+        return (k + 7) // 8
     return k * {"f32": 4, "f16": 2, "int8": 1}[encoding]
+
+
+def _encode_values(values: np.ndarray, encoding: str) -> tuple[str, bytes, float]:
+    """(wire value code, bytes, scale) for ``values``; ternary without zeros goes as signs."""
+    if not values.size:
+        return encoding, b"", 0.0
+    blob, scale = kernels.quantize(values, encoding)
+    if encoding == "ternary" and np.all(values != 0):
+        # Every value is +-scale: its sign bit alone says which (halves the value bytes).
+        return "signs", np.packbits(np.signbit(values), bitorder="little").tobytes(), scale
+    return encoding, bytes(blob), scale
+
+
+def _decode_signs(blob: bytes, k: int, scale: float) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(blob, np.uint8), bitorder="little")
+    if bits[k:].any():
+        raise ValueError("nonzero padding bits after the last sign")
+    return np.where(bits[:k].astype(bool), np.float32(-scale), np.float32(scale))
 
 
 @dataclass(frozen=True)
@@ -158,14 +182,10 @@ def encode_update(update: Update) -> bytes:
             blobs["bitmap"] = bytes(kernels.encode_indices_bitmap(indices, update.num_params))
         coding = min(blobs, key=lambda name: len(blobs[name]))
         index_blob = blobs[coding]
-    if values.size:
-        value_blob, scale = kernels.quantize(values, update.value_encoding)
-        value_blob = bytes(value_blob)
-    else:
-        value_blob, scale = b"", 0.0
+    value_code, value_blob, scale = _encode_values(values, update.value_encoding)
     cid = update.client_id.encode("ascii")
     header = _UPDATE_HEADER.pack(
-        UPDATE_MAGIC, FORMAT_VERSION, VALUE_ENCODINGS.index(update.value_encoding),
+        UPDATE_MAGIC, FORMAT_VERSION, WIRE_VALUE_CODES.index(value_code),
         INDEX_CODINGS.index(coding), len(cid), update.round_id, update.base_version,
         update.update_id, update.num_samples, update.num_params, values.size, scale,
         len(index_blob), len(value_blob))
@@ -213,11 +233,11 @@ def decode_update(payload, *, expected_params: int | None = None,
     body_len = size - CHECKSUM_BYTES
     if bytes(data[body_len:]) != _checksum(data[:body_len]):
         raise UpdateDecodeError("checksum mismatch: the update was corrupted or truncated")
-    if enc >= len(VALUE_ENCODINGS):
+    if enc >= len(WIRE_VALUE_CODES):
         raise UpdateDecodeError(f"unknown value encoding {enc}")
     if coding >= len(INDEX_CODINGS):
         raise UpdateDecodeError(f"unknown index coding {coding}")
-    encoding, coding = VALUE_ENCODINGS[enc], INDEX_CODINGS[coding]
+    encoding, coding = WIRE_VALUE_CODES[enc], INDEX_CODINGS[coding]
     if num_params < 1:
         raise UpdateDecodeError("num_params is 0")
     if expected_params is not None and num_params != expected_params:
@@ -257,15 +277,19 @@ def decode_update(payload, *, expected_params: int | None = None,
             raise UpdateDecodeError(f"{coding} indices are not {k} strictly increasing "
                                     f"coordinates below {num_params}")
     try:
-        values = kernels.dequantize(value_blob, encoding, k, scale) if k else \
-            np.zeros(0, np.float32)
+        if not k:
+            values = np.zeros(0, np.float32)
+        elif encoding == "signs":
+            values = _decode_signs(value_blob, k, scale)
+        else:
+            values = kernels.dequantize(value_blob, encoding, k, scale)
     except ValueError as exc:
         raise UpdateDecodeError(f"{encoding} values: {exc}") from None
     if not np.isfinite(values).all():
         raise UpdateDecodeError(f"values contain NaN or Inf (first at position "
                                 f"{int(np.flatnonzero(~np.isfinite(values))[0])})")
     return Update(client_id, round_id, base_version, update_id, num_samples, num_params,
-                  indices, values, encoding)
+                  indices, values, "ternary" if encoding == "signs" else encoding)
 
 
 def encode_model(model: Model) -> bytes:

@@ -12,8 +12,8 @@ from edgefl import kernels
 from edgefl.compression import Compressor
 from edgefl.predictor import ModelRejected, Predictor
 from edgefl.protocol import CompressionConfig
-from edgefl.wire import (INDEX_CODINGS, VALUE_ENCODINGS, ModelDecodeError, Update,
-                         UpdateDecodeError, decode_model, decode_update, encode_model,
+from edgefl.wire import (INDEX_CODINGS, VALUE_ENCODINGS, WIRE_VALUE_CODES, ModelDecodeError,
+                         Update, UpdateDecodeError, decode_model, decode_update, encode_model,
                          encode_update)
 from edgefl_server.models import build_mlp
 
@@ -110,6 +110,32 @@ def test_compressor_output_round_trips_exactly(encoding):
     np.testing.assert_allclose(decoded.dense(), update.dense(), rtol=1e-6, atol=0)
 
 
+def test_ternary_without_zeros_travels_as_sign_bits():
+    update = sample_update(n=100_000, k=1000, encoding="ternary")
+    payload = encode_update(update)
+    assert payload[5] == WIRE_VALUE_CODES.index("signs")
+    assert HEADER.unpack_from(payload)[13] == 125  # 1000 values, one bit each
+    decoded = decode_update(payload)
+    assert decoded.value_encoding == "ternary"
+    buf, scale = kernels.quantize(update.values, "ternary")
+    np.testing.assert_array_equal(decoded.values, kernels.dequantize(buf, "ternary", 1000, scale))
+    with_zero = dataclasses.replace(update, values=np.where(np.arange(1000) == 5, 0,
+                                                            update.values).astype(np.float32))
+    payload = encode_update(with_zero)
+    assert payload[5] == VALUE_ENCODINGS.index("ternary")
+    assert decode_update(payload).values[5] == 0.0
+
+
+def test_sign_bits_padding_and_length_are_checked():
+    signs = WIRE_VALUE_CODES.index("signs")
+    good = raw_update(enc=signs, params=4, values=b"\x05")
+    np.testing.assert_array_equal(decode_update(good).values, [-1, 1, -1, 1])
+    with pytest.raises(UpdateDecodeError, match="padding"):
+        decode_update(raw_update(enc=signs, params=4, values=b"\x15"))
+    with pytest.raises(UpdateDecodeError, match="take 1 bytes"):
+        decode_update(raw_update(enc=signs, params=4, values=b"\x05\x00"))
+
+
 def _coding_of(payload: bytes) -> str:
     return INDEX_CODINGS[payload[6]]
 
@@ -170,6 +196,7 @@ def f32(*values):
     (raw_update(version=2), "version 2 is not supported"),
     (raw_update()[:-1] + b"\0", "checksum mismatch"),
     (raw_update(enc=7), "unknown value encoding"),
+    (raw_update(enc=5), "unknown value encoding"),
     (raw_update(coding=9), "unknown index coding"),
     (raw_update(params=0, values=b""), "num_params"),
     (raw_update(k=3), "inconsistent"),

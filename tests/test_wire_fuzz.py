@@ -24,6 +24,8 @@ def seeds_of_updates():
             comp = Compressor(CompressionConfig(method=method, density=density, values=encoding), n)
             idx, vals = comp.sparsify(rng.normal(size=n).astype(np.float32))
             out.append(encode_update(Update("dev-1", 4, 3, 99, 10, n, idx, vals, encoding)))
+    with_zeros = np.where(np.arange(64) % 3 == 0, 0.0, 1.5).astype(np.float32)  # 2-bit ternary
+    out.append(encode_update(Update("dev-2", 4, 3, 9, 1, 64, None, with_zeros, "ternary")))
     return out
 
 
