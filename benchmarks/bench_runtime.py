@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,9 @@ def update_size(n: int = 100_000, density: float = 0.01) -> dict:
             "message_bytes": len(message),
             "bytes_per_kept_coordinate": len(message) / len(idx),
             "index_bytes": index_bytes,
-            "value_bytes": wire.value_bytes(values, len(idx)),
+            # Header fields of docs/wire-format.md: value code at byte 5, value bytes at 44.
+            "wire_value_code": wire.WIRE_VALUE_CODES[message[5]],
+            "value_bytes": struct.unpack_from("<I", message, 44)[0],
             "ratio_vs_dense_f32": 4 * n / len(message),
         }
     dense = wire.encode_update(wire.Update("device-01", 1, 1, 1, 100, n, None, delta, "f32"))
