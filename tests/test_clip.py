@@ -109,6 +109,8 @@ def test_array_errors(name, order):
     clip = getattr(K, name)
     with pytest.raises(TypeError, match="dtype float32"):
         clip(np.ones(4), 1.0)
+    with pytest.raises(TypeError, match="dtype float32, got >f4"):
+        clip(np.ones(4, ">f4"), 1.0)
     with pytest.raises(TypeError, match="numpy.ndarray"):
         clip([1.0, 2.0], 1.0)
     with pytest.raises(ValueError, match="C-contiguous"):

@@ -96,6 +96,8 @@ def test_encoders_reject_bad_indices(encode, decode):
         enc(np.array([1, 10], np.uint32), 10)
     with pytest.raises(TypeError, match="uint32"):
         enc(np.array([1, 2], np.int64), 10)
+    with pytest.raises(TypeError, match="dtype uint32, got >u4"):
+        enc(np.array([1, 2], ">u4"), 10)
     with pytest.raises(TypeError, match="numpy.ndarray"):
         enc([1, 2], 10)
     with pytest.raises(ValueError, match="1-D"):
@@ -326,6 +328,8 @@ def test_quantize_argument_errors():
         K.quantize(np.ones(2, np.float32), "int4")
     with pytest.raises(TypeError, match="float32"):
         K.quantize(np.ones(2), "f16")
+    with pytest.raises(TypeError, match="dtype float32, got >f4"):
+        K.quantize(np.ones(2, ">f4"), "f16")
     with pytest.raises(ValueError, match="C-contiguous"):
         K.quantize(np.ones(4, np.float32)[::2], "f16")
     with pytest.raises(ValueError, match="1-D"):

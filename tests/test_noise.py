@@ -124,6 +124,8 @@ def test_array_errors(name):
     rng = np.random.default_rng(0)
     with pytest.raises(TypeError, match="dtype float32"):
         add(np.zeros(4), 1.0, rng)
+    with pytest.raises(TypeError, match="dtype float32, got >f4"):
+        add(np.zeros(4, ">f4"), 1.0, rng)
     with pytest.raises(TypeError, match="numpy.ndarray"):
         add([0.0], 1.0, rng)
     with pytest.raises(ValueError, match="C-contiguous"):

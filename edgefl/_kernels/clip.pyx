@@ -45,8 +45,9 @@ cdef cnp.ndarray _writeable_float32(object x):
     if not cnp.PyArray_Check(x):
         raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}")
     cdef cnp.ndarray a = <cnp.ndarray>x
-    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a):
-        return a  # the common case: float32, C-contiguous, aligned and writeable
+    if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
+            and cnp.PyArray_ISNOTSWAPPED(a)):
+        return a  # the common case: native float32, C-contiguous, aligned and writeable
     if x.dtype != np.float32:
         raise TypeError(
             f"x must have dtype float32, got {x.dtype}; convert it first "
