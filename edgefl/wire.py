@@ -276,6 +276,12 @@ def decode_update(payload, *, expected_params: int | None = None,
                 np.diff(indices.astype(np.int64)) <= 0))):
             raise UpdateDecodeError(f"{coding} indices are not {k} strictly increasing "
                                     f"coordinates below {num_params}")
+    if encoding in ("f32", "f16"):  # the only codes that can carry NaN/Inf bit patterns
+        raw = np.frombuffer(value_blob, "<f4" if encoding == "f32" else "<f2")
+        bad = np.flatnonzero(~np.isfinite(raw))
+        if bad.size:
+            raise UpdateDecodeError(f"values contain NaN or Inf ({bad.size} of {k}, first at "
+                                    f"position {int(bad[0])})")
     try:
         if not k:
             values = np.zeros(0, np.float32)
@@ -285,9 +291,8 @@ def decode_update(payload, *, expected_params: int | None = None,
             values = kernels.dequantize(value_blob, encoding, k, scale)
     except ValueError as exc:
         raise UpdateDecodeError(f"{encoding} values: {exc}") from None
-    if not np.isfinite(values).all():
-        raise UpdateDecodeError(f"values contain NaN or Inf (first at position "
-                                f"{int(np.flatnonzero(~np.isfinite(values))[0])})")
+    if not np.isfinite(values).all():  # e.g. 127 * a huge int8 scale overflows float32
+        raise UpdateDecodeError(f"values overflow to infinity with scale {scale:g}")
     return Update(client_id, round_id, base_version, update_id, num_samples, num_params,
                   indices, values, "ternary" if encoding == "signs" else encoding)
 
