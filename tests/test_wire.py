@@ -208,7 +208,7 @@ def f32(*values):
     (raw_update(enc=1, values=np.array([0, np.inf, 0, 0], "<f2").tobytes()), "NaN or Inf"),
     (raw_update(enc=2, values=b"\1\2\3\4", scale=float("nan")), "scale"),
     (raw_update(enc=2, values=b"\1\2\3\4", scale=-1.0), "scale"),
-    (raw_update(enc=2, values=b"\1\2\3\x7f", scale=3e38), "infinity|not finite"),
+    (raw_update(enc=2, values=b"\1\2\3\x7f", scale=3e38), "overflows"),
     (raw_update(index=b"\0"), "no index bytes"),
     (reseal(raw_update()[:-9]), "lengths do not add up"),
 ])
