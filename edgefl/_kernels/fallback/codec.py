@@ -1,9 +1,10 @@
 """Compact encodings of a sparse update, in NumPy: the twin of the compiled ``codec``.
 
 The formats are specified in the compiled module's docstring (``edgefl/_kernels/codec.pyx``); this
-module produces the same bytes and values and raises the same errors. Encoders and quantizers are
-vectorised; the varint and Rice decoders walk the buffer element by element exactly as the
-compiled loop does, so that a corrupt buffer is reported with the same first fault.
+module produces the same bytes and values and raises the same errors. Encoders, quantizers and the
+bitmap decoder are vectorised; the varint decoder is too for valid buffers. To report a corrupt
+buffer's first fault as the compiled loop does, the varint decoder then walks it element by
+element, and the Rice decoder always does (each code's start depends on the previous one).
 """
 import math
 import operator
@@ -138,6 +139,26 @@ def encode_indices(idx, n):
     return out.tobytes()
 
 
+def _decode_valid_varints(data, n, k):
+    """The indices if ``data`` is exactly k valid varints of indices < n, else None (vectorised)."""
+    ends = np.flatnonzero(data < 0x80)  # the last byte of each varint
+    if ends.size != k or (k and ends[-1] != data.size - 1) or (not k and data.size):
+        return None
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    sizes = ends - starts + 1
+    last = data[ends]
+    if np.any(sizes > 5) or np.any((sizes == 5) & (last > 0x0F)) or np.any((sizes > 1) & (last == 0)):
+        return None
+    gaps = np.zeros(k, np.int64)
+    for b in range(5):
+        more = sizes > b
+        gaps[more] |= (data[starts[more] + b] & 0x7F).astype(np.int64) << (7 * b)
+    idx = np.cumsum(gaps + 1) - 1
+    if k and idx[-1] >= n:
+        return None
+    return idx.astype(np.uint32)
+
+
 def decode_indices(buf, n, k):
     """Decode the output of :func:`encode_indices`, checking it against the header's n and k.
 
@@ -162,6 +183,10 @@ def decode_indices(buf, n, k):
     size = data.size
     if k > size:
         raise ValueError(where + f"truncated: {size} bytes cannot hold {k} varints")
+    valid = _decode_valid_varints(data, n, k)
+    if valid is not None:
+        return valid
+    # Something is wrong: walk the buffer as the compiled decoder does, to report its first fault.
     data = data.tolist()
     out = np.empty(k, dtype=np.uint32)
     pos = 0
