@@ -211,7 +211,10 @@ def topk(x, k):
     -----
     Top-k of a clean update leaks which coordinates the local data moved. Under differential
     privacy, select only after noise has been added (post-processing), or use :func:`randomk`.
-    Runs without the GIL: two passes over ``x``, work buffers of about ``k`` indices.
+    Runs without the GIL: two passes over ``x``. The work buffers hold the entries whose
+    magnitude shares its top 12 bits with the k-th largest or exceeds it: a little more than k
+    for real-valued data, up to ``2 * x.size`` 32-bit words when most magnitudes are equal
+    (an all-zero update, say).
     """
     flat = _check_array(x, "x")
     cdef intp_t n = flat.shape[0]
