@@ -3,8 +3,10 @@
 Threads and ownership:
 
 * the MQTT dispatcher thread (:class:`edgefl.transport.MqttConnection`, never paho's network
-  thread) runs :meth:`AggregationServer._on_message`: device status, and update ingestion
-  (decode, validate, store, then PUBACK, then receipt);
+  thread) runs :meth:`AggregationServer._on_message`: it tracks device status and queues updates;
+* the ingestion thread takes every queued update (up to :data:`MAX_BATCH`), decodes and validates
+  each, stores the accepted ones in one transaction (group commit: one fsync per batch, not per
+  update), and only then acknowledges them (PUBACK) and publishes their receipts;
 * the round thread runs the state machine of :mod:`edgefl_server.rounds`: wait for devices, open
   a round, wait for answers or the deadline, aggregate, commit, publish;
 * one lock guards the round state and the round's accepted updates, so an update is either in the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: How long a publish waits for the broker's PUBACK before the server logs a warning.
 PUBLISH_TIMEOUT = 10.0
+#: Most update messages stored in one transaction (group commit).
+MAX_BATCH = 256
 
 
 @dataclass
@@ -160,6 +165,8 @@ class AggregationServer:
         self._stopping = threading.Event()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ingest_thread: threading.Thread | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._conn: MqttConnection | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._store: ServerStore | None = None
@@ -234,6 +241,9 @@ class AggregationServer:
             self._finished.set()
         self._thread = threading.Thread(target=self._loop, name="edgefl-rounds", daemon=True)
         self._thread.start()
+        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="edgefl-ingest",
+                                               daemon=True)
+        self._ingest_thread.start()
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -256,9 +266,11 @@ class AggregationServer:
         """Stop the round thread and disconnect; the state directory keeps everything."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        self._thread = None
+        self._inbox.put(None)
+        for thread in (self._thread, self._ingest_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=30)
+        self._thread = self._ingest_thread = None
         self._shutdown_io()
 
     def _shutdown_io(self) -> None:
@@ -281,12 +293,16 @@ class AggregationServer:
     # -- messages (dispatcher thread) ------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
+        if msg.topic.endswith("/update"):
+            self._inbox.put(msg)  # acknowledged by the ingestion thread once stored
+            return
         if msg.topic.endswith("/status"):
             self._on_status(msg)
-        elif msg.topic.endswith("/update"):
-            self._on_update(msg)
         else:
             log.warning("ignoring a message on unexpected topic %s", msg.topic)
+        # Every QoS 1 message must be acknowledged once handled, status messages too: the broker
+        # stops delivering to a client whose in-flight window (e.g. Mosquitto's 20) is full.
+        self._conn.ack(msg)
 
     def _on_status(self, msg: Message) -> None:
         client = self.topics.client_of(msg.topic)
@@ -302,36 +318,57 @@ class AggregationServer:
             self.metrics.set_online(len(self._online))
         self._wake.set()
 
-    def _on_update(self, msg: Message) -> None:
-        payload = bytes(msg.payload)
+    def _ingest_loop(self) -> None:
+        while True:
+            batch = [self._inbox.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            batch = [m for m in batch if m is not None]
+            if batch:
+                try:
+                    self._ingest(batch)
+                except Exception:  # noqa: BLE001 - e.g. a full disk: keep serving, retry later
+                    log.exception("storing %d update(s) failed; they stay unacknowledged and the "
+                                  "broker redelivers them on the next connection", len(batch))
+            if stopping:
+                return
+
+    def _ingest(self, batch: list[Message]) -> None:
+        payloads = [bytes(m.payload) for m in batch]
         with self._lock:
-            outcome = self._ingestor.ingest(msg.topic, payload, self._round, now=time.time())
-            self._round_uplink += len(payload)
-            if outcome.status == ACCEPTED:
-                self._updates.append(outcome.update)
-                answered = len(self._updates) >= len(self._round.selected)
-            else:
-                answered = False
-                if outcome.status != DUPLICATE:
+            outcomes = self._ingestor.ingest_batch(
+                [(m.topic, p) for m, p in zip(batch, payloads)], self._round, now=time.time())
+            for outcome, payload in zip(outcomes, payloads):
+                self._round_uplink += len(payload)
+                if outcome.status == ACCEPTED:
+                    self._updates.append(outcome.update)
+                elif outcome.status != DUPLICATE:
                     self._round_rejected[outcome.code] += 1
-        # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
-        self._conn.ack(msg)
-        self.metrics.count_update(len(payload), None if outcome.status in (ACCEPTED, DUPLICATE)
-                                  else outcome.code)
-        if outcome.status == DROPPED:
-            log.warning("dropped an update on %s (%s): %s", msg.topic, outcome.code, outcome.reason)
-        elif outcome.status == DUPLICATE:
-            log.info("duplicate update %d of %s for round %d: already counted",
-                     outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id)
-        elif outcome.status != ACCEPTED:
-            log.warning("rejected update %d of %s for round %d (%s): %s",
-                        outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id,
-                        outcome.code, outcome.reason)
-        if outcome.receipt is not None:
-            self._publish(self.topics.receipt(outcome.client_id), outcome.receipt.to_json(),
-                          wait=False)
+            answered = len(self._updates) >= len(self._round.selected) > 0
         if answered:
             self._wake.set()
+        # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
+        for msg, outcome, payload in zip(batch, outcomes, payloads):
+            self._conn.ack(msg)
+            self.metrics.count_update(len(payload), None if outcome.status in (ACCEPTED, DUPLICATE)
+                                      else outcome.code)
+            if outcome.status == DROPPED:
+                log.warning("dropped an update on %s (%s): %s", msg.topic, outcome.code,
+                            outcome.reason)
+            elif outcome.status == DUPLICATE:
+                log.info("duplicate update %d of %s for round %d: already counted",
+                         outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id)
+            elif outcome.status != ACCEPTED:
+                log.warning("rejected update %d of %s for round %d (%s): %s",
+                            outcome.receipt.update_id, outcome.client_id,
+                            outcome.receipt.round_id, outcome.code, outcome.reason)
+            if outcome.receipt is not None:
+                self._publish(self.topics.receipt(outcome.client_id), outcome.receipt.to_json(),
+                              wait=False)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> None:
         ok = self._conn.publish(topic, payload, qos=1, retain=retain,
@@ -433,7 +470,9 @@ class AggregationServer:
             downlink_before, self._round_downlink = self._round_downlink, 0
         if new_weights is not None:
             self._model_payload = encode_model(model)
-            self._publish(self.topics.model, self._model_payload, retain=True)
+            # Not waiting here: the broker handles one connection's messages in order, so the
+            # announcement's PUBACK below also confirms the model, one round trip instead of two.
+            self._publish(self.topics.model, self._model_payload, retain=True, wait=False)
         self._publish(self.topics.round, nxt.announcement().to_json(), retain=True)
         seconds = time.perf_counter() - t0
         with self._lock:

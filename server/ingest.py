@@ -103,6 +103,32 @@ class UpdateIngestor:
 
     def ingest(self, topic: str, payload: bytes, round_state: RoundState, *, now: float) -> Outcome:
         """Validate one update message against ``round_state`` and store it if it is accepted."""
+        return self.ingest_batch([(topic, payload)], round_state, now=now)[0]
+
+    def ingest_batch(self, messages, round_state: RoundState, *, now: float) -> list[Outcome]:
+        """Judge ``(topic, payload)`` messages in order and store the accepted ones together.
+
+        One transaction (one fsync) for the whole batch: group commit, so ingestion throughput
+        is not bounded by the disk's sync latency. The outcomes are the same as ingesting the
+        messages one by one; nothing may be acknowledged before this returns.
+        """
+        batch: dict[tuple[int, str], int] = {}  # (round, client) -> update id accepted in this batch
+        outcomes, rows = [], []
+        for topic, payload in messages:
+            outcome = self._judge(topic, payload, round_state, batch)
+            if outcome.status == ACCEPTED:
+                u = outcome.update
+                batch[(u.round_id, u.client_id)] = u.update_id
+                rows.append(dict(round_id=u.round_id, client_id=u.client_id, update_id=u.update_id,
+                                 base_version=u.base_version, num_samples=u.num_samples,
+                                 payload=bytes(payload), received_at=now))
+            outcomes.append(outcome)
+        if rows:
+            self.store.add_updates(rows)
+        return outcomes
+
+    def _judge(self, topic: str, payload: bytes, round_state: RoundState,
+               batch: dict[tuple[int, str], int]) -> Outcome:
         topic_client = self.topics.client_of(topic)
         if len(payload) > self.max_update_bytes:
             return Outcome(DROPPED, "oversized",
@@ -122,7 +148,9 @@ class UpdateIngestor:
                 raise _Rejected("client_mismatch",
                                 f"the update claims client {update.client_id!r} but was published "
                                 f"on {topic_client!r}'s topic; a device may only send its own updates")
-            stored_id = self.store.find_update(update.round_id, topic_client)
+            stored_id = batch.get((update.round_id, topic_client))
+            if stored_id is None:
+                stored_id = self.store.find_update(update.round_id, topic_client)
             if stored_id == update.update_id:
                 return Outcome(DUPLICATE, "", "", topic_client, _receipt(update, "accepted"))
             if stored_id is not None:
@@ -131,12 +159,6 @@ class UpdateIngestor:
                                 f"{update.round_id}; one update per client and round")
             self._check_round(update, round_state)
             self._check_values(update)
-            if self.store.add_update(round_id=update.round_id, client_id=topic_client,
-                                     update_id=update.update_id, base_version=update.base_version,
-                                     num_samples=update.num_samples, payload=bytes(payload),
-                                     received_at=now) is not None:
-                # the same update stored meanwhile through another path: still counted once
-                return Outcome(DUPLICATE, "", "", topic_client, _receipt(update, "accepted"))
         except _Rejected as rej:
             return Outcome(REJECTED, rej.code, rej.reason, topic_client,
                            _receipt(update, "rejected", rej.reason))

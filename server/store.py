@@ -197,19 +197,18 @@ class ServerStore:
                 (round_id, client_id)).fetchone()
         return None if row is None else int(row[0])
 
-    def add_update(self, *, round_id: int, client_id: str, update_id: int, base_version: int,
-                   num_samples: int, payload: bytes, received_at: float) -> int | None:
-        """Store an accepted update durably; return None, or the id already stored for this
-        (round, client), in which case nothing is written."""
+    def add_updates(self, rows: list[dict]) -> None:
+        """Store accepted updates durably, all in one transaction (group commit).
+
+        Each row has ``round_id, client_id, update_id, base_version, num_samples, payload,
+        received_at``. A (round, client) already stored keeps its first update: the primary key
+        makes a redelivered duplicate a no-op.
+        """
         with self._transaction() as db:
-            row = db.execute("SELECT update_id FROM updates WHERE round_id = ? AND client_id = ?",
-                             (round_id, client_id)).fetchone()
-            if row is not None:
-                return int(row[0])
-            db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (round_id, client_id, str(update_id), base_version, num_samples,
-                        len(payload), received_at, payload))
-        return None
+            db.executemany(
+                "INSERT OR IGNORE INTO updates VALUES (:round_id, :client_id, :update_id, "
+                ":base_version, :num_samples, :nbytes, :received_at, :payload)",
+                [{**r, "update_id": str(r["update_id"]), "nbytes": len(r["payload"])} for r in rows])
 
     def round_updates(self, round_id: int) -> list[StoredUpdate]:
         """The accepted updates of an open round, in arrival order."""

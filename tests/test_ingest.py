@@ -147,3 +147,15 @@ def test_sparse_update_accepted(ingestor):
 def test_norm_bound_must_be_positive(store):
     with pytest.raises(ValueError, match="max_update_norm"):
         UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=10, max_update_norm=0.0)
+
+
+def test_a_batch_judges_like_one_by_one(ingestor, store):
+    """Group commit: duplicates and conflicts inside one batch are caught before it is stored."""
+    msgs = [(TOPICS.update("d1"), payload(uid=1)), (TOPICS.update("d1"), payload(uid=1)),
+            (TOPICS.update("d1"), payload(uid=2)), (TOPICS.update("d2"), payload(client="d2")),
+            (TOPICS.update("d3"), b"junk")]
+    outcomes = ingestor.ingest_batch(msgs, ROUND, now=1.0)
+    assert [(o.status, o.code) for o in outcomes] == [
+        (ACCEPTED, ""), (DUPLICATE, ""), (REJECTED, "conflict"), (ACCEPTED, ""),
+        (DROPPED, "malformed")]
+    assert [(u.client_id, u.update_id) for u in store.round_updates(3)] == [("d1", 1), ("d2", 11)]

@@ -43,12 +43,13 @@ def test_new_directory_is_empty_then_round_trips(tmp_path, model):
 def test_updates_are_idempotent_per_round_and_client(tmp_path, model):
     store = open_store(tmp_path)
     store.initialize(model, RoundState(1, 0, OPEN))
-    kw = dict(round_id=1, base_version=0, num_samples=5, received_at=1.0)
-    assert store.add_update(client_id="a", update_id=2**64 - 1, payload=b"first", **kw) is None
+    def row(client, update_id, payload):
+        return dict(round_id=1, client_id=client, update_id=update_id, base_version=0,
+                    num_samples=5, payload=payload, received_at=1.0)
+
+    store.add_updates([row("a", 2**64 - 1, b"first")])
     # a redelivery, and a second different update from the same client: neither is written
-    assert store.add_update(client_id="a", update_id=2**64 - 1, payload=b"first", **kw) == 2**64 - 1
-    assert store.add_update(client_id="a", update_id=7, payload=b"other", **kw) == 2**64 - 1
-    assert store.add_update(client_id="b", update_id=7, payload=b"second", **kw) is None
+    store.add_updates([row("a", 2**64 - 1, b"first"), row("a", 7, b"other"), row("b", 7, b"second")])
     store.close()
     again = open_store(tmp_path)
     assert [(u.client_id, u.update_id, u.payload) for u in again.round_updates(1)] == [
@@ -59,8 +60,8 @@ def test_updates_are_idempotent_per_round_and_client(tmp_path, model):
 def test_commit_round_is_atomic_and_keeps_duplicate_keys(tmp_path, model):
     store = open_store(tmp_path, "fedadam")
     store.initialize(model, RoundState(1, 0, OPEN, selected=("a",)))
-    store.add_update(round_id=1, client_id="a", update_id=3, base_version=0, num_samples=4,
-                     payload=b"u", received_at=1.0)
+    store.add_updates([dict(round_id=1, client_id="a", update_id=3, base_version=0,
+                            num_samples=4, payload=b"u", received_at=1.0)])
     new = model.with_weights(model.weights + 1, version=1, round_id=1)
     nxt = RoundState(2, 1, WAITING)
     state = {"m": np.arange(4.0), "v": np.ones(4)}
@@ -104,15 +105,16 @@ def test_state_directory_of_another_fleet_or_strategy_is_refused(tmp_path):
 
 
 def test_stored_update_survives_sigkill(tmp_path, model):
-    """add_update returning means the update is on disk: kill -9 right after loses nothing."""
+    """add_updates returning means the update is on disk: kill -9 right after loses nothing."""
     open_store(tmp_path).initialize(model, RoundState(1, 0, OPEN))
     script = textwrap.dedent(f"""
         import os, signal
         from edgefl_server.store import ServerStore
         store = ServerStore({str(tmp_path)!r}, fleet="f1", strategy="fedavg")
         for i in range(20):
-            store.add_update(round_id=1, client_id=f"d{{i}}", update_id=i, base_version=0,
-                             num_samples=1, payload=bytes([i]) * 1000, received_at=float(i))
+            store.add_updates([dict(round_id=1, client_id=f"d{{i}}", update_id=i, base_version=0,
+                                    num_samples=1, payload=bytes([i]) * 1000,
+                                    received_at=float(i))])
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], timeout=60)
