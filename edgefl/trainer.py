@@ -6,6 +6,7 @@ so the :class:`~edgefl.predictor.Predictor` keeps serving on other threads while
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,6 +53,9 @@ class LocalTrainer:
     Eviction rule: the buffer is a ring. Once full, each new sample overwrites the oldest one, so
     the device trains on its most recent ``capacity`` samples (its current data distribution).
 
+    Thread-safe: :meth:`add` may run while :meth:`train` runs on another thread; training works on
+    a snapshot of the buffer taken when it starts.
+
     With a featurizer the buffer holds extractor features, computed once in :meth:`add`; they
     stay valid while the extractor is frozen. A model with a different graph (another
     extractor) needs a new trainer.
@@ -70,6 +74,7 @@ class LocalTrainer:
         self._X = np.zeros((self.capacity, manifest.head_width), np.float32)
         self._y = np.zeros(self.capacity, np.int32)
         self._seen = 0  # samples ever added; the next one goes to _seen % capacity
+        self._lock = threading.Lock()  # add() vs the snapshot train() takes
         self._rng = np.random.default_rng(seed)
 
     @property
@@ -104,10 +109,11 @@ class LocalTrainer:
                              f"got values from {y.min()} to {y.max()} ({y.dtype})")
         if X.shape[0] > self.capacity:  # only the newest `capacity` would survive anyway
             X, y = X[-self.capacity:], y[-self.capacity:]
-        slots = (self._seen + np.arange(X.shape[0])) % self.capacity
-        self._X[slots] = X
-        self._y[slots] = y
-        self._seen += X.shape[0]
+        with self._lock:
+            slots = (self._seen + np.arange(X.shape[0])) % self.capacity
+            self._X[slots] = X
+            self._y[slots] = y
+            self._seen += X.shape[0]
 
     def train(self, global_weights: np.ndarray, config: TrainingConfig) -> TrainResult:
         """Run ``config.epochs`` epochs of minibatch SGD from ``global_weights``.
@@ -124,13 +130,14 @@ class LocalTrainer:
             If training diverged (a non-finite loss or weight): lower ``lr``.
         """
         self.manifest.check_weights(global_weights)
-        n = self.num_samples
+        with self._lock:
+            n = self.num_samples
+            X, y = self._X[:n].copy(), self._y[:n].copy()
         if n == 0:
             raise ValueError("no local samples to train on: add(X, y) some first")
         local = global_weights.copy()
         layers = self.manifest.layers(local)
         reference = self.manifest.layers(global_weights.copy()) if config.mu > 0 else None
-        X, y = self._X[:n], self._y[:n]
         batch = min(int(config.batch_size), n)
         # Fresh momentum buffers each round: velocity from an older global model would push the
         # new one in a stale direction. (The compiled backend also keeps its scratch memory here.)

@@ -1,4 +1,6 @@
 """On-device training: the sample buffer, local SGD with the kernels, FedProx, frozen extractor."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,31 @@ def test_frozen_extractor_and_trained_head(digits):
     after = float((predictor.predict(X_test).argmax(axis=1) == y_test).mean())
     assert after > max(0.85, before + 0.3)
     np.testing.assert_allclose(predictor.features(X_test), features)  # the extractor is frozen
+
+
+def test_samples_added_during_training_do_not_disturb_it(digits):
+    """Training runs on a snapshot: all of the old buffer or all of the new one, never a mix."""
+    X_train, y_train, _, _ = digits
+    model = build_mlp((64, 10))
+    config = TrainingConfig(epochs=3, lr=0.1)
+    expected = []
+    for rows in (slice(0, 400), slice(400, 800)):
+        reference = LocalTrainer(model.manifest, capacity=400, seed=2)
+        reference.add(X_train[rows], y_train[rows])
+        expected.append(reference.train(model.weights, config).delta)
+    trainer = LocalTrainer(model.manifest, capacity=400, seed=2)
+    trainer.add(X_train[:400], y_train[:400])
+    stop = threading.Event()
+
+    def keep_adding():  # each add replaces the whole ring, as fast as it can
+        while not stop.is_set():
+            trainer.add(X_train[400:800], y_train[400:800])
+
+    writer = threading.Thread(target=keep_adding)
+    writer.start()
+    try:
+        delta = trainer.train(model.weights, config).delta
+    finally:
+        stop.set()
+        writer.join()
+    assert any(np.array_equal(delta, e) for e in expected)
