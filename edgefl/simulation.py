@@ -100,28 +100,11 @@ class PredictionLoad:
         return IDLE
 
     def _loop(self) -> None:
-        from edgefl.client import NoModelYet
-
         period = 1.0 / self.rate
         next_tick = time.monotonic()
         while not self._stop.is_set():
-            x = self.X[self._rng.integers(len(self.X))]
-            started = time.perf_counter()
-            phase = self._phase_now(started)
             try:
-                predictor = self.client.predictor
-                if predictor is None:
-                    raise NoModelYet("no model yet")
-                _, version = predictor.predict_with_version(x)
-                elapsed = time.perf_counter() - started
-                if self.client.training.is_set():
-                    phase = TRAINING  # training started during the call: it counts as training
-                i = self.count
-                if i < len(self._latency):
-                    self._latency[i], self._phase[i], self._version[i] = elapsed * 1e6, phase, version
-                self.count += 1
-            except NoModelYet:
-                self.unavailable += 1
+                self._serve_one()
             except Exception:  # noqa: BLE001 - a failed prediction is counted, the load goes on
                 self.errors += 1
                 log.exception("prediction failed")
@@ -131,6 +114,23 @@ class PredictionLoad:
                 next_tick = time.monotonic()  # behind: skip the missed ticks
             else:
                 self._stop.wait(delay)
+
+    def _serve_one(self) -> None:
+        predictor = self.client.predictor
+        if predictor is None:  # before the first global model arrived
+            self.unavailable += 1
+            return
+        x = self.X[self._rng.integers(len(self.X))]
+        started = time.perf_counter()
+        phase = self._phase_now(started)
+        _, version = predictor.predict_with_version(x)
+        elapsed = time.perf_counter() - started
+        if self.client.training.is_set():
+            phase = TRAINING  # training started during the call: it counts as training
+        i = self.count
+        if i < len(self._latency):
+            self._latency[i], self._phase[i], self._version[i] = elapsed * 1e6, phase, version
+        self.count += 1
 
     def records(self) -> dict[str, np.ndarray]:
         """The recorded ``latency_us``, ``phase`` and model ``version`` arrays."""
