@@ -322,3 +322,22 @@ def test_model_with_nan_weights_or_too_large_is_refused(model):
     with pytest.raises(ModelDecodeError, match="exceeds the limit"):
         decode_model(payload, max_bytes=len(payload) - 1)
     assert issubclass(ModelDecodeError, ValueError) and issubclass(UpdateDecodeError, ValueError)
+
+
+@pytest.mark.parametrize("update, hex_bytes", [
+    (Update("dev", 2, 1, 7, 10, 1000, np.array([3, 10, 700], np.uint32),
+            np.array([0.5, -0.25, 2.0], np.float32), "f16"),
+     "45464c5501010103020000000100000007000000000000000a000000e8030000030000000000803f04000000"
+     "060000006465760306b105003800b40040004cf82550fcdbe2"),
+    (Update("dev", 1, 1, 7, 10, 8, np.array([1, 5], np.uint32),
+            np.array([0.5, -0.25], np.float32), "ternary"),
+     "45464c5501040303010000000100000007000000000000000a00000008000000020000000000c03e01000000"
+     "010000006465762202e0d4fb6fd0d6a772"),
+])
+def test_documented_test_vectors(update, hex_bytes):
+    """The two messages spelled out in docs/wire-format.md, byte for byte, both ways."""
+    assert encode_update(update).hex() == hex_bytes
+    decoded = decode_update(bytes.fromhex(hex_bytes))
+    assert_same(decoded, update)
+    np.testing.assert_array_equal(decoded.values, update.values if update.value_encoding == "f16"
+                                  else [0.375, -0.375])
