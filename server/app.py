@@ -167,13 +167,15 @@ class AggregationServer:
         self._thread: threading.Thread | None = None
         self._ingest_thread: threading.Thread | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._conn: MqttConnection | None = None
+        self._conn: MqttConnection | None = None  # updates and status in, receipts out
+        self._control: MqttConnection | None = None  # models and round announcements out
         self._metrics_http: MetricsHttpServer | None = None
         self._store: ServerStore | None = None
         self._online: set[str] = set()
         self._updates: list = []  # decoded accepted updates of the open round
         self._round_rejected: Counter[str] = Counter()
         self._round_uplink = 0
+        self._last_arrival = time.time()  # when the newest accepted update reached the server
         self._round_downlink = 0
         self._model_payload = b""
         self.history: list[RoundResult] = []
@@ -228,7 +230,14 @@ class AggregationServer:
             subscriptions=[(self.topics.all_updates, 1), (self.topics.all_status, 1)],
             on_message=self._on_message,
         )
+        # A second connection for models and announcements: the client library sends a
+        # connection's QoS 1 messages through one bounded in-flight window, and a burst of
+        # receipts in it would delay the new model by tens of milliseconds.
+        self._control = MqttConnection(
+            f"{cfg.server_id}.control", cfg.broker_url, username=cfg.username,
+            password=cfg.password, tls=cfg.tls, ca_certs=cfg.ca_certs)
         try:
+            self._control.start(timeout=timeout)
             self._conn.start(timeout=timeout)
             # Retained messages survive in the broker, but a restarted or replaced broker may have
             # lost them: publishing the current state again is idempotent for devices.
@@ -274,9 +283,10 @@ class AggregationServer:
         self._shutdown_io()
 
     def _shutdown_io(self) -> None:
-        if self._conn is not None:
-            self._conn.stop()
-            self._conn = None
+        for conn in (self._conn, self._control):
+            if conn is not None:
+                conn.stop()
+        self._conn = self._control = None
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None
@@ -294,7 +304,7 @@ class AggregationServer:
 
     def _on_message(self, msg: Message) -> None:
         if msg.topic.endswith("/update"):
-            self._inbox.put(msg)  # acknowledged by the ingestion thread once stored
+            self._inbox.put((msg, time.time()))  # acknowledged by the ingestion thread once stored
             return
         if msg.topic.endswith("/status"):
             self._on_status(msg)
@@ -327,7 +337,7 @@ class AggregationServer:
                 except queue.Empty:
                     break
             stopping = None in batch
-            batch = [m for m in batch if m is not None]
+            batch = [item for item in batch if item is not None]
             if batch:
                 try:
                     self._ingest(batch)
@@ -337,15 +347,18 @@ class AggregationServer:
             if stopping:
                 return
 
-    def _ingest(self, batch: list[Message]) -> None:
+    def _ingest(self, batch: list[tuple[Message, float]]) -> None:
+        arrivals = [t for _, t in batch]
+        batch = [m for m, _ in batch]
         payloads = [bytes(m.payload) for m in batch]
         with self._lock:
             outcomes = self._ingestor.ingest_batch(
                 [(m.topic, p) for m, p in zip(batch, payloads)], self._round, now=time.time())
-            for outcome, payload in zip(outcomes, payloads):
+            for outcome, payload, arrival in zip(outcomes, payloads, arrivals):
                 self._round_uplink += len(payload)
                 if outcome.status == ACCEPTED:
                     self._updates.append(outcome.update)
+                    self._last_arrival = arrival
                 elif outcome.status != DUPLICATE:
                     self._round_rejected[outcome.code] += 1
             answered = len(self._updates) >= len(self._round.selected) > 0
@@ -368,11 +381,14 @@ class AggregationServer:
                             outcome.receipt.round_id, outcome.code, outcome.reason)
             if outcome.receipt is not None:
                 self._publish(self.topics.receipt(outcome.client_id), outcome.receipt.to_json(),
-                              wait=False)
+                              wait=False, via=self._conn)
 
-    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True) -> None:
-        ok = self._conn.publish(topic, payload, qos=1, retain=retain,
-                                timeout=PUBLISH_TIMEOUT if wait else None)
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True,
+                 via: MqttConnection | None = None) -> None:
+        """Publish at QoS 1, on the control connection unless ``via`` says otherwise."""
+        conn = via or self._control
+        ok = conn.publish(topic, payload, qos=1, retain=retain,
+                          timeout=PUBLISH_TIMEOUT if wait else None)
         with self._lock:
             self._round_downlink += len(payload)
         self.metrics.count_published(len(payload))
@@ -446,6 +462,7 @@ class AggregationServer:
             r = self._round
             updates = list(self._updates)
             model = self.model
+            last_arrival = self._last_arrival
             new_weights = self.strategy.aggregate(model.weights, updates) if updates else None
             if new_weights is not None:
                 model = model.with_weights(new_weights, version=model.version + 1,
@@ -475,9 +492,11 @@ class AggregationServer:
             self._publish(self.topics.model, self._model_payload, retain=True, wait=False)
         self._publish(self.topics.round, nxt.announcement().to_json(), retain=True)
         seconds = time.perf_counter() - t0
+        since_last_update = time.time() - last_arrival
         with self._lock:
             downlink, self._round_downlink = downlink_before + self._round_downlink, 0
         result = dataclasses.replace(result, downlink_bytes=downlink, aggregation_seconds=seconds,
+                                     last_update_to_model_seconds=since_last_update,
                                      metrics=self._evaluate_model(model))
         self._store.save_record(r.round_id, result.to_dict())
         self.metrics.count_round(seconds, nxt.round_id, model.version)

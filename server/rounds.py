@@ -140,7 +140,9 @@ class RoundResult:
     received during the round, ``downlink_bytes`` the bytes the server published for it (model
     envelope, announcements, receipts; the broker fans them out to every subscriber);
     ``aggregation_seconds`` runs from the closing decision to the new model and the next
-    announcement being acknowledged by the broker; ``metrics`` come from the server's
+    announcement being acknowledged by the broker; ``last_update_to_model_seconds`` from the
+    arrival of the round's last accepted update at the server to the same instant (it includes
+    any wait for the deadline, and the downtime when the server restarted mid-round); ``metrics`` come from the server's
     ``evaluate`` callable (e.g. held-out accuracy).
     """
 
@@ -152,6 +154,7 @@ class RoundResult:
     downlink_bytes: int
     aggregation_seconds: float
     metrics: dict[str, float]
+    last_update_to_model_seconds: float = 0.0
     selected: tuple[str, ...] = ()
     stragglers: tuple[str, ...] = ()
     close_reason: str = ""

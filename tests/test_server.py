@@ -289,3 +289,30 @@ def test_sigkill_mid_round_then_restart(broker, clients, tmp_path):
     from edgefl_server.store import ServerStore
     saved = ServerStore(state, fleet=FLEET, strategy="fedavg").load()
     assert saved.model.version == 1 and saved.history[0]["accepted"] == 3
+
+
+def test_more_devices_than_the_broker_in_flight_window(broker, tmp_path):
+    """25 retained statuses and 25 updates: more QoS 1 messages than Mosquitto keeps in flight
+    to one client (20), so every message the server handles must be acknowledged, status too."""
+    names = [f"m{i:02d}" for i in range(25)]
+    pub = Paho(broker, "many-publisher", [TOPICS.model])
+    try:
+        for name in names:
+            pub.publish(TOPICS.status(name), DeviceStatus("online").to_json(), retain=True)
+        initial = build_mlp((8, 4, 3), seed=0)
+        n = initial.manifest.num_params
+        config = server_config(broker, tmp_path, rounds=1, min_clients=25, metrics_port=None)
+        with AggregationServer(config, initial_model=initial) as server:
+            pub.wait_for(TOPICS.model, model_version(0))
+            deadline = time.monotonic() + 20
+            while server.round.phase != "open":
+                assert time.monotonic() < deadline, "the round never opened"
+                time.sleep(0.02)
+            for name in names:
+                pub.publish(TOPICS.update(name), encode_update(Update(
+                    name, 1, 0, 1, 1, n, None, np.full(n, 0.01, np.float32))))
+            assert server.wait(20)
+        assert server.history[0].accepted == 25
+        np.testing.assert_allclose(server.model.weights, initial.weights + np.float32(0.01), rtol=1e-6)
+    finally:
+        pub.close()
