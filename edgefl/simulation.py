@@ -511,11 +511,20 @@ def format_summary(summary: dict) -> str:
         f"predictions served by devices: {p['served']} (errors {p['errors']}); latency p50 "
         f"{p.get('p50_us')} us, p99 {p.get('p99_us')} us; p99 idle {p.get('p99_us_idle')} us, "
         f"during training {p.get('p99_us_training')} us ({p.get('n_training', 0)} predictions), "
-        f"around swaps {p.get('p99_us_swap')} us ({p.get('n_swap', 0)} predictions)",
+        f"around swaps {p.get('p99_us_swap')} us ({p.get('n_swap', 0)} predictions)"
+        + _sharing_note(summary),
         f"{summary['devices_on_final_version']} of {len(summary['devices'])} devices ended on the "
         f"final model version {summary['final_model_version']}; {summary['wall_seconds']} s",
     ]
     return "\n".join(lines)
+
+
+def _sharing_note(summary: dict) -> str:
+    devices, cpus = summary["plan"]["devices"], os.cpu_count() or 1
+    if summary["plan"]["devices_as"] != "processes" or devices < cpus:
+        return ""
+    return (f"\n  (here {devices} device processes and the server share {cpus} CPUs, so these "
+            "latencies include waiting for a CPU; a real device has its CPU to itself)")
 
 
 def _ratio_text(ratio: float | None) -> str:
