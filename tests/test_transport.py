@@ -1,6 +1,9 @@
 """edgefl.transport against a real Mosquitto, with raw paho clients as the other side."""
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -134,18 +137,29 @@ def test_a_failing_handler_is_logged_and_the_next_message_still_arrives(broker, 
     stop_raw(peer)
 
 
-def test_last_will_is_published_when_the_client_vanishes(broker):
+def test_last_will_is_published_when_the_process_is_killed(broker):
     got, on_raw = collector()
     peer = raw_client(broker, "watcher", on_message=on_raw, subscribe=["s/dev-a"])
-    conn = MqttConnection("dev-a", broker.url, keepalive=1, will=("s/dev-a", b"offline", 1, True))
-    conn.start(timeout=5)
-    # Kill the socket under paho, as a crash or a pulled cable would: no DISCONNECT packet.
-    conn._client.loop_stop()
-    conn._client.socket().close()
-    topic, payload, _ = got.get(timeout=10)
-    assert (topic, payload) == ("s/dev-a", b"offline")
-    conn._started = False
+    script = (
+        "import sys, time; from edgefl.transport import MqttConnection; "
+        f"MqttConnection('dev-a', {broker.url!r}, will=('s/dev-a', b'offline', 1, True)).start(5); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "up\n"
+        process.send_signal(signal.SIGKILL)  # a crash: no DISCONNECT packet
+        process.wait(10)
+        topic, payload, retain = got.get(timeout=10)
+        assert (topic, payload, retain) == ("s/dev-a", b"offline", False)
+    finally:
+        process.kill()
+        process.stdout.close()
     stop_raw(peer)
+    later, on_later = collector()
+    newcomer = raw_client(broker, "newcomer", on_message=on_later, subscribe=["s/dev-a"])
+    assert later.get(timeout=5) == ("s/dev-a", b"offline", True)  # the Will was retained
+    stop_raw(newcomer)
 
 
 def test_clean_stop_does_not_publish_the_will(broker):
