@@ -175,12 +175,24 @@ def config_from_args(args, broker_url: str):
 def run(args) -> int:
     """Run the server until every round is done (or SIGTERM/SIGINT); 0 on success, 2 on bad
     options or state, 1 if the broker cannot be reached."""
+    setup_logging(args.log_level)
+    # Installed first, so a SIGTERM during start-up also ends in a clean stop; restored after.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(args, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args, stop: threading.Event) -> int:
     from edgefl.transport import BrokerUnreachable
 
     from .app import AggregationServer
     from .store import StateError
 
-    setup_logging(args.log_level)
     broker = None
     try:
         if args.broker is None:
@@ -201,11 +213,10 @@ def run(args) -> int:
         return 2
     except BrokerUnreachable as exc:
         print(f"edgefl server: {exc}", file=sys.stderr)
+        if broker is not None:
+            broker.stop()
         return 1
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if server.metrics_port is not None:
         log.info("metrics on http://127.0.0.1:%d/metrics", server.metrics_port)
     try:

@@ -316,3 +316,83 @@ def test_more_devices_than_the_broker_in_flight_window(broker, tmp_path):
         np.testing.assert_allclose(server.model.weights, initial.weights + np.float32(0.01), rtol=1e-6)
     finally:
         pub.close()
+
+
+def test_deadline_extension_stragglers_and_late_updates(broker, clients, tmp_path):
+    """Only d1 answers: no quorum at the deadline, one extension, then d1's update alone is
+    aggregated; d2 is a straggler and its late update gets a receipt saying so."""
+    observer, devices = clients
+    initial = build_mlp((8, 4, 3), seed=0)
+    n = initial.manifest.num_params
+    seen = []
+    config = server_config(broker, tmp_path, rounds=2, round_timeout=0.6, quorum=2,
+                           strategy="fedprox", strategy_options={"proximal_mu": 0.25})
+    with AggregationServer(config, initial_model=initial, on_round=seen.append):
+        ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+        assert ann.config.mu == 0.25  # FedProx announces its proximal term
+        devices["d1"].send(good_update("d1", 1, 0, n))
+        assert devices["d1"].receipt().status == "accepted"
+        def later_deadline(payload):
+            a = RoundAnnouncement.from_json(payload)
+            return a if a.state == "open" and a.deadline > ann.deadline else None
+
+        assert observer.wait_for(TOPICS.round, later_deadline).round_id == 1
+        model = observer.wait_for(TOPICS.model, model_version(1))
+        np.testing.assert_allclose(model.weights, expected_fedavg(initial.weights, ["d1"]), rtol=1e-6)
+        devices["d2"].send(good_update("d2", 1, 0, n))
+        late = devices["d2"].receipt()
+        assert late.status == "rejected" and "round 1 closed before this update arrived" in late.reason
+        # round 2: nobody answers; after the extension the model is kept (version stays 1)
+        final = observer.wait_for(TOPICS.round, announcement("finished"), timeout=10)
+        assert final.model_version == 1
+    assert seen[0].stragglers == ("d2", "d3") and seen[0].accepted == 1
+    assert seen[0].close_reason.startswith("extended deadline reached without quorum")
+    assert (seen[1].accepted, seen[1].model_version) == (0, 1)
+
+
+def cli_args(*argv):
+    import argparse
+
+    from edgefl_server import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli, parser.parse_args(list(argv))
+
+
+def test_cli_explains_bad_options_and_foreign_state(broker, tmp_path, capsys):
+    base = ["--broker", broker.url, "--fleet", FLEET, "--state-dir", str(tmp_path)]
+    cli, args = cli_args(*base, "--strategy", "fedadam", "--strategy-option", "beta1=0.9")
+    assert cli.run(args) == 2
+    assert "no option 'beta1'; its options are: eta, eta_l, beta_1" in capsys.readouterr().err
+    cli, args = cli_args(*base, "--model", "mlp:64-x-10")
+    assert cli.run(args) == 2
+    assert "layer sizes must be integers" in capsys.readouterr().err
+    from edgefl_server.store import ServerStore
+    ServerStore(tmp_path, fleet=FLEET, strategy="fedavg").close()
+    cli, args = cli_args(*base, "--strategy", "fedyogi")
+    assert cli.run(args) == 2
+    assert "pass --strategy fedavg to resume it" in capsys.readouterr().err
+
+
+def test_cli_embedded_broker_and_environment(tmp_path):
+    """Without --broker the server starts one and says where; options come from EDGEFL_*."""
+    env = {**os.environ, "EDGEFL_FLEET": FLEET, "EDGEFL_STATE_DIR": str(tmp_path),
+           "EDGEFL_ROUNDS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgefl_server"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "started an embedded broker at mqtt://127.0.0.1:" in line:
+                break
+        assert lines and "--fleet fleet1" in lines[-1], "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+        assert proc.returncode == 0, rest
+        assert f"rerun with --state-dir {tmp_path} to resume" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
