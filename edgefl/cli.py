@@ -245,6 +245,7 @@ def run_bench(argv, benchmarks_dir: Path | None = None) -> int:
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(script.parent))  # the benchmarks import their shared harness
     spec.loader.exec_module(module)
+    sys.argv[0] = f"edgefl bench {suite}"  # argparse names the program in usage lines after it
     return module.main(argv) or 0
 
 
