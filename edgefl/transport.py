@@ -202,8 +202,9 @@ class MqttConnection:
         Raises
         ------
         BrokerUnreachable
-            If no successful CONNACK arrived in time (the broker is down, refuses the
-            credentials, ...); the threads are stopped again.
+            If the broker did not accept the connection and the subscriptions in time (it is
+            down, refuses the credentials, fails the TLS check, ...); the threads are stopped
+            again.
         """
         if self._started:
             raise RuntimeError(f"MQTT connection {self.client_id!r} is already started")
