@@ -87,6 +87,24 @@ def test_topk_large_equals_definition(name, make, fraction):
     assert_same_selection(got, twin.topk(x, k))
 
 
+@pytest.mark.parametrize("sampled_big", [True, False])
+def test_topk_layouts_against_the_sample_stride(sampled_big):
+    """Large entries exactly where an evenly spaced sample looks, or exactly where it does not:
+    a bound estimated from such a sample is wrong, and the result must still be exact."""
+    n, k = 4096 * 20, 2000
+    rng = np.random.default_rng(11)
+    on_stride = np.arange(n) % 20 == 0
+    big = on_stride if sampled_big else ~on_stride
+    x = np.where(big, 10.0, 1.0).astype(np.float32) + rng.random(n, dtype=np.float32)
+    assert_same_selection(K.topk(x, k), topk_by_definition(x, k))
+    residual = np.zeros(n, np.float32)
+    expected = x.copy()
+    idx, vals = K.topk_ef_(residual, x, k)
+    assert_same_selection((idx, vals), topk_by_definition(x, k))
+    expected[idx] = 0.0
+    np.testing.assert_array_equal(residual, expected)
+
+
 def test_topk_edge_sizes():
     x = np.array([3.0, -4.0, 0.0, -0.0, 4.0], dtype=np.float32)
     assert_same_selection(K.topk(x, 0), (np.empty(0, np.uint32), np.empty(0, np.float32)))
@@ -111,9 +129,10 @@ def test_read_only_and_multidimensional_input_is_fine_for_selection():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("k", [0, 1, 4])
-def test_topk_rejects_non_finite_and_names_the_index(bad, k):
-    x = np.ones(9, dtype=np.float32)
+@pytest.mark.parametrize("n, k", [(9, 0), (9, 1), (9, 4), (100_000, 0), (100_000, 1000),
+                                  (100_000, 50_000)])
+def test_topk_rejects_non_finite_and_names_the_index(bad, n, k):
+    x = np.ones(n, dtype=np.float32)
     x[6] = bad
     with pytest.raises(ValueError, match=r"x is not finite at flat index 6"):
         K.topk(x, k)
@@ -162,7 +181,7 @@ def test_topk_ef_invariants_and_twin(case, data):
 def test_topk_ef_rounds_match_twin_and_lose_nothing():
     """Over many rounds, what was sent plus what is left equals everything that came in."""
     rng = np.random.default_rng(3)
-    n, k = 50_000, 500
+    n, k = 70_000, 700
     ours = np.zeros(n, np.float32)
     theirs = np.zeros(n, np.float32)
     sent = np.zeros(n, np.float64)
@@ -188,13 +207,14 @@ def test_topk_ef_k_zero_accumulates_only():
 @pytest.mark.parametrize("residual_value, update_value", [
     (np.nan, 0.0), (0.0, np.inf), (3e38, 3e38),  # the last overflows only when added
 ])
-def test_topk_ef_non_finite_sum_leaves_residual_unchanged(residual_value, update_value):
-    residual = np.arange(8, dtype=np.float32)
-    update = np.ones(8, np.float32)
+@pytest.mark.parametrize("n, k", [(8, 2), (100_000, 1000), (100_000, 50_000)])
+def test_topk_ef_non_finite_sum_leaves_residual_unchanged(residual_value, update_value, n, k):
+    residual = np.arange(n, dtype=np.float32)
+    update = np.ones(n, np.float32)
     residual[5], update[5] = residual_value, update_value
     before = residual.copy()
     with pytest.raises(ValueError, match=r"not finite at flat index 5.*residual is left unchanged"):
-        K.topk_ef_(residual, update, 2)
+        K.topk_ef_(residual, update, k)
     np.testing.assert_array_equal(residual, before)
 
 

@@ -14,9 +14,16 @@ of the candidates in the boundary bin are then narrowed with two more radix leve
 to the exact k-th largest key and the number of entries equal to it that still fit; a final walk
 over the candidates emits them sorted by index, ties going to the lower index. Two passes over
 the data instead of NumPy's introselect, and no sort of the output.
+
+For the usual sparsification (k <= n/20, n >= 65536) one pass suffices: a sample of 4096 evenly
+spaced keys gives a bound that lies below the k-th largest key with a wide margin, one
+collecting pass gathers the entries at or above it, and the exact selection above runs on those
+candidates only. The sample only decides how fast the answer comes, never what it is: when the
+bound turns out too high or too low (data laid out against the sample's stride), the two-pass
+select runs instead.
 """
 from libc.float cimport FLT_MAX
-from libc.math cimport nextafterf
+from libc.math cimport nextafterf, sqrt
 from libc.stdlib cimport calloc, free, malloc
 
 import numpy as np
@@ -25,9 +32,10 @@ cimport numpy as cnp
 
 from edgefl._kernels._typedefs cimport float32_t, intp_t, uint32_t, uint64_t
 from edgefl._kernels.topk cimport (
-    EDGEFL_TOPK_BINS, EDGEFL_TOPK_SHIFT,
+    EDGEFL_TOPK_BINS, EDGEFL_TOPK_OVERFLOW, EDGEFL_TOPK_SHIFT,
     edgefl_collect_above, edgefl_count_above, edgefl_lowest_bit, edgefl_magnitude_key,
-    edgefl_topk_accumulate_collect, edgefl_topk_collect, edgefl_topk_histogram,
+    edgefl_max_key_sum, edgefl_topk_accumulate_collect, edgefl_topk_collect,
+    edgefl_topk_histogram, edgefl_topk_sample_keys,
 )
 
 from edgefl._kernels.fallback.topk import (
@@ -44,12 +52,18 @@ cdef enum:
     LEVEL2_SHIFT = 8
     LEVEL2_BINS = 1 << 11
     LEVEL3_BINS = 1 << 8
+    # The sampled path (see _topk_sampled) serves n >= SAMPLED_MIN_N and k <= n / 20; below, or
+    # for denser selections, the two-pass radix select is as fast.
+    SAMPLED_MIN_N = 1 << 16
+    SAMPLED_MAX_DENSITY_INV = 20
+    SAMPLES = 4096
 
 cdef enum Status:
     # What the nogil cores report; the wrappers raise after the loops, never inside them.
     OK = 0
     NON_FINITE = 1
     NO_MEMORY = 2
+    RETRY = 3  # the sampled path's bound was too high: run the two-pass path
 
 
 cdef inline void* _data(object array):
@@ -140,6 +154,85 @@ cdef void _emit(const float32_t* x, const uint32_t* candidates, intp_t m, intp_t
             emitted += 1
 
 
+cdef uint32_t _kth_largest_of(uint32_t* keys, intp_t m, intp_t k, intp_t* counts) noexcept nogil:
+    """The k-th largest of any ``m`` keys (1 <= k <= m); ``keys`` is reordered, ``counts`` is
+    scratch space for EDGEFL_TOPK_BINS counters."""
+    cdef intp_t j, above, kept = 0, ties
+    for j in range(EDGEFL_TOPK_BINS):
+        counts[j] = 0
+    for j in range(m):
+        counts[keys[j] >> EDGEFL_TOPK_SHIFT] += 1
+    cdef intp_t boundary = _boundary_bin(counts, EDGEFL_TOPK_BINS, k, &above)
+    for j in range(m):
+        if <intp_t> (keys[j] >> EDGEFL_TOPK_SHIFT) == boundary:
+            keys[kept] = keys[j]
+            kept += 1
+    return _kth_largest_key(keys, kept, k - above, &ties)
+
+
+cdef int _topk_sampled(float32_t* x, const float32_t* u, intp_t n, intp_t k, intp_t* counts,
+                       uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+    """Top-k in one pass over ``x`` when k is small: a bound from a sample replaces the histogram.
+
+    The bound is a key that SAMPLES evenly spaced entries suggest lies below the k-th largest:
+    of the sample, the expected number of top-k entries plus four standard deviations plus four
+    rank above it. One collecting pass gathers every entry at or above the bound (about 1.5 k of
+    them) and the exact top-k is selected among those, so the result never depends on the
+    sample. Should fewer than k entries reach the bound, or more than the buffer holds (data
+    laid out against the sample's stride), RETRY asks for the two-pass path.
+
+    With ``u`` (error feedback), a first read-only pass checks that ``x + u`` is finite, and the
+    collecting pass stores ``x += u`` whatever happens after. Returns OK, NON_FINITE (``x``
+    unchanged), NO_MEMORY (``x`` unchanged) or RETRY. ``counts`` is scratch space for
+    EDGEFL_TOPK_BINS counters.
+    """
+    cdef uint32_t sample[SAMPLES]
+    cdef uint32_t largest = 0
+    cdef double expected = <double> k * SAMPLES / n
+    cdef intp_t rank = <intp_t> (expected + 4.0 * sqrt(expected)) + 4
+    cdef intp_t capacity, j, kept = 0, above
+    cdef size_t m
+    if u != NULL and edgefl_max_key_sum(x, u, n) >= NON_FINITE_KEY:
+        return NON_FINITE
+    edgefl_topk_sample_keys(x, u, n, SAMPLES, sample)
+    cdef uint32_t lowest = _kth_largest_of(sample, SAMPLES, rank if rank < SAMPLES else SAMPLES,
+                                           counts)
+    # Twice the expected number of entries at or above the bound, with room for small k.
+    capacity = 2 * ((n // SAMPLES + 1) * rank) + 1024
+    cdef uint32_t* candidates = <uint32_t*> malloc(capacity * sizeof(uint32_t))
+    cdef uint32_t* keys = <uint32_t*> malloc(capacity * sizeof(uint32_t))
+    if candidates == NULL or keys == NULL:
+        free(candidates)
+        free(keys)
+        return NO_MEMORY
+    if u == NULL:
+        m = edgefl_topk_collect(x, n, lowest, candidates, capacity, &largest)
+    else:
+        m = edgefl_topk_accumulate_collect(x, u, n, lowest, candidates, capacity)
+    cdef int status = OK
+    cdef intp_t boundary, found
+    if largest >= NON_FINITE_KEY:
+        status = NON_FINITE
+    elif m == EDGEFL_TOPK_OVERFLOW or <intp_t> m < k:
+        status = RETRY
+    else:
+        # The exact top-k among the candidates, as in the two-pass path but over m entries.
+        found = <intp_t> m
+        for j in range(EDGEFL_TOPK_BINS):
+            counts[j] = 0
+        for j in range(found):
+            counts[edgefl_magnitude_key(x[candidates[j]]) >> EDGEFL_TOPK_SHIFT] += 1
+        boundary = _boundary_bin(counts, EDGEFL_TOPK_BINS, k, &above)
+        for j in range(found):
+            if <intp_t> (edgefl_magnitude_key(x[candidates[j]]) >> EDGEFL_TOPK_SHIFT) >= boundary:
+                candidates[kept] = candidates[j]
+                kept += 1
+        _emit(x, candidates, kept, k, above, <uint32_t> boundary, keys, out_idx, out_vals)
+    free(candidates)
+    free(keys)
+    return status
+
+
 cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
                     uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
     """Top-k of ``x[:n]`` into ``out_idx[:k]`` (sorted) and ``out_vals[:k]``.
@@ -147,9 +240,36 @@ cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
     With ``u`` not NULL, error feedback: ``x += u`` first and the emitted entries of ``x`` zeroed
     after. Returns OK, NON_FINITE (NaN or Inf; ``x`` unchanged) or NO_MEMORY (``x`` unchanged).
     """
-    cdef intp_t counts[EDGEFL_TOPK_BINS]
-    cdef intp_t above = 0, m, j, in_boundary = 0
+    cdef bint error_feedback = u != NULL
+    cdef intp_t j
+    cdef int status = RETRY
+    # Level-1 counters on the heap: small thread stacks (musl's 128 KiB) must not overflow.
+    cdef intp_t* counts = <intp_t*> malloc(EDGEFL_TOPK_BINS * sizeof(intp_t))
+    if counts == NULL:
+        return NO_MEMORY
+    if k > 0 and n >= SAMPLED_MIN_N and k * SAMPLED_MAX_DENSITY_INV <= n:
+        status = _topk_sampled(x, u, n, k, counts, out_idx, out_vals)
+        if status == RETRY:
+            u = NULL  # x already holds x + u, which is finite
+    if status == RETRY:
+        status = _topk_two_pass(x, u, n, k, counts, out_idx, out_vals)
+    free(counts)
+    if status == OK and error_feedback:
+        for j in range(k):
+            x[out_idx[j]] = 0.0
+    return status
+
+
+cdef int _topk_two_pass(float32_t* x, const float32_t* u, intp_t n, intp_t k, intp_t* counts,
+                        uint32_t* out_idx, float32_t* out_vals) noexcept nogil:
+    """The radix select of the module docstring: a histogram pass, then a collecting pass.
+
+    With ``u`` not NULL the collecting pass also stores ``x += u``. Returns OK, NON_FINITE or
+    NO_MEMORY, with ``x`` unchanged on error. ``counts`` is scratch space for EDGEFL_TOPK_BINS
+    counters."""
+    cdef intp_t above = 0, m, in_boundary = 0
     cdef intp_t boundary = EDGEFL_TOPK_BINS  # with k == 0 no bin qualifies
+    cdef uint32_t largest
     cdef int status = _histogram(x, u, n, counts)
     if status != OK or (k == 0 and u == NULL):
         return status
@@ -157,7 +277,8 @@ cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
         boundary = _boundary_bin(counts, EDGEFL_TOPK_BINS, k, &above)
         in_boundary = counts[boundary]
     # Both buffers before pass 2, which is the one that writes x: a failure leaves x unchanged.
-    cdef uint32_t* candidates = <uint32_t*> malloc((above + in_boundary + 1) * sizeof(uint32_t))
+    cdef intp_t capacity = above + in_boundary
+    cdef uint32_t* candidates = <uint32_t*> malloc((capacity + 1) * sizeof(uint32_t))
     cdef uint32_t* keys = <uint32_t*> malloc((in_boundary + 1) * sizeof(uint32_t))
     if candidates == NULL or keys == NULL:
         free(candidates)
@@ -165,21 +286,18 @@ cdef int _topk_into(float32_t* x, const float32_t* u, intp_t n, intp_t k,
         return NO_MEMORY
     cdef uint32_t lowest = <uint32_t> boundary << EDGEFL_TOPK_SHIFT
     if u == NULL:
-        m = edgefl_topk_collect(x, n, lowest, candidates)
+        m = edgefl_topk_collect(x, n, lowest, candidates, capacity, &largest)
     else:
-        m = edgefl_topk_accumulate_collect(x, u, n, lowest, candidates)
+        m = edgefl_topk_accumulate_collect(x, u, n, lowest, candidates, capacity)
     if k > 0:
         _emit(x, candidates, m, k, above, <uint32_t> boundary, keys, out_idx, out_vals)
     free(candidates)
     free(keys)
-    if u != NULL:
-        for j in range(k):
-            x[out_idx[j]] = 0.0
     return OK
 
 
-cdef _raise_no_memory(str kernel, intp_t n):
-    raise MemoryError(f"{kernel}: out of memory for the work buffers of {n} elements")
+cdef _raise_no_memory(str kernel, intp_t n, str state=""):
+    raise MemoryError(f"{kernel}: out of memory for the work buffers of {n} elements{state}")
 
 
 def topk(x, k):
@@ -211,10 +329,10 @@ def topk(x, k):
     -----
     Top-k of a clean update leaks which coordinates the local data moved. Under differential
     privacy, select only after noise has been added (post-processing), or use :func:`randomk`.
-    Runs without the GIL: two passes over ``x``. The work buffers hold the entries whose
-    magnitude shares its top 12 bits with the k-th largest or exceeds it: a little more than k
-    for real-valued data, up to ``2 * x.size`` 32-bit words when most magnitudes are equal
-    (an all-zero update, say).
+    Runs without the GIL: one pass over ``x`` for k <= x.size / 20 on large arrays, two
+    otherwise (see the module docstring). The work buffers hold a little more than k indices for
+    real-valued data, up to ``2 * x.size`` 32-bit words when most magnitudes are equal (an
+    all-zero update, say).
     """
     flat = _check_array(x, "x")
     cdef intp_t n = flat.shape[0]
@@ -298,7 +416,9 @@ def topk_ef_(residual, update, k):
     if status == NON_FINITE:
         _raise_non_finite_sum(r, u)
     if status == NO_MEMORY:
-        _raise_no_memory("topk_ef_", n)
+        # Only the fallback after a failed one-pass attempt can run out of memory after the
+        # residual was written; say so rather than promise it is unchanged.
+        _raise_no_memory("topk_ef_", n, "; residual may already include the update")
     return idx, vals
 
 

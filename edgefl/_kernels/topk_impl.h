@@ -57,6 +57,18 @@ static inline int edgefl_lowest_bit(uint64_t word)
 #endif
 }
 
+/* Number of set bits of a word. */
+static inline int edgefl_bit_count(uint32_t word)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_popcount(word);
+#else
+    int bits = 0;
+    for (; word; word &= word - 1) bits++;
+    return bits;
+#endif
+}
+
 /* Largest key of block[0:EDGEFL_TOPK_BLOCK]. */
 static inline uint32_t edgefl_block_max_key(const float *block)
 {
@@ -122,41 +134,90 @@ static int edgefl_topk_histogram(const float *x, const float *u, size_t n, ptrdi
     return 0;
 }
 
-/* Indices i (ascending) with key(x[i]) >= lowest into candidates; returns how many. Inside a block
- * that holds one, the loop visits only the set bits of the block's mask. */
+/* Returned by the collecting passes when more than `capacity` entries qualify. */
+#define EDGEFL_TOPK_OVERFLOW ((size_t)-1)
+
+/* Indices i (ascending) with key(x[i]) >= lowest into candidates[0:capacity]; returns how many, or
+ * EDGEFL_TOPK_OVERFLOW. Inside a block that holds one, the loop visits only the set bits of the
+ * block's mask. *largest gets the largest key of x (NaN/Inf detection when no histogram ran). */
 EDGEFL_TOPK_DISPATCH static size_t edgefl_topk_collect(const float *x, size_t n, uint32_t lowest,
-                                                       uint32_t *candidates)
+                                                       uint32_t *candidates, size_t capacity,
+                                                       uint32_t *largest)
 {
     size_t m = 0, i = 0;
+    uint32_t top = 0;
     for (; i + EDGEFL_TOPK_BLOCK <= n; i += EDGEFL_TOPK_BLOCK) {
-        if (edgefl_block_max_key(x + i) < lowest) continue;
-        for (uint32_t mask = edgefl_block_mask_from(x + i, lowest); mask; mask &= mask - 1)
+        uint32_t block_top = edgefl_block_max_key(x + i);
+        top = block_top > top ? block_top : top;
+        if (block_top < lowest || m == EDGEFL_TOPK_OVERFLOW) continue;
+        uint32_t mask = edgefl_block_mask_from(x + i, lowest);
+        if (m + (size_t)edgefl_bit_count(mask) > capacity) {
+            m = EDGEFL_TOPK_OVERFLOW;
+            continue;
+        }
+        for (; mask; mask &= mask - 1)
             candidates[m++] = (uint32_t)(i + (size_t)edgefl_lowest_bit(mask));
     }
     for (; i < n; i++) {
-        if (edgefl_magnitude_key(x[i]) >= lowest) candidates[m++] = (uint32_t)i;
+        uint32_t key = edgefl_magnitude_key(x[i]);
+        top = key > top ? key : top;
+        if (key < lowest || m == EDGEFL_TOPK_OVERFLOW) continue;
+        if (m == capacity) m = EDGEFL_TOPK_OVERFLOW;
+        else candidates[m++] = (uint32_t)i;
     }
+    *largest = top;
     return m;
 }
 
-/* r += u, fused with edgefl_topk_collect on the new r. */
+/* r += u, fused with edgefl_topk_collect on the new r. The whole of r is accumulated even when the
+ * candidates overflow. */
 EDGEFL_TOPK_DISPATCH static size_t edgefl_topk_accumulate_collect(float *r, const float *u,
                                                                   size_t n, uint32_t lowest,
-                                                                  uint32_t *candidates)
+                                                                  uint32_t *candidates,
+                                                                  size_t capacity)
 {
     size_t m = 0, i = 0;
     for (; i + EDGEFL_TOPK_BLOCK <= n; i += EDGEFL_TOPK_BLOCK) {
         float *block = r + i;
         for (int j = 0; j < EDGEFL_TOPK_BLOCK; j++) block[j] += u[i + j];
-        if (edgefl_block_max_key(block) < lowest) continue;
-        for (uint32_t mask = edgefl_block_mask_from(block, lowest); mask; mask &= mask - 1)
+        if (edgefl_block_max_key(block) < lowest || m == EDGEFL_TOPK_OVERFLOW) continue;
+        uint32_t mask = edgefl_block_mask_from(block, lowest);
+        if (m + (size_t)edgefl_bit_count(mask) > capacity) {
+            m = EDGEFL_TOPK_OVERFLOW;
+            continue;
+        }
+        for (; mask; mask &= mask - 1)
             candidates[m++] = (uint32_t)(i + (size_t)edgefl_lowest_bit(mask));
     }
     for (; i < n; i++) {
         r[i] += u[i];
-        if (edgefl_magnitude_key(r[i]) >= lowest) candidates[m++] = (uint32_t)i;
+        if (edgefl_magnitude_key(r[i]) < lowest || m == EDGEFL_TOPK_OVERFLOW) continue;
+        if (m == capacity) m = EDGEFL_TOPK_OVERFLOW;
+        else candidates[m++] = (uint32_t)i;
     }
     return m;
+}
+
+/* Largest key of r + u: the finiteness check of error feedback, before anything is written. */
+EDGEFL_TOPK_DISPATCH static uint32_t edgefl_max_key_sum(const float *r, const float *u, size_t n)
+{
+    uint32_t top = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t key = edgefl_magnitude_key(r[i] + u[i]);
+        top = key > top ? key : top;
+    }
+    return top;
+}
+
+/* Keys of `samples` evenly spaced entries of x (of x + u when u is not NULL); samples <= n. */
+static void edgefl_topk_sample_keys(const float *x, const float *u, size_t n, size_t samples,
+                                    uint32_t *keys)
+{
+    size_t stride = n / samples;
+    for (size_t j = 0; j < samples; j++) {
+        size_t i = j * stride;
+        keys[j] = edgefl_magnitude_key(u ? x[i] + u[i] : x[i]);
+    }
 }
 
 /* How many keys of x exceed threshold; *largest gets the largest key (to detect NaN/Inf). */
