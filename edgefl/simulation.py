@@ -508,11 +508,12 @@ def format_summary(summary: dict) -> str:
         f"({b['models_installed']} model installs; their float32 weights alone are "
         f"{b['downlink_model_weights_float32'] / 1024:.1f} KiB, the rest is ONNX graphs, "
         f"announcements and receipts)",
-        f"predictions served by devices: {p['served']} (errors {p['errors']}); latency p50 "
-        f"{p.get('p50_us')} us, p99 {p.get('p99_us')} us; p99 idle {p.get('p99_us_idle')} us, "
-        f"during training {p.get('p99_us_training')} us ({p.get('n_training', 0)} predictions), "
-        f"around swaps {p.get('p99_us_swap')} us ({p.get('n_swap', 0)} predictions)"
-        + _sharing_note(summary),
+        (f"predictions served by devices: {p['served']} (errors {p['errors']}); latency p50 "
+         f"{p.get('p50_us')} us, p99 {p.get('p99_us')} us; p99 idle {p.get('p99_us_idle')} us, "
+         f"during training {p.get('p99_us_training')} us ({p.get('n_training', 0)} predictions), "
+         f"around swaps {p.get('p99_us_swap')} us ({p.get('n_swap', 0)} predictions)"
+         + _sharing_note(summary)) if p["served"] else
+        "predictions: none recorded (device threads, or --predict-rate 0)",
         f"{summary['devices_on_final_version']} of {len(summary['devices'])} devices ended on the "
         f"final model version {summary['final_model_version']}; {summary['wall_seconds']} s",
     ]
