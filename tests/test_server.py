@@ -189,7 +189,7 @@ def run_one_round(broker, tmp_path, clients, *, bad: bool):
     server = AggregationServer(server_config(broker, tmp_path, rounds=1, max_update_bytes=64 << 10),
                                initial_model=initial)
     with server:
-        ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+        observer.wait_for(TOPICS.round, announcement("open", 1))
         d1 = devices["d1"]
         good = good_update("d1", 1, 0, n)
         if bad:

@@ -1,7 +1,6 @@
 """The server's durable state: round trips, idempotent updates, atomic round commits, kill -9."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from edgefl.protocol import TrainingConfig
 from edgefl_server.strategies import (
-    STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedProx, FedSGD, FedYogi, make_strategy,
+    STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedSGD, FedTrimmedAvg, FedYogi,
+    Krum, make_strategy,
 )
 from edgefl_server.strategies.aggregate import WeightedDelta, weighted_delta_sum
 
@@ -190,7 +191,8 @@ def test_bad_options_and_names_are_explained():
         make_strategy("fedavgg")
     with pytest.raises(TypeError):
         FedAdam(0.1)  # keyword-only
-    assert sorted(STRATEGIES) == ["fedadagrad", "fedadam", "fedavg", "fedprox", "fedsgd", "fedyogi"]
+    assert sorted(STRATEGIES) == ["fedadagrad", "fedadam", "fedavg", "fedmedian", "fedprox",
+                                  "fedsgd", "fedtrimmedavg", "fedyogi", "krum"]
 
 
 def test_weighted_sum_checks_its_inputs():
@@ -200,3 +202,58 @@ def test_weighted_sum_checks_its_inputs():
         weighted_delta_sum([WeightedDelta(np.array([3], np.uint32), np.ones(1, np.float32), 1.0)], 3)
     with pytest.raises(ValueError, match="weight must be finite"):
         weighted_delta_sum([WeightedDelta(None, np.zeros(3, np.float32), -1.0)], 3)
+
+
+# -- robust rules ---------------------------------------------------------------------------------
+
+def test_fedmedian_hand_computed_and_sparse_counts_zero():
+    w = np.zeros(3, np.float32)
+    ups = [dense([1.0, 5.0, -1.0], 1), dense([2.0, -5.0, 0.0], 100), sparse([0], [9.0], 1)]
+    # per coordinate: median(1, 2, 9) = 2, median(5, -5, 0) = 0, median(-1, 0, 0) = 0
+    np.testing.assert_array_equal(FedMedian().aggregate(w, ups), [2.0, 0.0, 0.0])
+
+
+def test_trimmed_mean_drops_the_extremes():
+    w = np.ones(2, np.float32)
+    ups = [dense([v, -v], 1) for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
+    # beta 0.2 of 5 clients trims one at each end: mean(2, 3, 4) = 3
+    np.testing.assert_allclose(FedTrimmedAvg(beta=0.2).aggregate(w, ups), [4.0, -2.0])
+    np.testing.assert_allclose(FedTrimmedAvg(beta=0.0).aggregate(w, ups), [203.0, -201.0])
+    np.testing.assert_allclose(FedTrimmedAvg(beta=0.4).aggregate(w, ups), [4.0, -2.0])  # median
+    np.testing.assert_allclose(FedTrimmedAvg(beta=0.4).aggregate(w, ups[:2]), [2.5, -0.5])  # 0 cut
+    with pytest.raises(ValueError, match="beta must be a number in \\[0.0, 0.5\\)"):
+        FedTrimmedAvg(beta=0.5)
+
+
+def test_krum_discards_an_outlier():
+    rng = np.random.default_rng(1)
+    honest = [dense(rng.normal(0.0, 0.01, 20) + 0.1, 10) for _ in range(6)]
+    attacker = dense(np.full(20, 50.0), 10_000)  # far away, and claims many samples
+    w = np.zeros(20, np.float32)
+    ups = honest + [attacker]
+    one = Krum(num_malicious_clients=1).aggregate(w, ups)
+    assert any(np.array_equal(one, u.values) for u in honest)
+    multi = Krum(num_malicious_clients=1, num_clients_to_keep=6).aggregate(w, ups)
+    np.testing.assert_allclose(multi, np.mean([u.values for u in honest], axis=0), rtol=1e-5)
+    assert FedAvg().aggregate(w, ups).mean() > 40  # what the attacker does to plain FedAvg
+    # n <= 2f + 2: the guarantee does not hold, keep the model
+    assert Krum(num_malicious_clients=3).aggregate(w, ups) is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(sparse_round())
+def test_krum_scores_match_a_direct_transcription(case):
+    n, clients = case
+    from edgefl_server.strategies.aggregate import krum_select, stack_dense
+    matrix = stack_dense([WeightedDelta(c.indices, c.values, 1.0) for c in clients], n)
+    m = len(clients)
+    f = max(0, (m - 3) // 2)
+    if m <= 2 * f + 2:
+        return
+    scores = []
+    for i in range(m):
+        d = sorted(float(np.sum((matrix[i].astype(np.float64) - matrix[j]) ** 2))
+                   for j in range(m) if j != i)
+        scores.append(sum(d[: m - f - 2]))
+    best = int(krum_select(matrix, f)[0])
+    assert scores[best] == pytest.approx(min(scores), rel=1e-6, abs=1e-6)

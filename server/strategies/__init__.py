@@ -1,13 +1,16 @@
 """Aggregation strategies, by name: plain functions in :mod:`.aggregate`, classes that orchestrate.
 
-==============  =====================================================================
-``fedavg``      :class:`FedAvg`, sample-weighted mean delta (McMahan et al. 2017)
-``fedsgd``      :class:`FedSGD`, one full-batch step per client (McMahan et al. 2017)
-``fedprox``     :class:`FedProx`, FedAvg + proximal term ``proximal_mu`` (Li et al. 2020)
-``fedadam``     :class:`FedAdam`, server Adam (Reddi et al. 2021)
-``fedyogi``     :class:`FedYogi`, server Yogi (Reddi et al. 2021)
-``fedadagrad``  :class:`FedAdagrad`, server Adagrad (Reddi et al. 2021)
-==============  =====================================================================
+=================  =================================================================
+``fedavg``         :class:`FedAvg`, sample-weighted mean delta (McMahan et al. 2017)
+``fedsgd``         :class:`FedSGD`, one full-batch step per client (McMahan et al. 2017)
+``fedprox``        :class:`FedProx`, FedAvg + proximal term ``proximal_mu`` (Li et al. 2020)
+``fedadam``        :class:`FedAdam`, server Adam (Reddi et al. 2021)
+``fedyogi``        :class:`FedYogi`, server Yogi (Reddi et al. 2021)
+``fedadagrad``     :class:`FedAdagrad`, server Adagrad (Reddi et al. 2021)
+``fedmedian``      :class:`FedMedian`, coordinate-wise median (Yin et al. 2018)
+``fedtrimmedavg``  :class:`FedTrimmedAvg`, coordinate-wise trimmed mean (Yin et al. 2018)
+``krum``           :class:`Krum`, (multi-)Krum (Blanchard et al. 2017)
+=================  =================================================================
 """
 from __future__ import annotations
 
@@ -16,12 +19,16 @@ from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedopt import FedOpt
 from .fedprox import FedProx
+from .fedmedian import FedMedian
 from .fedsgd import FedSGD
+from .fedtrimmedavg import FedTrimmedAvg
 from .fedyogi import FedYogi
+from .krum import Krum
 from .strategy import ClientUpdate, Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedSGD, FedProx, FedAdam, FedYogi, FedAdagrad)
+    cls.name: cls for cls in (FedAvg, FedSGD, FedProx, FedAdam, FedYogi, FedAdagrad,
+                              FedMedian, FedTrimmedAvg, Krum)
 }
 
 
@@ -44,4 +51,5 @@ def make_strategy(name: str, options: dict | None = None) -> Strategy:
 __all__ = [
     "STRATEGIES", "make_strategy", "Strategy", "ClientUpdate",
     "FedAvg", "FedSGD", "FedProx", "FedOpt", "FedAdam", "FedYogi", "FedAdagrad",
+    "FedMedian", "FedTrimmedAvg", "Krum",
 ]

@@ -124,3 +124,72 @@ def adaptive_step(weights: np.ndarray, m: np.ndarray, v: np.ndarray, *, eta: flo
     """
     step = eta * m / (np.sqrt(np.maximum(v, 0.0)) + tau)
     return (weights.astype(np.float64) + step).astype(np.float32)
+
+
+# -- robust aggregation: these need every client's full delta, so sparse deltas are densified ----
+
+def stack_dense(deltas: Iterable[WeightedDelta], num_params: int) -> np.ndarray:
+    """The deltas as rows of one dense float32 matrix, shape (clients, num_params).
+
+    Coordinate-wise order statistics and pairwise distances need each client's value at every
+    coordinate (zero where a sparse client sent nothing), so robust rules densify; their memory
+    is O(clients * num_params).
+    """
+    deltas = list(deltas)
+    out = np.zeros((len(deltas), num_params), dtype=np.float32)
+    for row, (indices, values, _) in zip(out, deltas):
+        if indices is None:
+            row[:] = values
+        else:
+            row[indices] = values
+    return out
+
+
+def coordinate_median(matrix: np.ndarray) -> np.ndarray:
+    """The median over clients of every coordinate (rows are clients)."""
+    return np.median(matrix, axis=0).astype(np.float32)
+
+
+def trimmed_mean(matrix: np.ndarray, beta: float) -> np.ndarray:
+    """Per coordinate, the mean after dropping the ``floor(beta * clients)`` largest and smallest.
+
+    With ``beta < 0.5`` at least one value always remains.
+
+    Raises
+    ------
+    ValueError
+        If beta is not in [0, 0.5).
+    """
+    if not 0.0 <= beta < 0.5:
+        raise ValueError(f"trim fraction beta must be in [0, 0.5), got {beta!r}")
+    clients = matrix.shape[0]
+    cut = int(np.floor(beta * clients))
+    ordered = np.sort(matrix, axis=0)
+    return ordered[cut:clients - cut].astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+def krum_select(matrix: np.ndarray, num_malicious: int, num_to_keep: int = 1) -> np.ndarray:
+    """Indices of the ``num_to_keep`` rows with the lowest Krum scores (Blanchard et al. 2017).
+
+    A row's score is the sum of its squared distances to its ``clients - num_malicious - 2``
+    nearest other rows; an outlier is far from most rows and scores high.
+
+    Raises
+    ------
+    ValueError
+        If ``clients <= 2 * num_malicious + 2`` (Krum's condition) or ``num_to_keep`` is not in
+        1..clients.
+    """
+    clients = matrix.shape[0]
+    if clients <= 2 * num_malicious + 2:
+        raise ValueError(f"Krum needs more than 2 * {num_malicious} + 2 = {2 * num_malicious + 2} "
+                         f"updates to tolerate {num_malicious} malicious ones, got {clients}")
+    if not 1 <= num_to_keep <= clients:
+        raise ValueError(f"num_to_keep must be in 1..{clients}, got {num_to_keep}")
+    x = matrix.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    np.fill_diagonal(dist, np.inf)
+    neighbours = clients - num_malicious - 2
+    scores = np.sort(dist, axis=1)[:, :neighbours].sum(axis=1)
+    return np.argsort(scores, kind="stable")[:num_to_keep]
