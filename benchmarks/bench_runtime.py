@@ -288,7 +288,9 @@ def main(argv=None) -> int:
     calls, reps, foot_reps = (1000, 2, 3) if args.quick else (5000, 5, 9)
     results = {
         "machine": {"python": platform.python_version(), "processor": platform.machine(),
-                    "kernels": kernels.BACKEND},
+                    "cpus": os.cpu_count(), "kernels": kernels.BACKEND,
+                    # other work on the machine shows up in the p99s: say how busy it was
+                    "load_average_1min_at_start": os.getloadavg()[0]},
         "latency": latency(calls, reps),
         "update_size": update_size(),
         "footprint": footprint(foot_reps),
