@@ -5,7 +5,7 @@ floats. Every message ends in an 8-byte checksum, the first 8 bytes of SHA-256 o
 before it (an integrity check against corruption, not an authentication). Decoding checks every
 length against the header, the message's actual size and a maximum size *before* allocating
 anything, and raises :class:`UpdateDecodeError` / :class:`ModelDecodeError` (both ``ValueError``)
-saying what is wrong; no other exception escapes a decoder.
+saying what is wrong; for any bytes-like payload no other exception escapes a decoder.
 """
 from __future__ import annotations
 
