@@ -17,10 +17,11 @@ sparse) are published as fast as a few raw paho connections can. Reported per mo
   PUBACK and receipt.
 
 Each mode runs against two Mosquitto configurations: the default, and ``set_tcp_nodelay true``.
-With Nagle's algorithm on the broker's sockets (Mosquitto's default), small packets the broker
-sends right after others (the PUBACKs for a burst of receipts, a model right after a receipt)
-wait for the peer's delayed TCP ACK, about 40 ms on Linux; a broker serving an aggregation server
-should set ``set_tcp_nodelay true``.
+With Nagle's algorithm on the broker's sockets (Mosquitto's default), a small packet sent right
+after others (a PUBACK after a burst, a model right after a receipt) can wait for the peer's
+delayed TCP ACK, about 40 ms on Linux. The server publishes models and announcements on a
+connection of their own so that its burst of receipts does not delay them; the two
+configurations show what remains of the effect.
 
 Writes ``benchmarks/results/server.json``. Run: ``python benchmarks/bench_server.py`` (defaults:
 100 devices, 7 rounds per mode); ``--rounds 2 --devices 20`` for a quick check.
