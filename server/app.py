@@ -502,10 +502,11 @@ class AggregationServer:
         self.metrics.count_round(seconds, nxt.round_id, model.version)
         self.history.append(result)
         shown = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
-        log.info("round %d closed (%s): %d accepted, %d rejected %s, %d straggler(s); model "
+        rejected = ", ".join(f"{code}={n}" for code, n in sorted(result.rejected.items()))
+        log.info("round %d closed (%s): %d accepted, %d rejected%s, %d straggler(s); model "
                  "version %d%s in %.1f ms; %d B up, %d B down %s",
                  r.round_id, decision.value, result.accepted, sum(result.rejected.values()),
-                 result.rejected or "", len(result.stragglers), model.version,
+                 f" ({rejected})" if rejected else "", len(result.stragglers), model.version,
                  "" if new_weights is not None else " (kept: nothing usable arrived)",
                  seconds * 1e3, result.uplink_bytes, result.downlink_bytes, shown)
         if self._on_round is not None:
