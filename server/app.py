@@ -190,6 +190,11 @@ class AggregationServer:
         return self._round
 
     @property
+    def connected(self) -> bool:
+        """Whether both MQTT connections are up right now (they reconnect on their own)."""
+        return all(c is not None and c.connected.is_set() for c in (self._conn, self._control))
+
+    @property
     def metrics_port(self) -> int | None:
         """The port metrics are served on (useful with ``metrics_port=0``)."""
         return None if self._metrics_http is None else self._metrics_http.port
