@@ -341,7 +341,8 @@ def test_quantize_argument_errors():
 ])
 def test_dequantize_checks_the_length_exactly(kind, k, size):
     for module in (K, twin):
-        with pytest.raises(ValueError, match=f"buf has {size} bytes, kind '{kind}' with k = {k} needs exactly"):
+        expected = f"buf has {size} bytes, kind '{kind}' with k = {k} needs exactly"
+        with pytest.raises(ValueError, match=expected):
             module.dequantize(bytes(size), kind, k, 1.0)
 
 

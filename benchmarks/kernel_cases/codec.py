@@ -53,6 +53,10 @@ def numpy_quantize_int8(vals):
     return np.clip(np.rint(vals / scale), -127, 127).astype(np.int8).tobytes(), float(scale)
 
 
+def numpy_dequantize_int8(buf, scale):
+    return np.frombuffer(buf, np.int8).astype(np.float32) * np.float32(scale)
+
+
 def comparisons(sizes):
     cases = []
     for n in sizes:
@@ -71,12 +75,15 @@ def comparisons(sizes):
             Comparison("encode_indices_rice", n, edgefl=lambda idx=idx, n=n: K.encode_indices_rice(idx, n),
                        numpy=lambda idx=idx, n=n: twin.encode_indices_rice(idx, n),
                        note=f"{note}, {len(rice)} B vs varint {len(varint)} B; NumPy twin"),
-            Comparison("decode_indices_rice", n, edgefl=lambda b=rice, n=n, k=k: K.decode_indices_rice(b, n, k),
+            Comparison("decode_indices_rice", n,
+                       edgefl=lambda b=rice, n=n, k=k: K.decode_indices_rice(b, n, k),
                        numpy=lambda b=rice, n=n, k=k: twin.decode_indices_rice(b, n, k),
                        note=note + ", NumPy twin (per-element loop)"),
-            Comparison("encode_indices_bitmap", n, edgefl=lambda idx=idx, n=n: K.encode_indices_bitmap(idx, n),
+            Comparison("encode_indices_bitmap", n,
+                       edgefl=lambda idx=idx, n=n: K.encode_indices_bitmap(idx, n),
                        numpy=lambda idx=idx, n=n: numpy_encode_bitmap(idx, n), note=note + ", np.packbits"),
-            Comparison("decode_indices_bitmap", n, edgefl=lambda b=bitmap, n=n, k=k: K.decode_indices_bitmap(b, n, k),
+            Comparison("decode_indices_bitmap", n,
+                       edgefl=lambda b=bitmap, n=n, k=k: K.decode_indices_bitmap(b, n, k),
                        numpy=lambda b=bitmap: numpy_decode_bitmap(b), note=note + ", np.unpackbits"),
         ]
         vals = rng.standard_normal(n, dtype=np.float32)
@@ -92,7 +99,7 @@ def comparisons(sizes):
                        numpy=lambda v=vals: numpy_quantize_int8(v), note="np.rint(v / scale)"),
             Comparison("dequantize int8", n,
                        edgefl=lambda b=int8, n=n, s=int8_scale: K.dequantize(b, "int8", n, s),
-                       numpy=lambda b=int8, s=int8_scale: np.frombuffer(b, np.int8).astype(np.float32) * np.float32(s),
+                       numpy=lambda b=int8, s=int8_scale: numpy_dequantize_int8(b, s),
                        note="astype(float32) * scale"),
             Comparison("quantize ternary", n, edgefl=lambda v=vals: K.quantize(v, "ternary"),
                        numpy=lambda v=vals: twin.quantize(v, "ternary"), note="NumPy twin"),

@@ -111,7 +111,9 @@ cdef const float32_t[::1] _values(object vals):
     if not isinstance(vals, np.ndarray):
         raise TypeError(f"vals must be a numpy.ndarray of float32, got {type(vals).__name__}")
     if vals.dtype != np.float32:
-        raise TypeError(f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)")
+        raise TypeError(
+            f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)"
+        )
     if vals.ndim != 1:
         raise ValueError(f"vals must be 1-D, got shape {vals.shape}")
     if not vals.flags.c_contiguous:
@@ -193,7 +195,9 @@ cdef _raise_decode_fault(str coder, Fault fault, intp_t i, Py_ssize_t pos, Py_ss
     if fault == OVERFLOW:
         raise ValueError(where + f"the varint of index {i} at byte {pos} exceeds 32 bits or 5 bytes")
     if fault == NON_CANONICAL:
-        raise ValueError(where + f"the varint of index {i} at byte {pos} is non-canonical (a redundant zero byte)")
+        raise ValueError(
+            where + f"the varint of index {i} at byte {pos} is non-canonical (a redundant zero byte)"
+        )
     if fault == OUT_OF_RANGE:
         raise ValueError(where + f"index {i} decodes to {value}, out of range (must be < n)")
     if fault == TRAILING:

@@ -36,7 +36,9 @@ def _values(vals):
     if not isinstance(vals, np.ndarray):
         raise TypeError(f"vals must be a numpy.ndarray of float32, got {type(vals).__name__}")
     if vals.dtype != np.float32:
-        raise TypeError(f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)")
+        raise TypeError(
+            f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)"
+        )
     if vals.ndim != 1:
         raise ValueError(f"vals must be 1-D, got shape {vals.shape}")
     if not vals.flags.c_contiguous:
@@ -105,7 +107,9 @@ def _checked_gaps(idx, n):
             f"idx[{i - 1}] = {idx[i - 1]}; sort and deduplicate with np.unique(idx)"
         )
     if first_out < idx.size:
-        raise ValueError(f"idx[{first_out}] = {idx[first_out]} is out of range for n = {n} (indices must be < n)")
+        raise ValueError(
+            f"idx[{first_out}] = {idx[first_out]} is out of range for n = {n} (indices must be < n)"
+        )
     return np.diff(wide, prepend=-1) - 1, n
 
 
@@ -205,7 +209,8 @@ def decode_indices(buf, n, k):
             if byte < 0x80:
                 if byte == 0 and shift > 0:
                     raise ValueError(
-                        where + f"the varint of index {i} at byte {pos - 1} is non-canonical (a redundant zero byte)"
+                        where + f"the varint of index {i} at byte {pos - 1} is non-canonical "
+                        "(a redundant zero byte)"
                     )
                 break
             shift += 7
@@ -402,7 +407,9 @@ def quantize(vals, kind):
     bad = np.flatnonzero(~np.isfinite(vals))
     if bad.size:
         at = int(bad[0])
-        raise ValueError(f"vals contains a non-finite value ({vals[at]} at index {at}); quantize only finite values")
+        raise ValueError(
+            f"vals contains a non-finite value ({vals[at]} at index {at}); quantize only finite values"
+        )
     if kind == "f32":
         return vals.astype("<f4").tobytes(), 1.0
     if kind == "f16":
