@@ -67,7 +67,8 @@ class ServerConfig:
     strategy, strategy_options
         Registry name (:data:`edgefl_server.strategies.STRATEGIES`) and its keyword options.
     rounds : int
-        Number of rounds to run; afterwards the announcement says "finished".
+        Number of rounds of the run; afterwards the announcement says "finished". A finished
+        state directory started again with a larger number continues up to it.
     min_clients : int
         Devices that must be online before a round opens.
     clients_per_round : int, optional
@@ -218,6 +219,10 @@ class AggregationServer:
             for stored in self._store.round_updates(self._round.round_id):
                 self._updates.append(decode_update(stored.payload,
                                                    expected_params=self.model.manifest.num_params))
+            if self._round.phase == FINISHED and cfg.rounds > self._round.round_id:
+                # a finished run started again with a larger --rounds continues where it ended
+                self._round = RoundState(self._round.round_id + 1, self.model.version)
+                self._store.save_round(self._round)
             log.info("resuming fleet %s at round %d (%s) with model version %d and %d accepted "
                      "update(s)", cfg.fleet, self._round.round_id, self._round.phase,
                      self.model.version, len(self._updates))

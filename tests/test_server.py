@@ -177,6 +177,12 @@ def test_two_full_rounds_then_finished(broker, clients, tmp_path):
     assert seen[0].uplink_bytes == 3 * len(good_update("d1", 1, 0, n))
     assert seen[0].downlink_bytes > 0 and seen[0].aggregation_seconds > 0
     assert seen[1].metrics == {"weight_mean": pytest.approx(float(weights.mean()))}
+    # started again on the same state with more rounds: the run continues at round 3
+    more = AggregationServer(server_config(broker, tmp_path, rounds=3, metrics_port=None))
+    with more:
+        ann = observer.wait_for(TOPICS.round, announcement("open", 3))
+        assert ann.model_version == 2 and more.model.version == 2
+        assert [r.round_id for r in more.history] == [1, 2]
 
 
 def run_one_round(broker, tmp_path, clients, *, bad: bool):
