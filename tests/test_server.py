@@ -429,3 +429,21 @@ def test_broker_restart_mid_round(broker, clients, tmp_path):
     np.testing.assert_allclose(server.model.weights, expected_fedavg(initial.weights, DEVICES),
                                rtol=1e-6)
     assert server.history[0].accepted == 3
+
+
+def test_cli_initial_model_from_spec_or_file(tmp_path):
+    from edgefl.wire import encode_model
+    from edgefl_server.cli import load_initial_model
+
+    model = build_mlp((8, 4, 3), seed=5)
+    path = tmp_path / "model.bin"
+    path.write_bytes(encode_model(model))
+    loaded = load_initial_model(str(path), seed=0)
+    assert loaded.manifest == model.manifest and loaded.onnx == model.onnx
+    np.testing.assert_array_equal(loaded.weights, model.weights)
+    assert load_initial_model("mlp:8-4-3", seed=5).manifest == model.manifest
+    with pytest.raises(ValueError, match="neither mlp:SIZES nor an existing model file"):
+        load_initial_model(str(tmp_path / "missing.bin"), seed=0)
+    path.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="truncated|magic"):
+        load_initial_model(str(path), seed=0)
