@@ -23,13 +23,39 @@
 #endif
 
 /* x[i] += (bit i of signs set ? -(scale * draws[i]) : scale * draws[i]), for i < n, where bit i
- * is bit i % 32 of signs[i / 32]. The sign is applied by flipping the float's sign bit: a branch
- * on a random bit would be mispredicted half the time. */
+ * is bit i % 32 of signs[i / 32]. The sign is applied by flipping the product's sign bit (exact),
+ * never by a branch on a random bit, which would be mispredicted half the time. With GCC/clang
+ * vector extensions (SSE2 on x86-64, NEON on aarch64) four elements go at a time: each lane tests
+ * its own constant bit of the sign word. */
 EDGEFL_NO_CONTRACT static void edgefl_add_signed_scaled(float *x, const float *draws,
                                                         const uint32_t *signs, size_t n,
                                                         float scale)
 {
-    for (size_t i = 0; i < n; i++) {
+    size_t done = 0;
+#if defined(__GNUC__)
+    typedef uint32_t u32x4 __attribute__((vector_size(16)));
+    typedef float f32x4 __attribute__((vector_size(16)));
+    const u32x4 sign_bit = {0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u};
+    const f32x4 factor = {scale, scale, scale, scale};
+    size_t words = n / 32;
+    for (size_t w = 0; w < words; w++) {
+        u32x4 word = {signs[w], signs[w], signs[w], signs[w]};
+        u32x4 lane_bit = {1u, 2u, 4u, 8u};
+        for (size_t g = 0; g < 8; g++, lane_bit <<= 4) {
+            size_t i = 32 * w + 4 * g;
+            f32x4 d, v;
+            memcpy(&d, draws + i, sizeof d);
+            memcpy(&v, x + i, sizeof v);
+            f32x4 noise = factor * d;
+            u32x4 flip = (u32x4)((word & lane_bit) != 0) & sign_bit;
+            noise = (f32x4)((u32x4)noise ^ flip);
+            v += noise;
+            memcpy(x + i, &v, sizeof v);
+        }
+    }
+    done = 32 * words;
+#endif
+    for (size_t i = done; i < n; i++) {
         float noise = scale * draws[i];
         uint32_t bits;
         memcpy(&bits, &noise, sizeof bits);
