@@ -156,8 +156,8 @@ def clip_l1_(x, max_norm):
 
     Notes
     -----
-    L1 clipping with bound C bounds the L1 sensitivity by C (2C between neighbouring datasets
-    that replace one update), which is what Laplace noise is calibrated to.
+    After clipping to C, adding or removing one update moves a sum by at most C in L1 norm
+    (replacing one: 2C); Laplace noise is calibrated to that L1 sensitivity, never to an L2 bound.
     """
     cdef cnp.ndarray a = _writeable_float32(x)
     cdef float64_t bound = _check_bound(max_norm)
