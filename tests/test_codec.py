@@ -263,9 +263,11 @@ def test_quantize_equals_twin_and_round_trips(kind, vals):
         codes = np.frombuffer(data, np.int8)
         assert codes.min(initial=0) >= -127 and codes.max(initial=0) <= 127
         if scale:
-            # half a step, plus (for a subnormal scale) 127 times its rounding granularity 2**-149
+            # half a step, plus float32 rounding of the quotient and of code * scale (each about
+            # 127 * 2**-24 steps), plus (for a subnormal scale) 127 times its granularity 2**-149
             slack = 127 * 2.0**-149 if scale < np.finfo(np.float32).tiny else 0.0
-            assert np.all(np.abs(back.astype(np.float64) - vals) <= 0.5 * scale * (1 + 1e-6) + slack + 1e-45)
+            error = np.abs(back.astype(np.float64) - vals)
+            assert np.all(error <= (0.5 + 2.0**-14) * scale + slack + 1e-45)
     else:
         nonzero = vals != 0
         if nonzero.any():

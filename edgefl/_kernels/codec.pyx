@@ -32,9 +32,9 @@ Value quantizers (``quantize(vals, kind) -> (bytes, scale)``, little-endian)
     1.0; a value that would round to infinity (|v| >= 65520) is an error.
 ``"int8"``
     scale = max|v| / 127 rounded down to float32 (so 127 * scale never exceeds max|v| and never
-    overflows); code = round-half-even(v / scale) in double, clipped to [-127, 127] (-128 is never
-    produced and is rejected on decode); value = float32(code) * scale. When scale is 0 every code
-    is 0.
+    overflows); code = round-half-even(v / scale), the quotient in float32 as NumPy computes
+    ``np.rint(v / scale)``, clipped to [-127, 127] (-128 is never produced and is rejected on
+    decode); value = float32(code) * scale. When scale is 0 every code is 0.
 ``"ternary"``
     Sparse ternary compression (Sattler et al., 2019): every nonzero value becomes +-scale with
     scale = float32(sum |v| / count of nonzero v), the sum accumulated in double in the clip
@@ -64,6 +64,7 @@ from edgefl._kernels.codec cimport (
     edgefl_dequantize_f16,
     edgefl_dequantize_int8,
     edgefl_max_abs,
+    edgefl_pack_ternary,
     edgefl_popcount8,
     edgefl_quantize_f16,
     edgefl_quantize_int8,
@@ -676,7 +677,6 @@ def quantize(vals, kind):
     cdef uint8_t *d = <uint8_t *>PyBytes_AS_STRING(out)
     cdef float32_t scale = 1.0
     cdef float64_t step
-    cdef uint8_t code
     if k_ind == "f32":
         with nogil:
             if k:
@@ -708,11 +708,7 @@ def quantize(vals, kind):
                 scale = <float32_t>(edgefl_sum_abs(p, k) / nonzero)
             else:
                 scale = 0.0
-            memset(d, 0, size)
-            for i in range(k):
-                if p[i] != 0:
-                    code = 3 if p[i] < 0 else 1
-                    d[i >> 2] |= <uint8_t>(code << (2 * (i & 3)))
+            edgefl_pack_ternary(p, k, d)
     return out, float(scale)
 
 

@@ -81,16 +81,39 @@ EDGEFL_DISPATCH static float edgefl_max_abs(const float *x, size_t n)
     return edgefl_bits_f32(m);
 }
 
-/* codes[i] = clip(round-half-even(x[i] / scale), -127, 127), divided in double; scale > 0. */
+/* codes[i] = clip(round-half-even(x[i] / scale), -127, 127), the quotient in float32 (as NumPy's
+ * np.rint(x / scale) computes it); scale > 0. */
 EDGEFL_DISPATCH static void edgefl_quantize_int8(const float *x, size_t n, float scale,
                                                  int8_t *codes)
 {
-    double s = scale;
     for (size_t i = 0; i < n; i++) {
-        double q = rint((double)x[i] / s);
-        q = q > 127.0 ? 127.0 : q;
-        q = q < -127.0 ? -127.0 : q;
+        float q = rintf(x[i] / scale);
+        q = q > 127.0f ? 127.0f : q;
+        q = q < -127.0f ? -127.0f : q;
         codes[i] = (int8_t)q;
+    }
+}
+
+/* Ternary codes, four per byte from the least significant bits: 00 zero, 01 positive,
+ * 11 negative; the padding of the last byte stays zero. */
+EDGEFL_DISPATCH static void edgefl_pack_ternary(const float *x, size_t n, uint8_t *out)
+{
+    size_t full = n / 4;
+    for (size_t b = 0; b < full; b++) {
+        uint32_t byte = 0;
+        for (uint32_t j = 0; j < 4; j++) {
+            float v = x[4 * b + j];
+            byte |= (uint32_t)((v != 0.0f) | ((v < 0.0f) << 1)) << (2 * j);
+        }
+        out[b] = (uint8_t)byte;
+    }
+    if (n % 4) {
+        uint32_t byte = 0;
+        for (size_t j = 0; j < n % 4; j++) {
+            float v = x[4 * full + j];
+            byte |= (uint32_t)((v != 0.0f) | ((v < 0.0f) << 1)) << (2 * j);
+        }
+        out[full] = (uint8_t)byte;
     }
 }
 

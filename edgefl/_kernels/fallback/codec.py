@@ -431,7 +431,7 @@ def quantize(vals, kind):
             scale = np.nextafter(scale, np.float32(0))
         if scale == 0:
             return bytes(vals.size), 0.0
-        codes = np.clip(np.rint(vals.astype(np.float64) / float(scale)), -127, 127)
+        codes = np.clip(np.rint(vals / scale), -127, 127)  # float32 quotient, as in C
         return codes.astype(np.int8).tobytes(), float(scale)
     nonzero = int(np.count_nonzero(vals))
     scale = np.float32(lane_sum(np.abs(vals.astype(np.float64))) / nonzero) if nonzero else np.float32(0)
