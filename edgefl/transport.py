@@ -234,20 +234,25 @@ class MqttConnection:
         return self
 
     def stop(self) -> None:
-        """Disconnect cleanly (the Last Will is not published) and stop both threads."""
+        """Finish the messages already received, disconnect cleanly (the Last Will is not
+        published) and stop both threads.
+
+        The dispatcher is drained first, so what a handler publishes in reaction to a message
+        (a receipt, say) is queued before the DISCONNECT and goes out with it.
+        """
         if not self._started:
             return
         self._started = False
+        self._events.put((_STOP, None))
+        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+            self._dispatcher.join(timeout=10)
+        self._dispatcher = None
         try:
             self._client.disconnect()
         except Exception:  # noqa: BLE001 - already disconnected is fine when stopping
             log.debug("disconnect of %s failed", self.client_id, exc_info=True)
         self._client.loop_stop()
         self.connected.clear()
-        self._events.put((_STOP, None))
-        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
-            self._dispatcher.join(timeout=10)
-        self._dispatcher = None
 
     def __enter__(self) -> "MqttConnection":
         return self.start()
