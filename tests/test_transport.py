@@ -137,6 +137,25 @@ def test_a_failing_handler_is_logged_and_the_next_message_still_arrives(broker, 
     stop_raw(peer)
 
 
+def test_stop_lets_a_running_handler_finish_and_its_reply_go_out(broker):
+    got, on_raw = collector()
+    peer = raw_client(broker, "peer", on_message=on_raw, subscribe=["t/reply"])
+    handling = threading.Event()
+
+    def handler(msg):
+        handling.set()
+        time.sleep(0.3)  # still working when stop() is called
+        conn.publish("t/reply", b"receipt for " + msg.payload, qos=1)
+
+    conn = MqttConnection("server", broker.url, subscriptions=[("t/in", 1)], on_message=handler)
+    conn.start(timeout=5)
+    peer.publish("t/in", b"update-1", qos=1).wait_for_publish(5)
+    assert handling.wait(5)
+    conn.stop()
+    assert got.get(timeout=5)[:2] == ("t/reply", b"receipt for update-1")
+    stop_raw(peer)
+
+
 def test_last_will_is_published_when_the_process_is_killed(broker):
     got, on_raw = collector()
     peer = raw_client(broker, "watcher", on_message=on_raw, subscribe=["s/dev-a"])
