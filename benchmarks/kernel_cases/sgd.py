@@ -26,25 +26,31 @@ TARGET = 3.0  # NumPy time / edgefl time asked for, plain steps
 
 def numpy_sgd_step(layers, X, y, lr, momentum=0.0, weight_decay=0.0, mu=0.0, ref=None,
                    velocity=None):
-    """One minibatch SGD step of a ReLU MLP (one layer = softmax regression) in plain NumPy."""
+    """One minibatch SGD step of a ReLU MLP (one layer = softmax regression) in plain NumPy,
+    in place wherever NumPy allows it."""
     activations = [X]
     for W, b in layers[:-1]:
-        activations.append(np.maximum(activations[-1] @ W + b, 0))
+        h = activations[-1] @ W
+        h += b
+        activations.append(np.maximum(h, 0, out=h))
     W, b = layers[-1]
-    z = activations[-1] @ W + b
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    p = e / e.sum(axis=1, keepdims=True)
+    p = activations[-1] @ W
+    p += b
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
     rows = np.arange(len(y))
     loss = -np.log(p[rows, y]).mean()
     p[rows, y] -= 1
-    delta = p / len(y)
+    p /= len(y)
+    delta = p
     for index in range(len(layers) - 1, -1, -1):
         W, b = layers[index]
         inputs = activations[index]
         g_w, g_b = inputs.T @ delta, delta.sum(axis=0)
         if index:
-            delta = (delta @ W.T) * (inputs > 0)
+            delta = delta @ W.T
+            delta *= inputs > 0
         if weight_decay:
             g_w += weight_decay * W
         if mu:
