@@ -372,10 +372,11 @@ class AggregationServer:
                 elif outcome.status != DUPLICATE:
                     self._round_rejected[outcome.code] += 1
             answered = len(self._updates) >= len(self._round.selected) > 0
-        if answered:
-            self._wake.set()
+            finishing = answered and self._round.round_id >= self.config.rounds
         # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
-        for msg, outcome, payload in zip(batch, outcomes, payloads):
+        last_receipt = max((i for i, o in enumerate(outcomes) if o.receipt is not None),
+                           default=-1)
+        for i, (msg, outcome, payload) in enumerate(zip(batch, outcomes, payloads)):
             self._conn.ack(msg)
             self.metrics.count_update(len(payload), None if outcome.status in (ACCEPTED, DUPLICATE)
                                       else outcome.code)
@@ -390,8 +391,15 @@ class AggregationServer:
                             outcome.receipt.update_id, outcome.client_id,
                             outcome.receipt.round_id, outcome.code, outcome.reason)
             if outcome.receipt is not None:
+                # When this batch completes the last round, its receipts must reach the broker
+                # before "finished" is announced: a device may stop listening then. (Between
+                # rounds devices stay connected, and waiting would delay the next model by the
+                # time the receipt burst takes to drain.) One connection's messages are handled
+                # in order, so the last receipt's PUBACK confirms them all.
                 self._publish(self.topics.receipt(outcome.client_id), outcome.receipt.to_json(),
-                              wait=False, via=self._conn)
+                              wait=finishing and i == last_receipt, via=self._conn)
+        if answered:
+            self._wake.set()
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True,
                  via: MqttConnection | None = None) -> None:
