@@ -8,6 +8,8 @@ sparse) are published as fast as a few raw paho connections can. Reported per mo
   ``last_update_to_model_seconds``, from the arrival of the round's last update at the server to
   the new model and the next announcement acknowledged by the broker (decode, validate, group
   commit, aggregation, the round's durable commit, publication);
+  The last round of a run also waits for its receipts' PUBACK before announcing "finished"
+  (devices may stop listening then), so its figure is higher; it is part of the medians;
 * **end-to-end latency**: from the last update leaving its publisher's socket to the new model
   reaching a subscriber, measured in this process; on top of the above it contains the broker hops
   and the server's ingestion backlog at that instant;
