@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def floors(n: int) -> dict:
     return {"copy_ns": copy / n * 1e9, "rng_ns": fill / n * 1e9}
 
 
+def compare(case: Comparison, rounds: int = 5):
+    """Median times of edgefl and NumPy and the median of their per-round ratios.
+
+    The two sides are timed in alternation, ``rounds`` times, so a change in machine load hits
+    both alike instead of skewing one side's whole measurement.
+    """
+    ours, base, ratios = [], [], []
+    for _ in range(rounds):
+        ours.append(median_seconds(case.edgefl, setup=case.setup, repeat=7, max_total=0.6))
+        base.append(median_seconds(case.numpy, setup=case.setup, repeat=7, max_total=0.6))
+        ratios.append(base[-1] / ours[-1])
+    return statistics.median(ours), statistics.median(base), statistics.median(ratios)
+
+
 def run(sizes, only=None):
     rows, floor_rows = [], {}
     for n in sizes:
@@ -52,13 +67,11 @@ def run(sizes, only=None):
             continue
         module = importlib.import_module(f"kernel_cases.{group}")
         for case in module.comparisons(sizes):
-            ours = median_seconds(case.edgefl, setup=case.setup)
-            base = median_seconds(case.numpy, setup=case.setup)
+            ours, base, ratio = compare(case)
             scale, unit = (1e9 / case.n, "ns/el") if case.n else (1e6, "us")
-            ratio = base / ours
             met = None if case.min_ratio is None else ratio >= case.min_ratio
             row = {
-                "kernel": case.kernel, "n": case.n, "unit": unit,
+                "group": group, "kernel": case.kernel, "n": case.n, "unit": unit,
                 "edgefl": ours * scale, "numpy": base * scale, "ratio": ratio,
                 "target": case.min_ratio, "met": met, "note": case.note, **case.extra,
             }
@@ -79,7 +92,10 @@ def chart(rows, path):
     import matplotlib.pyplot as plt
 
     kernels = [k for k in dict.fromkeys(r["kernel"] for r in rows if r["n"])]
-    fig, ax = plt.subplots(figsize=(10, 5))
+    per_call = [r for r in rows if not r["n"]]
+    fig, axes = plt.subplots(1, 2 if per_call else 1, figsize=(14 if per_call else 10, 5),
+                             gridspec_kw={"width_ratios": [2, 1]} if per_call else None, squeeze=False)
+    ax = axes[0][0]
     for kernel in kernels:
         pts = [(r["n"], r["ratio"]) for r in rows if r["kernel"] == kernel and r["n"]]
         ax.plot(*zip(*pts), marker="o", label=kernel)
@@ -90,6 +106,14 @@ def chart(rows, path):
     ax.set_title(f"edgefl kernels vs NumPy, medians ({K.BACKEND} backend)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
+    if per_call:
+        bar = axes[0][1]
+        labels = [r["kernel"] for r in per_call]
+        bar.barh(labels, [r["ratio"] for r in per_call], color="tab:green")
+        bar.axvline(1.0, color="grey", lw=1, ls="--")
+        bar.set_xlabel("speed-up over NumPy (per call)")
+        bar.set_title("SGD steps, batch 32")
+        bar.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -108,6 +132,11 @@ def main(argv=None):
     rows, floor_rows = run(sizes, only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "kernels.json"
+    if only and previous.exists():
+        # A partial run replaces only its own groups' rows in the last full result.
+        kept = [r for r in json.loads(previous.read_text())["rows"] if r.get("group") not in only]
+        rows = kept + rows
     result = {
         "backend": K.BACKEND, "numpy": np.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "processor": platform.processor(),

@@ -35,6 +35,8 @@ def median_seconds(fn: Callable[[], object], *, setup: Callable[[], None] | None
     ``min_sample`` seconds (so timer resolution does not matter); with ``setup``, each sample is
     one call after an untimed ``setup()``. Stops early once ``max_total`` seconds are spent.
     """
+    if setup is not None:
+        setup()
     fn()  # warm up: first-touch page faults, lazy imports, caches
     samples = []
     spent = time.perf_counter()

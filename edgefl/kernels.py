@@ -27,7 +27,12 @@ _MODULES = {
 
 
 def _load(package):
-    return {name: importlib.import_module(f"{package}.{name}") for name in _MODULES}
+    modules = {name: importlib.import_module(f"{package}.{name}") for name in _MODULES}
+    for module_name, names in _MODULES.items():
+        missing = [n for n in names if not hasattr(modules[module_name], n)]
+        if missing:  # a stale build from an older checkout: treat it as not built
+            raise ImportError(f"{package}.{module_name} lacks {', '.join(missing)}")
+    return modules
 
 
 def _select():

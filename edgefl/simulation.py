@@ -594,7 +594,7 @@ def add_arguments(parser) -> None:
     env_option(run, "--round-timeout", env="EDGEFL_ROUND_TIMEOUT", type=positive_float,
                default=30.0, metavar="S", help="seconds until a round's deadline")
     env_option(run, "--broker", env="EDGEFL_BROKER", metavar="URL",
-               help="use this broker instead of starting a private Mosquitto")
+               help="use this broker instead of starting one (Mosquitto when installed, else an in-process broker)")
     env_option(run, "--out", env="EDGEFL_OUT", default="simulation-output", metavar="DIR",
                help="where summary.json, accuracy.png and every process's state and log go")
     env_option(run, "--predict-rate", env="EDGEFL_PREDICT_RATE", type=non_negative_float,
@@ -660,7 +660,7 @@ def _interrupt(signum, frame):
 def run(args) -> int:
     """``edgefl simulate``: 0 on success, 1 if the run failed, 2 for bad options."""
     from edgefl.datasets import load_digits
-    from edgefl_server.broker import BrokerUnavailable, MosquittoBroker
+    from edgefl_server.broker import BrokerUnavailable, embedded_broker
     from edgefl_server.models import build_mlp
 
     try:
@@ -680,7 +680,7 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.broker is None:
-            broker = MosquittoBroker(persistence_dir=out / "broker").start()
+            broker = embedded_broker(persistence_dir=out / "broker").start()
         url = args.broker or broker.url
         print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} rounds "
               f"of {plan.strategy} on digits (Dirichlet {plan.alpha}), broker {url}, output in {out}",
@@ -695,7 +695,7 @@ def run(args) -> int:
         return 130
     finally:
         if broker is not None:
-            broker.stop()
+            broker.close()
     wall = time.monotonic() - started
     print("computing the baselines (centralised training; dense FedAvg if compressed or private)",
           flush=True)
