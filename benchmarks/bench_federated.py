@@ -121,7 +121,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"backend": kernels.BACKEND, "python": platform.python_version(),
-               "settings": vars(args), "target": TARGET, "results": results}
+               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "target": TARGET, "results": results}
     (out / "federated.json").write_text(json.dumps(summary, indent=1))
     chart(results, out / "federated.png", args)
     print(f"\nwrote {out / 'federated.json'} and {out / 'federated.png'}")
