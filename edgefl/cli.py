@@ -73,6 +73,59 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+# -- the training a round announces (edgefl server, edgefl simulate) -----------------------------
+
+def add_training_arguments(parser, title: str, defaults) -> None:
+    """Options for the :class:`~edgefl.protocol.TrainingConfig` announced to devices.
+
+    ``defaults`` is the TrainingConfig whose values the options default to, so each command
+    chooses its own starting point without restating the options.
+    """
+    privacy, compression = defaults.privacy, defaults.compression
+    train = parser.add_argument_group(title)
+    env_option(train, "--epochs", env="EDGEFL_EPOCHS", type=int, default=defaults.epochs,
+               help="local epochs")
+    env_option(train, "--batch-size", env="EDGEFL_BATCH_SIZE", type=int,
+               default=defaults.batch_size, help="local minibatch size")
+    env_option(train, "--lr", env="EDGEFL_LR", type=positive_float, default=defaults.lr,
+               help="local learning rate")
+    env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float,
+               default=defaults.momentum, help="local SGD momentum")
+    env_option(train, "--weight-decay", env="EDGEFL_WEIGHT_DECAY", type=non_negative_float,
+               default=defaults.weight_decay, help="local weight decay")
+    env_option(train, "--privacy", env="EDGEFL_PRIVACY", choices=["none", "laplace", "gaussian"],
+               default=privacy.mechanism, help="differential privacy mechanism on devices")
+    env_option(train, "--epsilon", env="EDGEFL_EPSILON", type=positive_float,
+               default=privacy.epsilon, help="privacy epsilon each device spends per round")
+    env_option(train, "--delta", env="EDGEFL_DELTA", type=positive_float, default=privacy.delta,
+               help="privacy delta (gaussian)")
+    env_option(train, "--clip", env="EDGEFL_CLIP", type=positive_float, default=privacy.clip,
+               help="clipping bound of an update (L1 for laplace, L2 for gaussian)")
+    env_option(train, "--compression", env="EDGEFL_COMPRESSION",
+               choices=["none", "topk", "threshold", "randomk"], default=compression.method,
+               help="sparsification of updates (none: dense updates)")
+    env_option(train, "--density", env="EDGEFL_DENSITY", type=positive_float,
+               default=compression.density, help="fraction of coordinates kept by topk / randomk")
+    env_option(train, "--tau", env="EDGEFL_TAU", type=non_negative_float, default=compression.tau,
+               help="threshold of the threshold method")
+    env_option(train, "--values", env="EDGEFL_VALUES", choices=["f32", "f16", "int8", "ternary"],
+               default=compression.values, help="value encoding of updates")
+
+
+def training_config_from_args(args):
+    """The :class:`~edgefl.protocol.TrainingConfig` of :func:`add_training_arguments`' options."""
+    from edgefl.protocol import TrainingConfig
+
+    return TrainingConfig.from_dict({
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "momentum": args.momentum, "weight_decay": args.weight_decay,
+        "privacy": {"mechanism": args.privacy, "epsilon": args.epsilon, "delta": args.delta,
+                    "clip": args.clip},
+        "compression": {"method": args.compression, "density": args.density, "tau": args.tau,
+                        "values": args.values},
+    })
+
+
 # -- edgefl client -------------------------------------------------------------------------------
 
 def add_client_arguments(parser) -> None:

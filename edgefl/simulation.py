@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefl.protocol import CompressionConfig, TrainingConfig
+
 log = logging.getLogger(__name__)
 
 #: Phases a prediction is attributed to in :class:`PredictionLoad`.
@@ -572,9 +574,16 @@ def write_plot(summary: dict, path: Path) -> None:
 
 # -- edgefl simulate -----------------------------------------------------------------------------
 
+#: What ``edgefl simulate`` announces unless told otherwise: a few local epochs with momentum, and
+#: top-k 10% updates in f16 so that the byte comparison with dense float32 means something.
+SIMULATION_TRAINING = TrainingConfig(
+    epochs=5, batch_size=16, lr=0.1, momentum=0.9,
+    compression=CompressionConfig("topk", density=0.1, values="f16"))
+
+
 def add_arguments(parser) -> None:
     """The options of ``edgefl simulate``."""
-    from edgefl.cli import env_option, non_negative_float, positive_float
+    from edgefl.cli import add_training_arguments, env_option, non_negative_float, positive_float
     from edgefl_server.cli import strategy_option
     from edgefl_server.strategies import STRATEGIES
 
@@ -602,49 +611,19 @@ def add_arguments(parser) -> None:
     env_option(run, "--threads", env="EDGEFL_THREADS", action="store_true",
                help="run devices as threads of this process instead of processes (quicker)")
 
-    train = parser.add_argument_group("local training, compression, privacy")
-    env_option(train, "--epochs", env="EDGEFL_EPOCHS", type=int, default=5, help="local epochs")
-    env_option(train, "--batch-size", env="EDGEFL_BATCH_SIZE", type=int, default=16,
-               help="local minibatch size")
-    env_option(train, "--lr", env="EDGEFL_LR", type=positive_float, default=0.1,
-               help="local learning rate")
-    env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float, default=0.9,
-               help="local SGD momentum")
-    env_option(train, "--compression", env="EDGEFL_COMPRESSION",
-               choices=["none", "topk", "threshold", "randomk"], default="topk",
-               help="sparsification of updates (none: dense updates)")
-    env_option(train, "--density", env="EDGEFL_DENSITY", type=positive_float, default=0.1,
-               help="fraction of coordinates kept by topk / randomk")
-    env_option(train, "--tau", env="EDGEFL_TAU", type=non_negative_float, default=0.0,
-               help="threshold of the threshold method")
-    env_option(train, "--values", env="EDGEFL_VALUES", choices=["f32", "f16", "int8", "ternary"],
-               default="f16", help="value encoding of updates")
-    env_option(train, "--privacy", env="EDGEFL_PRIVACY", choices=["none", "laplace", "gaussian"],
-               default="none", help="differential privacy mechanism on devices")
-    env_option(train, "--epsilon", env="EDGEFL_EPSILON", type=positive_float, default=1.0,
-               help="privacy epsilon per round and device")
-    env_option(train, "--delta", env="EDGEFL_DELTA", type=positive_float, default=1e-5,
-               help="privacy delta (gaussian)")
-    env_option(train, "--clip", env="EDGEFL_CLIP", type=positive_float, default=1.0,
-               help="clipping bound of an update (L1 for laplace, L2 for gaussian)")
+    add_training_arguments(parser, "local training, compression, privacy", SIMULATION_TRAINING)
+    train = parser.add_argument_group("device privacy budget")
     env_option(train, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
                default=1000.0, metavar="EPSILON", help="each device's total epsilon")
 
 
 def plan_from_args(args) -> SimulationPlan:
-    from edgefl.protocol import TrainingConfig
+    from edgefl.cli import training_config_from_args
 
     if args.devices < 1 or args.rounds < 1:
         raise ValueError(f"--devices and --rounds must be at least 1, got {args.devices} and "
                          f"{args.rounds}")
-    training = TrainingConfig.from_dict({
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "momentum": args.momentum,
-        "privacy": {"mechanism": args.privacy, "epsilon": args.epsilon, "delta": args.delta,
-                    "clip": args.clip},
-        "compression": {"method": args.compression, "density": args.density, "tau": args.tau,
-                        "values": args.values},
-    })
+    training = training_config_from_args(args)
     return SimulationPlan(
         devices=args.devices, rounds=args.rounds, strategy=args.strategy,
         strategy_options=dict(args.strategy_options), training=training, seed=args.seed,

@@ -15,8 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from edgefl.cli import add_logging_option, env_option, non_negative_float, positive_float, setup_logging
-from edgefl.protocol import CompressionConfig, PrivacyConfig, TrainingConfig
+from edgefl.cli import (add_logging_option, add_training_arguments, env_option, positive_float,
+                        setup_logging, training_config_from_args)
+from edgefl.protocol import TrainingConfig
 
 from .strategies import STRATEGIES
 
@@ -84,33 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_option(run, "--metrics-port", env="EDGEFL_METRICS_PORT", type=int, metavar="PORT",
                help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
 
-    train = parser.add_argument_group("local training announced to devices")
-    env_option(train, "--epochs", env="EDGEFL_EPOCHS", type=int, default=1, help="local epochs")
-    env_option(train, "--batch-size", env="EDGEFL_BATCH_SIZE", type=int, default=32,
-               help="local minibatch size")
-    env_option(train, "--lr", env="EDGEFL_LR", type=positive_float, default=0.1,
-               help="local learning rate")
-    env_option(train, "--momentum", env="EDGEFL_MOMENTUM", type=non_negative_float, default=0.0,
-               help="local SGD momentum")
-    env_option(train, "--weight-decay", env="EDGEFL_WEIGHT_DECAY", type=non_negative_float,
-               default=0.0, help="local weight decay")
-    env_option(train, "--privacy", env="EDGEFL_PRIVACY", choices=["none", "laplace", "gaussian"],
-               default="none", help="differential privacy mechanism on devices")
-    env_option(train, "--epsilon", env="EDGEFL_EPSILON", type=positive_float, default=1.0,
-               help="privacy epsilon per round")
-    env_option(train, "--delta", env="EDGEFL_DELTA", type=positive_float, default=1e-5,
-               help="privacy delta (gaussian)")
-    env_option(train, "--clip", env="EDGEFL_CLIP", type=positive_float, default=1.0,
-               help="clipping bound of an update (L1 for laplace, L2 for gaussian)")
-    env_option(train, "--compression", env="EDGEFL_COMPRESSION",
-               choices=["none", "topk", "threshold", "randomk"], default="none",
-               help="sparsification of updates")
-    env_option(train, "--density", env="EDGEFL_DENSITY", type=positive_float, default=1.0,
-               help="fraction of coordinates kept (topk, randomk)")
-    env_option(train, "--tau", env="EDGEFL_TAU", type=non_negative_float, default=0.0,
-               help="threshold of the threshold method")
-    env_option(train, "--values", env="EDGEFL_VALUES", choices=["f32", "f16", "int8", "ternary"],
-               default="f32", help="value encoding of updates")
+    add_training_arguments(parser, "local training announced to devices", TrainingConfig())
     add_logging_option(parser)
 
 
@@ -153,13 +128,7 @@ def config_from_args(args, broker_url: str):
     """The :class:`~edgefl_server.app.ServerConfig` the options describe."""
     from .app import ServerConfig
 
-    training = TrainingConfig.from_dict({
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "momentum": args.momentum, "weight_decay": args.weight_decay,
-        "privacy": vars(PrivacyConfig(args.privacy, args.epsilon, args.delta, args.clip)),
-        "compression": vars(CompressionConfig(args.compression, args.density, args.tau,
-                                              args.values)),
-    })
+    training = training_config_from_args(args)
     return ServerConfig(
         broker_url=broker_url, fleet=args.fleet, state_dir=args.state_dir,
         strategy=args.strategy, strategy_options=dict(args.strategy_options),
