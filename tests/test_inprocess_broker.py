@@ -161,3 +161,21 @@ def test_garbage_bytes_do_not_take_the_broker_down(inproc):
     p.publish("t", b"alive")
     assert p.wait_for(1)[0][1] == b"alive"
     p.close()
+
+
+def test_a_whole_federation_runs_on_the_inprocess_broker(inproc, tmp_path):
+    """The zero-install path: server and device processes with no Mosquitto in between."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "edgefl", "simulate", "--devices", "3", "--rounds", "3",
+         "--broker", inproc.url, "--out", str(tmp_path), "--round-timeout", "30"],
+        capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_model_version"] == 3
+    assert summary["devices_on_final_version"] == 3
+    assert [r["accepted"] for r in summary["rounds"]] == [3, 3, 3]
+    assert summary["predictions"]["errors"] == 0
