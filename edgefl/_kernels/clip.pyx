@@ -18,6 +18,8 @@ from libc.math cimport isfinite, sqrt
 
 import numpy as np
 
+from edgefl._kernels.fallback.arrays import writeable_float32
+
 from edgefl._kernels._typedefs cimport float32_t, float64_t
 from edgefl._kernels.clip cimport (
     edgefl_scale,
@@ -41,25 +43,13 @@ cnp.import_array()
 
 
 cdef cnp.ndarray _writeable_float32(object x):
-    """``x`` after checking it can be changed in place (NumPy's C API: no memoryview to set up)."""
-    if not cnp.PyArray_Check(x):
-        raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}")
-    cdef cnp.ndarray a = <cnp.ndarray>x
-    if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
-            and cnp.PyArray_ISNOTSWAPPED(a)):
-        return a  # the common case: native float32, C-contiguous, aligned and writeable
-    if x.dtype != np.float32:
-        raise TypeError(
-            f"x must have dtype float32, got {x.dtype}; convert it first "
-            "(x = x.astype(np.float32)) and clip that array"
-        )
-    if not x.flags.c_contiguous:
-        raise ValueError(
-            f"x must be C-contiguous (strides {x.strides}); in-place kernels never copy, so pass "
-            "x = np.ascontiguousarray(x) and use that array"
-        )
-    if not x.flags.writeable:
-        raise ValueError("x is read-only; clipping works in place, so pass a writeable array (x.copy())")
+    cdef cnp.ndarray a
+    if cnp.PyArray_Check(x):
+        a = <cnp.ndarray>x
+        if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
+                and cnp.PyArray_ISNOTSWAPPED(a)):
+            return a  # the common case: native float32, C-contiguous, aligned and writeable
+    writeable_float32(x, "clip that array")  # raises, naming what is wrong, as the twin does
     raise ValueError("x must be aligned; pass x = x.copy() and use that array")
 
 

@@ -36,6 +36,8 @@ from numpy.random.c_distributions cimport (
 
 import numpy as np
 
+from edgefl._kernels.fallback.arrays import writeable_float32
+
 from edgefl._kernels._typedefs cimport float32_t, float64_t, intp_t, uint32_t
 from edgefl._kernels.noise cimport edgefl_add_scaled, edgefl_add_signed_scaled
 
@@ -48,24 +50,13 @@ cdef enum:
 
 
 cdef cnp.ndarray _writeable_float32(object x):
-    if not cnp.PyArray_Check(x):
-        raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}")
-    cdef cnp.ndarray a = <cnp.ndarray>x
-    if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
-            and cnp.PyArray_ISNOTSWAPPED(a)):
-        return a
-    if x.dtype != np.float32:
-        raise TypeError(
-            f"x must have dtype float32, got {x.dtype}; convert it first "
-            "(x = x.astype(np.float32)) and add noise to that array"
-        )
-    if not x.flags.c_contiguous:
-        raise ValueError(
-            f"x must be C-contiguous (strides {x.strides}); in-place kernels never copy, so pass "
-            "x = np.ascontiguousarray(x) and use that array"
-        )
-    if not x.flags.writeable:
-        raise ValueError("x is read-only; noise is added in place, so pass a writeable array (x.copy())")
+    cdef cnp.ndarray a
+    if cnp.PyArray_Check(x):
+        a = <cnp.ndarray>x
+        if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
+                and cnp.PyArray_ISNOTSWAPPED(a)):
+            return a  # the common case: native float32, C-contiguous, aligned and writeable
+    writeable_float32(x, "add noise to that array")  # raises, naming what is wrong, as the twin does
     raise ValueError("x must be aligned; pass x = x.copy() and use that array")
 
 

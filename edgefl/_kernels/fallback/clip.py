@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from edgefl._kernels.fallback.arrays import writeable_float32
+
 #: Lanes of the double accumulator; must equal EDGEFL_LANES in clip_impl.h.
 LANES = 32
 # Rows per block: bounds the float64 temporary at 2 MiB whatever the size of x.
@@ -50,24 +52,6 @@ def _lane_sum_of(x, term):
     return total
 
 
-def _writeable_float32(x):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise TypeError(
-            f"x must have dtype float32, got {x.dtype}; convert it first "
-            "(x = x.astype(np.float32)) and clip that array"
-        )
-    if not x.flags.c_contiguous:
-        raise ValueError(
-            f"x must be C-contiguous (strides {x.strides}); in-place kernels never copy, so pass "
-            "x = np.ascontiguousarray(x) and use that array"
-        )
-    if not x.flags.writeable:
-        raise ValueError("x is read-only; clipping works in place, so pass a writeable array (x.copy())")
-    return x.reshape(-1)
-
-
 def _check_bound(max_norm):
     if isinstance(max_norm, (str, bytes, bytearray)):
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
@@ -89,7 +73,7 @@ def _raise_non_finite(flat):
 
 
 def _clip(x, max_norm, term, root):
-    flat = _writeable_float32(x)
+    flat = writeable_float32(x, "clip that array")
     bound = _check_bound(max_norm)
     norm = root(_lane_sum_of(flat, term)) if flat.shape[0] else 0.0
     if not math.isfinite(norm):

@@ -10,23 +10,7 @@ import math
 
 import numpy as np
 
-
-def _writeable_float32(x):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise TypeError(
-            f"x must have dtype float32, got {x.dtype}; convert it first "
-            "(x = x.astype(np.float32)) and add noise to that array"
-        )
-    if not x.flags.c_contiguous:
-        raise ValueError(
-            f"x must be C-contiguous (strides {x.strides}); in-place kernels never copy, so pass "
-            "x = np.ascontiguousarray(x) and use that array"
-        )
-    if not x.flags.writeable:
-        raise ValueError("x is read-only; noise is added in place, so pass a writeable array (x.copy())")
-    return x.reshape(-1)
+from edgefl._kernels.fallback.arrays import writeable_float32
 
 
 def _check_scale(value, name):
@@ -73,7 +57,7 @@ def laplace_(x, scale, rng):
     ValueError
         ``x`` is non-contiguous or read-only, or ``scale`` is not finite and positive.
     """
-    flat = _writeable_float32(x)
+    flat = writeable_float32(x, "add noise to that array")
     b = _check_scale(scale, "scale")
     _check_generator(rng)
     n = flat.shape[0]
@@ -105,7 +89,7 @@ def gaussian_(x, sigma, rng):
     ValueError
         ``x`` is non-contiguous or read-only, or ``sigma`` is not finite and positive.
     """
-    flat = _writeable_float32(x)
+    flat = writeable_float32(x, "add noise to that array")
     s = _check_scale(sigma, "sigma")
     _check_generator(rng)
     noise = rng.standard_normal(flat.shape[0], dtype=np.float32)
