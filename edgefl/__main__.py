@@ -1,4 +1,6 @@
 """``python -m edgefl``: the same as the ``edgefl`` command."""
 from edgefl.cli import main
 
-raise SystemExit(main())
+# The guard matters: the training process (spawn) imports this module as "__mp_main__".
+if __name__ == "__main__":
+    raise SystemExit(main())
