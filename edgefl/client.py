@@ -53,7 +53,7 @@ from edgefl.outbox import Outbox
 from edgefl.predictor import ModelRejected, Predictor
 from edgefl.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
 from edgefl.protocol import (
-    CompressionConfig, DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
+    DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
 )
 from edgefl.trainer import LocalTrainer
 from edgefl.transport import Message, MqttConnection
@@ -136,7 +136,7 @@ class EdgeClient:
         self._announcement: RoundAnnouncement | None = None
         self._job: tuple[RoundAnnouncement, object] | None = None
         self._scheduled_round = -1
-        self._compressors: dict[tuple[CompressionConfig, int], Compressor] = {}
+        self._compressors: dict[tuple, Compressor] = {}
         self._handed: set[tuple[int, int]] = set()  # outbox entries paho holds in this process
         self._budget_spent_logged = False
         self._no_data_logged = False
@@ -513,7 +513,8 @@ class EdgeClient:
             result = self._trainer.train(model.weights, a.config)
         self.last_loss = result.loss
         num_params = model.manifest.num_params
-        key = (a.config.compression, num_params)
+        # One compressor (and error-feedback residual) per compression and privacy setting.
+        key = (a.config.compression, a.config.privacy, num_params)
         compressor = self._compressors.get(key)
         if compressor is None:
             compressor = self._compressors[key] = Compressor(a.config.compression, num_params)

@@ -68,6 +68,9 @@ class Compressor:
         self.num_params = int(num_params)
         self.residual = np.zeros(self.num_params, np.float32) \
             if config.method in ("topk", "threshold") else None
+        #: Whether the residual holds only noised (differentially private) values; a residual
+        #: filled by a round with privacy off holds clean data and must not reach a DP round.
+        self.residual_is_private = True
 
     @property
     def method(self) -> str:
@@ -119,6 +122,12 @@ class Compressor:
         # Error feedback of the rounding too: what the wire does not carry stays for next time.
         self.residual[idx] += vals - sent
         return idx, sent
+
+    def forget_residual(self) -> None:
+        """Drop what error feedback held back (it is lost, not sent)."""
+        if self.residual is not None:
+            self.residual[:] = 0.0
+        self.residual_is_private = True
 
     def quantized(self, values: np.ndarray) -> np.ndarray:
         """``values`` rounded to the value encoding (float32; a no-op for f32)."""

@@ -6,7 +6,8 @@ With differential privacy on:
 * ``none``, ``topk``, ``threshold``: clip the *dense* delta, add noise to every coordinate, then
   sparsify. Top-k and threshold then choose indices from the noised vector only, which is
   post-processing of a DP output and costs no privacy; their error-feedback residual holds noised
-  values only, so later rounds stay post-processing too.
+  values only, so later rounds stay post-processing too. A residual left by a round with privacy
+  off holds clean values: it is dropped before the first private round.
 * ``randomk``: the indices come from the round's server seed, independent of the data. Only those
   ``k`` values are clipped (to the same norm ``C``) and noised. Sensitivity argument: the index set
   is public and fixed before the data is looked at, so the released vector is the clipped
@@ -75,7 +76,12 @@ class UpdatePipeline:
             raise ValueError("delta contains NaN or Inf: training diverged; nothing was sent or "
                              "charged")
         if not self.policy.enabled:
+            self.compressor.residual_is_private = self.compressor.residual is None
             return self.compressor.sparsify(x, randomk_seed=randomk_seed)
+        if not self.compressor.residual_is_private:
+            # Clean values held back in a round with privacy off would leave in this DP update
+            # with noise calibrated for a clipped vector they were never part of.
+            self.compressor.forget_residual()
         if self.compressor.method == "randomk":
             if randomk_seed is None:
                 raise ValueError("random-k needs the round's randomk_seed from the server")

@@ -201,3 +201,24 @@ def test_the_delta_is_never_modified_and_non_finite_deltas_are_refused():
     with pytest.raises(ValueError, match="NaN or Inf"):
         pipe.run(delta, rng=np.random.default_rng(0))
     assert pipe.policy.accountant.updates == 1
+
+
+@pytest.mark.parametrize("method", ["topk", "threshold"])
+def test_clean_residual_from_a_round_without_privacy_never_reaches_a_private_update(method):
+    """Error feedback of a privacy-off round holds clean values; a DP round must not send them."""
+    n = 100
+    compressor = Compressor(CompressionConfig(method, density=0.01, tau=50.0), n)
+    clean = np.arange(1, n + 1, dtype=np.float32)  # a delta whose magnitudes say a lot
+    UpdatePipeline(PrivacyPolicy(PrivacyConfig("none"), None), compressor).run(
+        clean, rng=np.random.default_rng(0))
+    assert compressor.residual.any()  # clean values were held back
+
+    private = PrivacyPolicy(PrivacyConfig("laplace", epsilon=1.0, clip=1.0),
+                            PrivacyAccountant(10.0))
+    indices, values = UpdatePipeline(private, compressor).run(
+        np.zeros(n, np.float32), rng=np.random.default_rng(1))
+    # Laplace(0, 1) noise on a zero delta: nothing near the clean magnitudes (up to 50 or 99)
+    # is sent or kept for later.
+    assert values.size == 0 or np.abs(values).max() < 25
+    assert np.abs(compressor.residual).max() < 25
+    assert compressor.residual_is_private
