@@ -96,8 +96,8 @@ class Topics:
 def _loads(payload: bytes | str, kind: str) -> dict:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{kind}: not valid UTF-8 JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
+        raise ProtocolError(f"{kind}: not valid UTF-8 JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{kind}: expected a JSON object, got {type(obj).__name__}")
     version = obj.get("v")

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgefl.model import Model
 from edgefl.protocol import DeviceStatus, ProtocolError, TrainingConfig, Topics, check_name
 from edgefl.transport import Message, MqttConnection
@@ -217,8 +219,10 @@ class AggregationServer:
             self.strategy.load_state_dict(saved.strategy_state)
             self.history = [RoundResult.from_dict(r) for r in saved.history]
             for stored in self._store.round_updates(self._round.round_id):
-                self._updates.append(decode_update(stored.payload,
-                                                   expected_params=self.model.manifest.num_params))
+                # Accepted under the same size bound, whatever the default of decode_update.
+                self._updates.append(decode_update(
+                    stored.payload, expected_params=self.model.manifest.num_params,
+                    max_bytes=max(cfg.max_update_bytes, len(stored.payload))))
             if self._round.phase == FINISHED and cfg.rounds > self._round.round_id:
                 # a finished run started again with a larger --rounds continues where it ended
                 self._round = RoundState(self._round.round_id + 1, self.model.version)
@@ -316,13 +320,16 @@ class AggregationServer:
         if msg.topic.endswith("/update"):
             self._inbox.put((msg, time.time()))  # acknowledged by the ingestion thread once stored
             return
-        if msg.topic.endswith("/status"):
-            self._on_status(msg)
-        else:
-            log.warning("ignoring a message on unexpected topic %s", msg.topic)
-        # Every QoS 1 message must be acknowledged once handled, status messages too: the broker
-        # stops delivering to a client whose in-flight window (e.g. Mosquitto's 20) is full.
-        self._conn.ack(msg)
+        # Every QoS 1 message must be acknowledged once handled, status messages too, whatever
+        # happens while handling it: the broker stops delivering to a client whose in-flight
+        # window (e.g. Mosquitto's 20) is full of unacknowledged messages.
+        try:
+            if msg.topic.endswith("/status"):
+                self._on_status(msg)
+            else:
+                log.warning("ignoring a message on unexpected topic %s", msg.topic)
+        finally:
+            self._conn.ack(msg)
 
     def _on_status(self, msg: Message) -> None:
         client = self.topics.client_of(msg.topic)
@@ -482,6 +489,13 @@ class AggregationServer:
             model = self.model
             last_arrival = self._last_arrival
             new_weights = self.strategy.aggregate(model.weights, updates) if updates else None
+            if new_weights is not None and not np.isfinite(new_weights).all():
+                # Huge (but finite) updates can overflow the sum: keep the model rather than
+                # publish one that no device could use (and crash on every restart).
+                log.error("round %d: the aggregate of %d update(s) is not finite; keeping model "
+                          "version %d (set --max-update-norm to bound updates)", r.round_id,
+                          len(updates), model.version)
+                new_weights = None
             if new_weights is not None:
                 model = model.with_weights(new_weights, version=model.version + 1,
                                            round_id=r.round_id)

@@ -69,7 +69,7 @@ def test_bad_round_announcements_are_rejected_with_a_reason(patch, message):
         RoundAnnouncement.from_json(json.dumps(obj).encode())
 
 
-@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"[1, 2]", b"null", b"{not json"])
+@pytest.mark.parametrize("payload", [b"", b"\xff\xfe", b"[1, 2]", b"null", b"{not json", b"[" * 100_000])
 def test_non_objects_are_protocol_errors(payload):
     for cls in (RoundAnnouncement, Receipt, DeviceStatus):
         with pytest.raises(ProtocolError):

@@ -447,3 +447,48 @@ def test_cli_initial_model_from_spec_or_file(tmp_path):
     path.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="truncated|magic"):
         load_initial_model(str(path), seed=0)
+
+
+def test_hostile_status_messages_do_not_stall_the_server(broker, tmp_path):
+    """Retained statuses that break the JSON parser (deep nesting) are still acknowledged: more
+    of them than the broker keeps in flight must not stop updates from reaching the server."""
+    pub = Paho(broker, "hostile", [TOPICS.model])
+    names = [f"h{i:02d}" for i in range(25)]
+    try:
+        for name in names:
+            pub.publish(TOPICS.status(name), b"[" * 100_000, retain=True)
+        pub.publish(TOPICS.status("ok1"), DeviceStatus("online").to_json(), retain=True)
+        initial = build_mlp((8, 4, 3), seed=0)
+        n = initial.manifest.num_params
+        config = server_config(broker, tmp_path, rounds=1, min_clients=1, metrics_port=None)
+        with AggregationServer(config, initial_model=initial) as server:
+            deadline = time.monotonic() + 20
+            while server.round.phase != "open":
+                assert time.monotonic() < deadline, "the round never opened"
+                time.sleep(0.02)
+            pub.publish(TOPICS.update("ok1"), encode_update(Update(
+                "ok1", 1, 0, 1, 1, n, None, np.full(n, 0.01, np.float32))))
+            assert server.wait(20)
+        assert server.history[0].accepted == 1
+    finally:
+        for name in names:  # retained messages outlive the test otherwise
+            pub.publish(TOPICS.status(name), b"", retain=True)
+        pub.close()
+
+
+def test_an_aggregate_that_overflows_keeps_the_model(broker, clients, tmp_path):
+    observer, devices = clients
+    initial = build_mlp((8, 4, 3), seed=0)
+    n = initial.manifest.num_params
+    huge = np.full(n, 3.0e38, np.float32)  # finite, but twice of it is not
+    with AggregationServer(server_config(broker, tmp_path, rounds=2),
+                           initial_model=initial) as server:
+        for round_id, base in ((1, 0), (2, 1)):
+            observer.wait_for(TOPICS.round, announcement("open", round_id))
+            for c, device in devices.items():
+                device.send(encode_update(Update(c, round_id, base, round_id, SAMPLES[c], n,
+                                                 None, huge)))
+                assert device.receipt().status == "accepted"
+        assert server.wait(20)
+    assert [r.model_version for r in server.history] == [1, 1]  # round 2 kept version 1
+    assert np.isfinite(server.model.weights).all()
