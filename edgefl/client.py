@@ -86,7 +86,12 @@ class EdgeClient:
     username, password, tls, ca_certs
         Passed to :class:`~edgefl.transport.MqttConnection`.
     privacy_budget : float
-        Total epsilon this device will ever spend; once spent it sends no more updates.
+        Total epsilon this device will ever spend; once spent it sends no more updates. It
+        counts only in rounds whose announced mechanism adds noise.
+    require_privacy : bool
+        Take part only in rounds with differential privacy on: the mechanism is the server's
+        announcement, so a device that must never send a clean update says so here and skips
+        (with a log line) every round announced with ``privacy: none``.
     capacity : int
         Most local training samples kept (a ring buffer: the newest stay).
     seed : int
@@ -113,6 +118,7 @@ class EdgeClient:
     def __init__(self, client_id: str, fleet: str, broker_url: str, state_dir, *,
                  username: str | None = None, password: str | None = None, tls=None,
                  ca_certs: str | None = None, privacy_budget: float = 100.0,
+                 require_privacy: bool = False,
                  capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
                  reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400):
@@ -148,6 +154,7 @@ class EdgeClient:
         self.last_loss: float | None = None
         self.rejections: list[str] = []
 
+        self.require_privacy = require_privacy
         self._accountant = PrivacyAccountant(privacy_budget, path=self.state_dir / "privacy.json")
         self._noise_rng = np.random.default_rng()  # fresh OS entropy, never the user's seed
         self._outbox = Outbox(self.state_dir / "outbox", max_entries=outbox_entries)
@@ -504,6 +511,12 @@ class EdgeClient:
                 self.training.clear()
 
     def _take_part(self, a: RoundAnnouncement, model) -> None:
+        if self.require_privacy and a.config.privacy.mechanism == "none":
+            self.counters["rounds_skipped"] += 1
+            log.warning("%s: round %d is announced without differential privacy and this device "
+                        "requires it (--require-privacy); sending nothing", self.client_id,
+                        a.round_id)
+            return
         if time.time() > a.deadline:
             self.counters["rounds_skipped"] += 1
             log.info("%s: round %d: its deadline passed before training could start; skipping",

@@ -358,3 +358,17 @@ def test_stats_are_written_to_the_state_dir(broker, server, tmp_path, model0, lo
     assert stats["model_version"] == 0 and stats["note"] == 1
     assert stats["predictor"]["count"] == 1
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_device_that_requires_privacy_skips_rounds_without_it(broker, server, tmp_path, model0,
+                                                               local_data, caplog):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data, require_privacy=True) as client:
+        server.round(1, 0)  # announced with privacy "none"
+        server.assert_no_update()
+        assert wait_for(lambda: client.counters["rounds_skipped"] == 1)
+        server.round(2, 0, config=TrainingConfig(
+            epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0)))
+        _, update = server.next_update()
+        assert update.round_id == 2
+    assert "requires it (--require-privacy)" in caplog.text
