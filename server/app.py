@@ -355,12 +355,18 @@ class AggregationServer:
                     break
             stopping = None in batch
             batch = [item for item in batch if item is not None]
-            if batch:
+            delay = 0.5
+            while batch and not self._stopping.is_set():
                 try:
                     self._ingest(batch)
-                except Exception:  # noqa: BLE001 - e.g. a full disk: keep serving, retry later
-                    log.exception("storing %d update(s) failed; they stay unacknowledged and the "
-                                  "broker redelivers them on the next connection", len(batch))
+                    break
+                except Exception:  # noqa: BLE001 - e.g. a full disk: keep serving, retry
+                    # Unacknowledged until stored: the broker keeps them (and redelivers them to
+                    # a restarted server); retrying here keeps its in-flight window from filling.
+                    log.exception("storing %d update(s) failed; retrying in %.1f s", len(batch),
+                                  delay)
+                    self._stopping.wait(delay)
+                    delay = min(2 * delay, 30.0)
             if stopping:
                 return
 

@@ -492,3 +492,33 @@ def test_an_aggregate_that_overflows_keeps_the_model(broker, clients, tmp_path):
         assert server.wait(20)
     assert [r.model_version for r in server.history] == [1, 1]  # round 2 kept version 1
     assert np.isfinite(server.model.weights).all()
+
+
+def test_a_failing_store_is_retried_and_loses_nothing(broker, clients, tmp_path, monkeypatch):
+    """A store that fails (e.g. a full disk) leaves updates unacknowledged and retries them."""
+    observer, devices = clients
+    initial = build_mlp((8, 4, 3), seed=0)
+    n = initial.manifest.num_params
+    server = AggregationServer(server_config(broker, tmp_path, rounds=1), initial_model=initial)
+    with server:
+        observer.wait_for(TOPICS.round, announcement("open", 1))
+        ingestor = server._ingestor
+        real = ingestor.ingest_batch
+        failures = []
+
+        def failing_twice(*args, **kwargs):
+            if len(failures) < 2:
+                failures.append(1)
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ingestor, "ingest_batch", failing_twice)
+        for c, device in devices.items():
+            device.send(good_update(c, 1, 0, n))
+        for device in devices.values():
+            assert device.receipt(timeout=20).status == "accepted"
+        assert server.wait(20)
+    assert len(failures) == 2
+    assert server.history[0].accepted == 3
+    np.testing.assert_allclose(server.model.weights, expected_fedavg(initial.weights, DEVICES),
+                               rtol=1e-5, atol=1e-6)
