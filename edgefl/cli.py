@@ -153,6 +153,9 @@ def add_client_arguments(parser) -> None:
     env_option(state, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
                default=100.0, metavar="EPSILON",
                help="total epsilon this device will ever spend; it sends nothing once spent")
+    env_option(state, "--privacy-file", env="EDGEFL_PRIVACY_FILE", metavar="FILE",
+               help="where the spent epsilon is kept (default STATE_DIR/privacy.json); put it "
+               "where a new state directory does not reset it")
     env_option(state, "--require-privacy", env="EDGEFL_REQUIRE_PRIVACY", action="store_true",
                help="skip every round the server announces without differential privacy, so "
                "this device never sends a clean update")
@@ -222,7 +225,8 @@ def run_client(args) -> int:
         args.client_id, args.fleet, args.broker, args.state_dir,
         username=args.username, password=args.password, tls=args.tls or None,
         ca_certs=args.ca_certs, privacy_budget=args.privacy_budget,
-        require_privacy=args.require_privacy, capacity=args.capacity,
+        privacy_file=args.privacy_file, require_privacy=args.require_privacy,
+        capacity=args.capacity,
         seed=args.seed,
     )
     client.add_data(X, y)

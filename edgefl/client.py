@@ -26,10 +26,12 @@ message handler (the transport logs any that would).
 
 A state directory belongs to one run of one fleet: the device never goes back to an older model
 version and never trains a round it already answered, so after a server is reset to version 0,
-give its devices fresh state directories.
+give its devices fresh state directories. The privacy budget is the device's, not the run's: a
+fresh state directory must not refill it, so point ``privacy_file`` (``--privacy-file``) at a path
+that outlives state directories.
 
 State directory layout: ``model.bin`` (the last model envelope), ``privacy.json`` (epsilon
-spent), ``state.json`` (the last round this device sent an update for), ``outbox/``, and
+spent, unless ``privacy_file`` says elsewhere), ``state.json`` (the last round this device sent an update for), ``outbox/``, and
 ``stats.json`` (written by :meth:`EdgeClient.write_stats`).
 """
 from __future__ import annotations
@@ -88,6 +90,8 @@ class EdgeClient:
     privacy_budget : float
         Total epsilon this device will ever spend; once spent it sends no more updates. It
         counts only in rounds whose announced mechanism adds noise.
+    privacy_file : path, optional
+        Where the spent epsilon is kept; ``state_dir/privacy.json`` by default.
     require_privacy : bool
         Take part only in rounds with differential privacy on: the mechanism is the server's
         announcement, so a device that must never send a clean update says so here and skips
@@ -118,7 +122,7 @@ class EdgeClient:
     def __init__(self, client_id: str, fleet: str, broker_url: str, state_dir, *,
                  username: str | None = None, password: str | None = None, tls=None,
                  ca_certs: str | None = None, privacy_budget: float = 100.0,
-                 require_privacy: bool = False,
+                 privacy_file=None, require_privacy: bool = False,
                  capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
                  reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400):
@@ -155,7 +159,9 @@ class EdgeClient:
         self.rejections: list[str] = []
 
         self.require_privacy = require_privacy
-        self._accountant = PrivacyAccountant(privacy_budget, path=self.state_dir / "privacy.json")
+        privacy_file = Path(privacy_file) if privacy_file else self.state_dir / "privacy.json"
+        privacy_file.parent.mkdir(parents=True, exist_ok=True)
+        self._accountant = PrivacyAccountant(privacy_budget, path=privacy_file)
         self._noise_rng = np.random.default_rng()  # fresh OS entropy, never the user's seed
         self._outbox = Outbox(self.state_dir / "outbox", max_entries=outbox_entries)
         self._last_round = self._load_state().get("last_round", -1)

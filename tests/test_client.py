@@ -372,3 +372,18 @@ def test_a_device_that_requires_privacy_skips_rounds_without_it(broker, server, 
         _, update = server.next_update()
         assert update.round_id == 2
     assert "requires it (--require-privacy)" in caplog.text
+
+
+def test_the_privacy_budget_outlives_a_fresh_state_directory(broker, server, tmp_path, model0,
+                                                            local_data):
+    server.model(model0)
+    budget_file = tmp_path / "device" / "privacy.json"
+    private = TrainingConfig(epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0))
+    with make_client(broker, tmp_path / "run1", local_data, privacy_budget=1.5,
+                     privacy_file=budget_file) as client:
+        server.round(1, 0, config=private)
+        server.next_update()
+        assert wait_for(lambda: client.privacy_spent == pytest.approx(1.0))
+    again = make_client(broker, tmp_path / "run2", local_data, privacy_budget=1.5,
+                        privacy_file=budget_file)
+    assert again.privacy_spent == pytest.approx(1.0)
