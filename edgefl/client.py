@@ -364,9 +364,13 @@ class EdgeClient:
         # client; those handed over already are resent by paho itself after a reconnect.
         for entry in self._outbox.entries():
             if (entry.round_id, entry.update_id) not in self._handed:
+                try:
+                    payload = self._outbox.read(entry)
+                except FileNotFoundError:  # removed meanwhile (a receipt, or evicted)
+                    continue
                 log.info("%s: resending update %d of round %d from the outbox",
                          self.client_id, entry.update_id, entry.round_id)
-                self._send(entry.round_id, entry.update_id, self._outbox.read(entry))
+                self._send(entry.round_id, entry.update_id, payload)
 
     def _on_model(self, payload: bytes) -> None:
         try:
