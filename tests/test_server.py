@@ -476,6 +476,7 @@ def test_hostile_status_messages_do_not_stall_the_server(broker, tmp_path):
         pub.close()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point of the test
 def test_an_aggregate_that_overflows_keeps_the_model(broker, clients, tmp_path):
     observer, devices = clients
     initial = build_mlp((8, 4, 3), seed=0)
