@@ -10,6 +10,12 @@ EDGEFL_NATIVE=1
     Add ``-march=native``: faster on the build machine, crashes on older CPUs. Opt-in only.
 EDGEFL_DEBUG_KERNELS=1
     Turn Cython's bounds and initialisation checks back on (for a debugging test run).
+EDGEFL_PUREPYTHON=1
+    Build no extension: install the pure-NumPy twin only (a device without a C compiler).
+
+A kernel that fails to compile does not fail the install either (the extensions are optional,
+as in msgpack): edgefl then runs on the NumPy twin and says so when ``edgefl.kernels`` is
+imported. ``make test`` checks that the compiled backend is the one in use.
 """
 import os
 import sys
@@ -65,11 +71,21 @@ directives = {
     "embedsignature": True,
 }
 
+def compiled_kernels():
+    """The extensions to build: none with EDGEFL_PUREPYTHON=1, else every kernel, optional."""
+    if os.environ.get("EDGEFL_PUREPYTHON") == "1":
+        return []
+    modules = cythonize(extensions, compiler_directives=directives, quiet=True)
+    for module in modules:
+        module.optional = True  # set after cythonize, which does not carry it over
+    return modules
+
+
 setup(
     packages=find_packages(include=["edgefl", "edgefl.*"])
     + ["edgefl_server"]
     + [f"edgefl_server.{p}" for p in find_packages(where="server")],
     package_dir={"edgefl_server": "server"},
     package_data={"edgefl._kernels": ["*.pxd", "*.pyx", "*.h"]},
-    ext_modules=cythonize(extensions, compiler_directives=directives, quiet=True),
+    ext_modules=compiled_kernels(),
 )
