@@ -18,8 +18,8 @@ from libc.math cimport isfinite, sqrt
 
 import numpy as np
 
-from edgefl._kernels.fallback.arrays import writeable_float32
 
+from edgefl._kernels._arrays cimport writeable_float32_fast
 from edgefl._kernels._typedefs cimport float32_t, float64_t
 from edgefl._kernels.clip cimport (
     edgefl_scale,
@@ -40,17 +40,6 @@ cdef inline void _scale(float32_t *data, size_t n, float64_t factor) noexcept no
 
 
 cnp.import_array()
-
-
-cdef cnp.ndarray _writeable_float32(object x):
-    cdef cnp.ndarray a
-    if cnp.PyArray_Check(x):
-        a = <cnp.ndarray>x
-        if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
-                and cnp.PyArray_ISNOTSWAPPED(a)):
-            return a  # the common case: native float32, C-contiguous, aligned and writeable
-    writeable_float32(x, "clip that array")  # raises, naming what is wrong, as the twin does
-    raise ValueError("x must be aligned; pass x = x.copy() and use that array")
 
 
 cdef float64_t _check_bound(object max_norm) except -1:
@@ -104,7 +93,7 @@ def clip_l2_(x, max_norm):
     L2 clipping bounds the L2 sensitivity: pair it with Gaussian noise. Laplace noise needs
     :func:`clip_l1_`.
     """
-    cdef cnp.ndarray a = _writeable_float32(x)
+    cdef cnp.ndarray a = writeable_float32_fast(x, "clip that array")
     cdef float64_t bound = _check_bound(max_norm)
     cdef size_t n = cnp.PyArray_SIZE(a)
     cdef float32_t *data = <float32_t *>cnp.PyArray_DATA(a)
@@ -149,7 +138,7 @@ def clip_l1_(x, max_norm):
     After clipping to C, adding or removing one update moves a sum by at most C in L1 norm
     (replacing one: 2C); Laplace noise is calibrated to that L1 sensitivity, never to an L2 bound.
     """
-    cdef cnp.ndarray a = _writeable_float32(x)
+    cdef cnp.ndarray a = writeable_float32_fast(x, "clip that array")
     cdef float64_t bound = _check_bound(max_norm)
     cdef size_t n = cnp.PyArray_SIZE(a)
     cdef float32_t *data = <float32_t *>cnp.PyArray_DATA(a)

@@ -36,8 +36,8 @@ from numpy.random.c_distributions cimport (
 
 import numpy as np
 
-from edgefl._kernels.fallback.arrays import writeable_float32
 
+from edgefl._kernels._arrays cimport writeable_float32_fast
 from edgefl._kernels._typedefs cimport float32_t, float64_t, intp_t, uint32_t
 from edgefl._kernels.noise cimport edgefl_add_scaled, edgefl_add_signed_scaled
 
@@ -47,17 +47,6 @@ cnp.import_array()
 # chunk starts on a whole word of sign bits.
 cdef enum:
     CHUNK = 2048
-
-
-cdef cnp.ndarray _writeable_float32(object x):
-    cdef cnp.ndarray a
-    if cnp.PyArray_Check(x):
-        a = <cnp.ndarray>x
-        if (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(a)
-                and cnp.PyArray_ISNOTSWAPPED(a)):
-            return a  # the common case: native float32, C-contiguous, aligned and writeable
-    writeable_float32(x, "add noise to that array")  # raises, naming what is wrong, as the twin does
-    raise ValueError("x must be aligned; pass x = x.copy() and use that array")
 
 
 cdef float32_t _check_scale(object value, str name) except -1:
@@ -111,7 +100,7 @@ def laplace_(x, scale, rng):
     Draws ``ceil(n / 32)`` raw values for the signs, then n float32 exponentials (see the module
     docstring for the exact order).
     """
-    cdef cnp.ndarray a = _writeable_float32(x)
+    cdef cnp.ndarray a = writeable_float32_fast(x, "add noise to that array")
     cdef float32_t b = _check_scale(scale, "scale")
     cdef bitgen_t *bitgen = _bitgen(rng)
     cdef intp_t n = cnp.PyArray_SIZE(a)
@@ -156,7 +145,7 @@ def gaussian_(x, sigma, rng):
     -----
     Draws n float32 normals from NumPy's ziggurat (``standard_normal(n, dtype=np.float32)``).
     """
-    cdef cnp.ndarray a = _writeable_float32(x)
+    cdef cnp.ndarray a = writeable_float32_fast(x, "add noise to that array")
     cdef float32_t s = _check_scale(sigma, "sigma")
     cdef bitgen_t *bitgen = _bitgen(rng)
     cdef intp_t n = cnp.PyArray_SIZE(a)
