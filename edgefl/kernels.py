@@ -22,7 +22,7 @@ _MODULES = {
         "encode_indices_bitmap", "decode_indices_bitmap",
         "quantize", "dequantize",
     ),
-    "sgd": ("softmax_sgd_step_", "mlp_sgd_step_", "SGDState"),
+    "sgd": ("softmax_sgd_step_", "mlp_sgd_step_", "mlp_sgd_epochs_", "SGDState"),
 }
 
 

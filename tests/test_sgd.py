@@ -601,3 +601,188 @@ def test_step_releases_the_gil():
     worker.join()
     enter, leave = inside
     assert any(enter < t < leave for t in stamps), f"no progress in a {leave - enter:.3f} s step"
+
+
+# --- whole epochs in one call -------------------------------------------------------------------
+
+def _epochs_by_steps(step, layers, X, y, lr, rng, epochs, batch, **hyper):
+    """The epoch loop written out with single steps: the definition mlp_sgd_epochs_ follows."""
+    n = X.shape[0]
+    batch = min(batch, n)
+    state = hyper.pop("state", None) or type(K.SGDState((1, 2), 1))(
+        [layers[0][0].shape[0]] + [W.shape[1] for W, _ in layers], batch)
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        losses = [step(layers, np.ascontiguousarray(X[order[s:s + batch]]),
+                       y[order[s:s + batch]], lr, state=state, **hyper)
+                  for s in range(0, n, batch)]
+    return float(np.mean(losses))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 20), min_size=2, max_size=3).map(
+           lambda s: s[:-1] + [max(2, s[-1])]),
+       n=st.integers(1, 70), batch=st.integers(1, 40), epochs=st.integers(1, 3),
+       momentum=st.sampled_from([0.0, 0.9]), mu=st.sampled_from([0.0, 0.1]),
+       seed=st.integers(0, 2**16))
+@example(sizes=[64, 32, 10], n=100, batch=16, epochs=2, momentum=0.9, mu=0.1, seed=0)
+@example(sizes=[3, 2], n=1, batch=1, epochs=1, momentum=0.0, mu=0.0, seed=1)
+@example(sizes=[3, 2], n=5, batch=5, epochs=1, momentum=0.0, mu=0.0, seed=2)  # batch == n
+@example(sizes=[3, 2], n=5, batch=7, epochs=2, momentum=0.0, mu=0.0, seed=3)  # batch > n
+def test_epochs_are_the_steps_over_numpys_permutations(sizes, n, batch, epochs, momentum, mu,
+                                                       seed):
+    rng = np.random.default_rng(seed)
+    start, ref = make_model(sizes, rng), make_model(sizes, rng)
+    X, y = make_batch(sizes, n, rng)
+    hyper = dict(momentum=momentum, weight_decay=1e-3, mu=mu, ref=ref)
+    ours, by_steps, theirs = copy_model(start), copy_model(start), copy_model(start)
+    rngs = [np.random.default_rng(seed + 1) for _ in range(3)]
+    loss = K.mlp_sgd_epochs_(ours, X, y, 0.05, rng=rngs[0], epochs=epochs, batch_size=batch,
+                             **hyper)
+    # The same backend stepping over the same permutations gives the same bits.
+    expected = _epochs_by_steps(K.mlp_sgd_step_, by_steps, X, y, 0.05, rngs[1], epochs, batch,
+                                **hyper)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    for (W, b), (W2, b2) in zip(ours, by_steps):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+    # The twin agrees within float32 rounding.
+    loss_twin = twin.mlp_sgd_epochs_(theirs, X, y, 0.05, rng=rngs[2], epochs=epochs,
+                                     batch_size=batch, **hyper)
+    assert loss == pytest.approx(loss_twin, rel=1e-4, abs=1e-5)
+    for (W, b), (W2, b2) in zip(ours, theirs):
+        np.testing.assert_allclose(W, W2, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(b, b2, rtol=1e-3, atol=1e-4)
+    # All three drew exactly `epochs` permutations of n from their generator.
+    follow = [r.integers(1 << 62) for r in rngs]
+    assert follow[0] == follow[1] == follow[2]
+
+
+def test_epochs_carry_the_velocity_of_a_given_state_and_leave_it_updated():
+    rng = np.random.default_rng(30)
+    sizes = (6, 5, 3)
+    start = make_model(sizes, rng)
+    X, y = make_batch(sizes, 20, rng)
+    ours, by_steps = copy_model(start), copy_model(start)
+    state, state_steps = K.SGDState(sizes, 8), K.SGDState(sizes, 8)
+    for v_w, v_b in state.velocity + state_steps.velocity:
+        v_w.fill(0.5)
+        v_b.fill(-0.5)
+    K.mlp_sgd_epochs_(ours, X, y, 0.1, rng=np.random.default_rng(1), epochs=2, batch_size=8,
+                      momentum=0.9, state=state)
+    _epochs_by_steps(K.mlp_sgd_step_, by_steps, X, y, 0.1, np.random.default_rng(1), 2, 8,
+                     momentum=0.9, state=state_steps)
+    for (W, b), (W2, b2), (v, vb), (v2, vb2) in zip(ours, by_steps, state.velocity,
+                                                    state_steps.velocity):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(v, v2)
+        np.testing.assert_array_equal(vb, vb2)
+
+
+def test_epochs_train_the_digits_mlp_to_95_percent():
+    digits = load_digits()
+    X = (digits.data / 16.0).astype(np.float32)
+    X_train, X_test, y_train, y_test = train_test_split(X, digits.target, test_size=0.25,
+                                                        random_state=0, stratify=digits.target)
+    layers = make_model((64, 32, 10), np.random.default_rng(0))
+    K.mlp_sgd_epochs_(layers, X_train, y_train, 0.1, rng=np.random.default_rng(0), epochs=30,
+                      batch_size=16, momentum=0.9)
+    h = X_test
+    for i, (W, b) in enumerate(layers):
+        h = h @ W + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    assert (h.argmax(1) == y_test).mean() >= 0.95
+
+
+def _epoch_args():
+    args = _mlp_args()
+    args.update(rng=np.random.default_rng(0), epochs=2, batch_size=2)
+    return args
+
+
+EPOCH_ERRORS = [
+    *MLP_ERRORS,
+    (lambda a: a.update(epochs=0), ValueError, "epochs must be an int from 1"),
+    (lambda a: a.update(epochs=1.0), TypeError, "epochs must be an int"),
+    (lambda a: a.update(batch_size=0), ValueError, "batch_size must be an int from 1"),
+    (lambda a: a.update(batch_size=2**70), ValueError, "batch_size must be an int from 1"),
+    (lambda a: a.update(rng=np.random.RandomState(0)), TypeError,
+     "rng must be a numpy.random.Generator"),
+    (lambda a: a.update(rng=None), TypeError, "rng must be a numpy.random.Generator"),
+    (lambda a: a.update(X=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64)), ValueError,
+     "X holds no samples"),
+    (lambda a: a.update(y=np.zeros(4, np.int64)), ValueError, r"y must have shape \(5,\)"),
+    (lambda a: a.update(lr=np.nan), ValueError, "lr must be a finite number"),
+    (lambda a: a.update(state=K.SGDState((4, 5, 3), 1)), ValueError,
+     "minibatches of 2 rows need an SGDState with max_batch >= 2"),
+    (lambda a: a.update(state=K.SGDState((4, 3), 8)), ValueError,
+     r"state was built for layer sizes \(4, 3\)"),
+    (lambda a: a.update(state="state"), TypeError, "state must be an SGDState"),
+]
+
+
+@pytest.mark.parametrize("change, error, words", EPOCH_ERRORS)
+def test_epochs_reject_bad_arguments_and_change_nothing(change, error, words):
+    args = _epoch_args()
+    weights = [a for pair in args["layers"] for a in pair]
+    before = [a.copy() for a in weights]
+    draws_before = args["rng"].bit_generator.state
+    change(args)
+    with pytest.raises(error, match=words) as raised:
+        K.mlp_sgd_epochs_(**args)
+    for a, a0 in zip(weights, before):
+        np.testing.assert_array_equal(a, a0)
+    if isinstance(args["rng"], np.random.Generator):
+        assert args["rng"].bit_generator.state == draws_before
+    twin_args = _epoch_args()
+    change(twin_args)
+    if isinstance(twin_args.get("state"), K.SGDState):  # the twin checks for its own class
+        twin_args["state"] = twin.SGDState(twin_args["state"].sizes,
+                                           twin_args["state"].max_batch)
+    with pytest.raises(error) as raised_by_twin:
+        twin.mlp_sgd_epochs_(**twin_args)
+    assert str(raised.value) == str(raised_by_twin.value)
+
+
+@pytest.mark.parametrize("module", [K, twin], ids=["backend", "twin"])
+def test_epochs_stop_at_a_diverging_batch_with_a_clear_error(module):
+    rng = np.random.default_rng(31)
+    layers = make_model((8, 4), rng)
+    X, y = make_batch((8, 4), 40, rng)
+    X *= 100
+    with pytest.raises(twin.TrainingDiverged, match="Lower lr"):
+        module.mlp_sgd_epochs_(layers, X, y, 1e38, rng=np.random.default_rng(0), epochs=3,
+                               batch_size=8)
+
+
+def test_epochs_release_the_gil_for_the_whole_call():
+    rng = np.random.default_rng(32)
+    sizes = (256, 256, 10)
+    layers = make_model(sizes, rng)
+    X, y = make_batch(sizes, 2048, rng)
+    inside = []
+    done = threading.Event()
+
+    def train():
+        inside.append(time.perf_counter())
+        K.mlp_sgd_epochs_(layers, X, y, 1e-3, rng=np.random.default_rng(0), epochs=2,
+                          batch_size=32)
+        inside.append(time.perf_counter())
+        done.set()
+
+    worker = threading.Thread(target=train)
+    stamps, last = [], 0.0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        if now - last > 1e-3:
+            stamps.append(now)
+            last = now
+    worker.join()
+    enter, leave = inside
+    inner = [t for t in stamps if enter < t < leave]
+    # A stamp about every millisecond: the main thread ran all through the call. Had the call
+    # held the GIL, the main thread would get it only at forced switches (every 5 ms).
+    assert len(inner) >= 0.5 * (leave - enter) / 1e-3, (
+        f"the main thread ran {len(inner)} times in a {leave - enter:.3f} s call")

@@ -23,8 +23,12 @@ argument with the same words.
 """
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy
+from numpy.random cimport bitgen_t
+from numpy.random.c_distributions cimport random_interval
 
 cimport numpy as cnp
 import numpy as np
@@ -260,6 +264,153 @@ def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, r
     return _run_step(s, X, m, &h)
 
 
+def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=0.0,
+                    weight_decay=0.0, mu=0.0, ref=None, state=None):
+    """Whole epochs of minibatch SGD over ``(X, y)``, in place: a round of local training.
+
+    Each epoch visits every sample once in the order ``rng.permutation(n)`` draws, in minibatches
+    of ``batch_size`` rows (the last one may be smaller), each a :func:`mlp_sgd_step_`. All the
+    epochs run in one call without the GIL (shuffle, minibatch gather and steps), so a device's
+    predictions never queue behind the Python glue of a training loop. The permutations are
+    NumPy's own: ``arange(n)`` shuffled by Fisher-Yates with ``random_interval`` from the
+    BitGenerator, as ``Generator.permutation`` does.
+
+    Parameters
+    ----------
+    layers, lr, momentum, weight_decay, mu, ref
+        As in :func:`mlp_sgd_step_`.
+    X : ndarray of float32, shape (n, d), C-contiguous
+        All the samples, n >= 1.
+    y : ndarray of integers, shape (n,)
+        Their class labels.
+    rng : numpy.random.Generator
+        Draws each epoch's order; its BitGenerator lock is held for the whole call.
+    epochs : int
+        Passes over the data, >= 1.
+    batch_size : int
+        Rows per step, >= 1; ``min(batch_size, n)`` is used.
+    state : SGDState, optional
+        Built for these layer sizes with ``max_batch >= min(batch_size, n)``; its velocity
+        carries over from earlier calls. Without one, a fresh state (zero velocity) is used.
+
+    Returns
+    -------
+    float
+        The mean over the last epoch's minibatches of each batch's loss before its step.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument, naming it; nothing is changed.
+    TrainingDiverged
+        When a batch's loss is not finite; the steps before it stay applied.
+    """
+    cdef Hyperparameters h
+    cdef SGDState s = None
+    cdef intp_t n = 0, n_epochs = 0, batch = 0
+    cdef bitgen_t *bitgen = NULL
+    cdef cnp.ndarray labels = None
+    if (_hyperparameters_ok(lr, momentum, weight_decay, mu, &h)
+            and _positive_ok(epochs, &n_epochs) and _positive_ok(batch_size, &batch)
+            and _float32_ok(X, 2, False) and cnp.PyArray_DIMS(<cnp.ndarray>X)[0] >= 1):
+        n = cnp.PyArray_DIMS(<cnp.ndarray>X)[0]
+        batch = min(batch, n)
+        bitgen = _generator_bitgen(rng)
+        s = _epoch_state(layers, ref, &h, state, batch)
+    if s is not None and cnp.PyArray_DIMS(<cnp.ndarray>X)[1] == s.width[0]:
+        labels = np.empty(n, np.int32)
+        if not _labels_to_int32(y, n, s.width[s.n_layers],
+                                <int32_t *>cnp.PyArray_DATA(labels)):
+            s = None
+    else:
+        s = None
+    if s is None or bitgen == NULL:
+        _twin._check_epochs_args(layers, X, y, lr, rng, epochs, batch_size, momentum,
+                                 weight_decay, mu, ref, state, state_type=SGDState)
+        raise _disagreement()
+    cdef cnp.ndarray order = np.empty(n, np.intp)
+    cdef cnp.ndarray rows = np.empty(batch * s.width[0], np.float32)
+    cdef double loss = _run_epochs(
+        s, <const float32_t *>cnp.PyArray_DATA(<cnp.ndarray>X), n,
+        <const int32_t *>cnp.PyArray_DATA(labels), <intp_t *>cnp.PyArray_DATA(order),
+        <float32_t *>cnp.PyArray_DATA(rows), n_epochs, batch, &h, bitgen, rng.bit_generator.lock)
+    if not isfinite(loss):
+        raise _twin._divergence_error(loss, h.lr)
+    return loss
+
+
+cdef double _run_epochs(SGDState s, const float32_t *X, intp_t n, const int32_t *labels,
+                        intp_t *order, float32_t *rows, intp_t epochs, intp_t batch,
+                        const Hyperparameters *h, bitgen_t *bitgen, object lock):
+    """The epochs on validated arguments: the mean batch loss of the last, or the first
+    non-finite batch loss (training stops there)."""
+    cdef intp_t d = s.width[0], e, i, j, start, m, r, swap
+    cdef int32_t *step_labels = s.labels
+    cdef double loss = 0, total = 0
+    cdef intp_t steps = 0
+    with lock, nogil:
+        for e in range(epochs):
+            for i in range(n):
+                order[i] = i
+            for i in range(n - 1, 0, -1):  # Generator.shuffle's loop, draw for draw
+                j = <intp_t>random_interval(bitgen, <uint64_t>i)
+                swap = order[i]
+                order[i] = order[j]
+                order[j] = swap
+            total = 0
+            steps = 0
+            start = 0
+            while start < n:
+                m = min(batch, n - start)
+                for r in range(m):
+                    memcpy(rows + r * d, X + order[start + r] * d, d * sizeof(float32_t))
+                    step_labels[r] = labels[order[start + r]]
+                loss = _step(s, rows, m, h)
+                if not isfinite(loss):
+                    return loss
+                total += loss
+                steps += 1
+                start += m
+    return total / steps
+
+
+cdef SGDState _epoch_state(object layers, object ref, Hyperparameters *h, object state,
+                           intp_t batch):
+    """The state for :func:`mlp_sgd_epochs_`, pointed at the caller's layers, else None."""
+    cdef SGDState s
+    if state is None:
+        sizes = _layer_sizes(layers)
+        if sizes is None:
+            return None
+        s = SGDState(sizes, batch)
+    elif isinstance(state, SGDState):
+        s = <SGDState>state
+        if s.max_batch < batch:
+            return None
+    else:
+        return None
+    return s if _bind_layers(s, layers, ref, h.mu > 0) else None
+
+
+cdef bitgen_t *_generator_bitgen(object rng):
+    """The BitGenerator of a numpy.random.Generator, else NULL."""
+    if not isinstance(rng, np.random.Generator):
+        return NULL
+    capsule = rng.bit_generator.capsule
+    if not PyCapsule_IsValid(capsule, "BitGenerator"):
+        return NULL
+    return <bitgen_t *>PyCapsule_GetPointer(capsule, "BitGenerator")
+
+
+cdef bint _positive_ok(object value, intp_t *out):
+    """An int (not a bool-like float) >= 1, as the twin's operator.index check."""
+    try:
+        out[0] = value.__index__()
+    except (AttributeError, TypeError, OverflowError):
+        return False
+    return out[0] >= 1
+
+
 cdef object _run_step(SGDState s, object X, intp_t m, Hyperparameters *h):
     cdef const float32_t *x = <const float32_t *>cnp.PyArray_DATA(<cnp.ndarray>X)
     cdef double loss
@@ -409,6 +560,11 @@ cdef intp_t _batch_rows(object X, SGDState s):
 
 cdef bint _copy_labels(object y, intp_t m, SGDState s):
     """Copy m integer labels into the state as int32, checking each is in [0, classes)."""
+    return _labels_to_int32(y, m, s.width[s.n_layers], s.labels)
+
+
+cdef bint _labels_to_int32(object y, intp_t m, intp_t classes, int32_t *out):
+    """Copy m integer labels to ``out`` as int32, checking each is in [0, classes)."""
     if not cnp.PyArray_Check(y):
         return False
     cdef cnp.ndarray labels = <cnp.ndarray>y
@@ -420,7 +576,7 @@ cdef bint _copy_labels(object y, intp_t m, SGDState s):
         # Rare layouts and dtypes take one conversion; out-of-range values stay out of range.
         labels = np.ascontiguousarray(y, dtype=np.int64)
         kind = cnp.NPY_INT64
-    cdef intp_t classes = s.width[s.n_layers], i
+    cdef intp_t i
     cdef int64_t label
     cdef bint in_range = True
     cdef const int64_t *y64 = <const int64_t *>cnp.PyArray_DATA(labels)
@@ -428,7 +584,7 @@ cdef bint _copy_labels(object y, intp_t m, SGDState s):
     for i in range(m):
         label = y64[i] if kind == cnp.NPY_INT64 else y32[i]
         in_range &= 0 <= label < classes
-        s.labels[i] = <int32_t>label
+        out[i] = <int32_t>label
     return in_range
 
 

@@ -159,6 +159,61 @@ def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, r
     return _step(layers, X, y, lr, momentum, weight_decay, mu, ref if mu > 0 else None, state)
 
 
+def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=0.0,
+                    weight_decay=0.0, mu=0.0, ref=None, state=None):
+    """Whole epochs of minibatch SGD over ``(X, y)``, in place: a round of local training.
+
+    Each epoch visits every sample once in the order ``rng.permutation(n)`` draws, in minibatches
+    of ``batch_size`` rows (the last one may be smaller), each a :func:`mlp_sgd_step_`. The
+    compiled backend runs every epoch in one call without the GIL, so a device's predictions
+    never wait for training; it draws the same permutations from ``rng``.
+
+    Parameters
+    ----------
+    layers, lr, momentum, weight_decay, mu, ref
+        As in :func:`mlp_sgd_step_`.
+    X : ndarray of float32, shape (n, d), C-contiguous
+        All the samples, n >= 1.
+    y : ndarray of integers, shape (n,)
+        Their class labels.
+    rng : numpy.random.Generator
+        Draws each epoch's order; its BitGenerator lock is held for the whole call.
+    epochs : int
+        Passes over the data, >= 1.
+    batch_size : int
+        Rows per step, >= 1; ``min(batch_size, n)`` is used.
+    state : SGDState, optional
+        Built for these layer sizes with ``max_batch >= min(batch_size, n)``; its velocity
+        carries over from earlier calls. Without one, a fresh state (zero velocity) is used.
+
+    Returns
+    -------
+    float
+        The mean over the last epoch's minibatches of each batch's loss before its step.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument, naming it; nothing is changed.
+    TrainingDiverged
+        When a batch's loss is not finite; the steps before it stay applied.
+    """
+    lr, momentum, weight_decay, mu, epochs, batch = _check_epochs_args(
+        layers, X, y, lr, rng, epochs, batch_size, momentum, weight_decay, mu, ref, state)
+    if state is None:
+        state = SGDState(_check_layers(layers), batch)
+    ref = ref if mu > 0 else None
+    n = X.shape[0]
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        losses = []
+        for start in range(0, n, batch):
+            rows = order[start:start + batch]
+            losses.append(_step(layers, X[rows], y[rows], lr, momentum, weight_decay, mu, ref,
+                                state))
+    return math.fsum(losses) / len(losses)
+
+
 def _loss_and_gradients(layers, X, y):
     """Mean cross-entropy of an MLP on ``(X, y)`` and its gradient, in the dtype of the inputs.
 
@@ -237,6 +292,53 @@ def _check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state, *,
         _check_ref_layers(ref, layers)
     _check_batch(sizes, X, y, momentum, state, state_type)
     return lr, momentum, weight_decay, mu
+
+
+def _check_epochs_args(layers, X, y, lr, rng, epochs, batch_size, momentum, weight_decay, mu,
+                       ref, state, *, state_type=SGDState):
+    """Validate the arguments of :func:`mlp_sgd_epochs_`; return the hyperparameters, the epoch
+    count and the minibatch size."""
+    lr, momentum, weight_decay, mu = _check_hyperparameters(lr, momentum, weight_decay, mu)
+    sizes = _check_layers(layers)
+    if mu > 0 and ref is None:
+        raise ValueError(
+            f"mu={mu} > 0 needs the reference model the proximal term pulls towards: pass "
+            "ref=[(W, b), ...] (this round's global model), shaped like layers")
+    if ref is not None:
+        _check_ref_layers(ref, layers)
+    epochs = _positive_int("epochs", epochs)
+    batch_size = _positive_int("batch_size", batch_size)
+    X = _float32_array(X, "X", 2, writeable=False)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError(f"X holds no samples (shape {X.shape}); training needs at least one row")
+    if X.shape[1] != sizes[0]:
+        raise ValueError(
+            f"X has {X.shape[1]} features per row but the first weight matrix has {sizes[0]} "
+            f"rows; X must have shape (n, {sizes[0]})")
+    _check_labels(y, n, sizes[-1])
+    batch = min(batch_size, n)
+    if state is not None:
+        _check_state(state, state_type, sizes, 1)
+        if batch > state.max_batch:
+            raise ValueError(
+                f"minibatches of {batch} rows need an SGDState with max_batch >= {batch}, got "
+                f"state.max_batch={state.max_batch}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)), "
+            f"got {type(rng).__name__}")
+    return lr, momentum, weight_decay, mu, epochs, batch
+
+
+def _positive_int(name, value):
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if not 1 <= value < 2**63:
+        raise ValueError(f"{name} must be an int from 1 to 2**63 - 1, got {value}")
+    return value
 
 
 def _check_hyperparameters(lr, momentum, weight_decay, mu):
