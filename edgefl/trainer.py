@@ -54,7 +54,8 @@ class LocalTrainer:
     the device trains on its most recent ``capacity`` samples (its current data distribution).
 
     Thread-safe: :meth:`add` may run while :meth:`train` runs on another thread; training works on
-    a snapshot of the buffer taken when it starts.
+    a snapshot of the buffer taken when it starts (and kept for the next round while no sample is
+    added). Two :meth:`train` calls run one after the other.
 
     With a featurizer the buffer holds extractor features, computed once in :meth:`add`; they
     stay valid while the extractor is frozen. A model with a different graph (another
@@ -75,6 +76,11 @@ class LocalTrainer:
         self._y = np.zeros(self.capacity, np.int32)
         self._seen = 0  # samples ever added; the next one goes to _seen % capacity
         self._lock = threading.Lock()  # add() vs the snapshot train() takes
+        # The samples train() last trained on, reused until add() changes the buffer: repeated
+        # rounds on unchanged data copy nothing and hold the GIL for less time.
+        self._snapshot: tuple[np.ndarray, np.ndarray] | None = None
+        self._states: dict[int, kernels.SGDState] = {}  # minibatch size -> reusable state
+        self._round_lock = threading.Lock()  # one train() at a time: they share the states
         self._rng = np.random.default_rng(seed)
 
     @property
@@ -114,6 +120,7 @@ class LocalTrainer:
             self._X[slots] = X
             self._y[slots] = y
             self._seen += X.shape[0]
+            self._snapshot = None
 
     def train(self, global_weights: np.ndarray, config: TrainingConfig) -> TrainResult:
         """Run ``config.epochs`` epochs of minibatch SGD from ``global_weights``.
@@ -131,30 +138,33 @@ class LocalTrainer:
         """
         self.manifest.check_weights(global_weights)
         with self._lock:
-            n = self.num_samples
-            X, y = self._X[:n].copy(), self._y[:n].copy()
+            if self._snapshot is None:
+                n = self.num_samples
+                self._snapshot = self._X[:n].copy(), self._y[:n].copy()
+            X, y = self._snapshot
+        n = len(y)
         if n == 0:
             raise ValueError("no local samples to train on: add(X, y) some first")
         local = global_weights.copy()
         layers = self.manifest.layers(local)
         reference = self.manifest.layers(global_weights.copy()) if config.mu > 0 else None
         batch = min(int(config.batch_size), n)
-        # Fresh momentum buffers each round: velocity from an older global model would push the
-        # new one in a stale direction. (The compiled backend also keeps its scratch memory here.)
-        state = kernels.SGDState(self.manifest.layer_sizes, batch)
-        losses = []
-        for _ in range(config.epochs):
-            # One shuffled copy per epoch makes every minibatch a contiguous view: no per-step
-            # copies, so each step holds the GIL only briefly around the GIL-free kernel.
-            order = self._rng.permutation(n)
-            X_epoch, y_epoch = X[order], y[order]
-            losses = []
-            for start in range(0, n, batch):
-                losses.append(kernels.mlp_sgd_step_(
-                    layers, X_epoch[start:start + batch], y_epoch[start:start + batch],
-                    config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                    mu=config.mu, ref=reference, state=state))
-        loss = float(np.mean(losses))
+        # Fresh momentum each round: velocity from an older global model would push the new one
+        # in a stale direction. The state (and the compiled backend's scratch memory in it) is
+        # reused, so train() calls take turns.
+        with self._round_lock:
+            state = self._states.get(batch)
+            if state is None:
+                state = self._states[batch] = kernels.SGDState(self.manifest.layer_sizes, batch)
+            else:
+                state.reset()
+            # Every epoch in one kernel call: the compiled backend shuffles, gathers the
+            # minibatches and steps without taking the GIL once, so predictions on other
+            # threads never wait for training's Python glue.
+            loss = kernels.mlp_sgd_epochs_(
+                layers, X, y, config.lr, rng=self._rng, epochs=config.epochs, batch_size=batch,
+                momentum=config.momentum, weight_decay=config.weight_decay, mu=config.mu,
+                ref=reference, state=state)
         delta = local - global_weights
         if not np.isfinite(loss) or not np.isfinite(delta).all():
             raise FloatingPointError(f"local training diverged (loss {loss}) with lr "

@@ -156,3 +156,67 @@ def test_samples_added_during_training_do_not_disturb_it(digits):
         stop.set()
         writer.join()
     assert any(np.array_equal(delta, e) for e in expected)
+
+
+def test_a_round_after_new_samples_trains_on_them(digits):
+    """The snapshot kept between rounds is dropped by add(): the next round sees every sample."""
+    X_train, y_train, _, _ = digits
+    model = build_mlp((64, 10))
+    config = TrainingConfig(epochs=2, lr=0.1)
+    trainer = LocalTrainer(model.manifest, capacity=300, seed=4)
+    trainer.add(X_train[:100], y_train[:100])
+    assert trainer.train(model.weights, config).num_samples == 100
+    trainer.add(X_train[100:300], y_train[100:300])
+    result = trainer.train(model.weights, config)
+    assert result.num_samples == 300
+    # Same as a trainer that held all 300 samples from the start and whose generator made the
+    # first round's draws (two shuffles of 100).
+    fresh = LocalTrainer(model.manifest, capacity=300, seed=4)
+    fresh.add(X_train[:300], y_train[:300])
+    fresh._rng.permutation(100)
+    fresh._rng.permutation(100)
+    np.testing.assert_array_equal(result.delta, fresh.train(model.weights, config).delta)
+    replaced = LocalTrainer(model.manifest, capacity=300, seed=4)
+    replaced.add(X_train[:100], y_train[:100])
+    replaced.train(model.weights, config)
+    replaced.add(X_train[300:500], y_train[300:500])  # other samples: another delta
+    assert not np.array_equal(result.delta, replaced.train(model.weights, config).delta)
+
+
+def test_rounds_start_from_zero_momentum(digits):
+    """Momentum does not leak from one round to the next through the reused SGD state."""
+    X_train, y_train, _, _ = digits
+    model = build_mlp((64, 32, 10), seed=1)
+    config = TrainingConfig(epochs=1, lr=0.1, momentum=0.9)
+    trainer = LocalTrainer(model.manifest, seed=5)
+    trainer.add(X_train[:256], y_train[:256])
+    trainer.train(model.weights, config)
+    second = trainer.train(model.weights, config).delta
+    # A new trainer whose generator has made the same draws gives the same second round.
+    other = LocalTrainer(model.manifest, seed=5)
+    other.add(X_train[:256], y_train[:256])
+    other._rng.permutation(256)  # the first round's one epoch
+    np.testing.assert_array_equal(second, other.train(model.weights, config).delta)
+
+
+def test_concurrent_rounds_run_one_after_the_other(digits):
+    """Two threads training at once get exactly what two rounds in a row would give."""
+    X_train, y_train, _, _ = digits
+    model = build_mlp((64, 32, 10), seed=2)
+    config = TrainingConfig(epochs=3, lr=0.1, momentum=0.9)
+    sequential = LocalTrainer(model.manifest, seed=6)
+    sequential.add(X_train[:512], y_train[:512])
+    expected = [sequential.train(model.weights, config).delta for _ in range(2)]
+    trainer = LocalTrainer(model.manifest, seed=6)
+    trainer.add(X_train[:512], y_train[:512])
+    deltas = []
+    threads = [threading.Thread(target=lambda: deltas.append(
+        trainer.train(model.weights, config).delta)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(deltas) == 2
+    # Either order of the two rounds, each bit for bit a sequential round.
+    assert any(np.array_equal(deltas[0], a) and np.array_equal(deltas[1], b)
+               for a, b in (expected, expected[::-1]))
