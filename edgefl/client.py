@@ -52,7 +52,7 @@ from edgefl import __version__, kernels
 from edgefl.compression import Compressor
 from edgefl.model import ModelManifest
 from edgefl.outbox import Outbox
-from edgefl.predictor import ModelRejected, Predictor
+from edgefl.predictor import GRAPH_OPTIMIZATION, ModelRejected, Predictor
 from edgefl.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
 from edgefl.protocol import (
     DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
@@ -103,6 +103,8 @@ class EdgeClient:
         so nobody who knows the seed can subtract the noise.
     intra_op_threads : int
         onnxruntime threads per prediction.
+    graph_optimization : str
+        onnxruntime graph optimization level, see :class:`~edgefl.predictor.Predictor`.
     max_model_bytes : int
         Larger model messages are refused unread.
     outbox_entries : int
@@ -124,7 +126,7 @@ class EdgeClient:
                  ca_certs: str | None = None, privacy_budget: float = 100.0,
                  privacy_file=None, require_privacy: bool = False,
                  capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
+                 graph_optimization: str = "basic", max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
                  reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400):
         self.client_id = check_name("client id", client_id)
         self.topics = Topics(fleet)
@@ -133,6 +135,10 @@ class EdgeClient:
         self.capacity = capacity
         self.seed = seed
         self.intra_op_threads = intra_op_threads
+        if graph_optimization not in GRAPH_OPTIMIZATION:  # say so now, not when a model arrives
+            raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
+                             f"got {graph_optimization!r}")
+        self.graph_optimization = graph_optimization
         self.max_model_bytes = max_model_bytes
         self.finished = threading.Event()
         self.training = threading.Event()
@@ -331,7 +337,8 @@ class EdgeClient:
             return
         try:
             model = decode_model(path.read_bytes(), max_bytes=self.max_model_bytes)
-            predictor = Predictor(model, intra_op_threads=self.intra_op_threads)
+            predictor = Predictor(model, intra_op_threads=self.intra_op_threads,
+                                      graph_optimization=self.graph_optimization)
         except (OSError, ValueError) as exc:  # ModelDecodeError, ModelRejected are ValueErrors
             log.warning("the saved model %s is unusable (%s); waiting for the server's", path, exc)
             return
@@ -388,7 +395,8 @@ class EdgeClient:
         started = time.perf_counter()
         try:
             if current is None:
-                predictor = Predictor(model, intra_op_threads=self.intra_op_threads)
+                predictor = Predictor(model, intra_op_threads=self.intra_op_threads,
+                                          graph_optimization=self.graph_optimization)
             else:
                 current.swap(model)
         except ModelRejected as exc:

@@ -32,6 +32,14 @@ from edgefl.model import Model
 #: How many recent prediction latencies :meth:`Predictor.stats` summarises.
 LATENCY_WINDOW = 8192
 
+#: onnxruntime's graph optimization levels by the names :class:`Predictor` takes.
+GRAPH_OPTIMIZATION = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
 
 class ModelRejected(ValueError):
     """A model the predictor will not install: tampered bytes, an older version, a bad graph."""
@@ -69,6 +77,12 @@ class Predictor:
     intra_op_threads : int
         onnxruntime intra-op threads per prediction; 1 suits a small head on a constrained
         device (no thread pool, no spinning cores).
+    graph_optimization : {"basic", "extended", "all", "disabled"}
+        onnxruntime's graph optimization level for new sessions. "basic" (constant folding,
+        redundant-node removal) builds a 64-32-10 head's session in half the time "all" takes,
+        with the same prediction latency: its weights are graph inputs, so the higher levels'
+        fusions and layout changes have nothing to work on. A frozen convolutional extractor
+        may predict faster with "all", at the cost of slower swaps to a new graph.
 
     Notes
     -----
@@ -76,14 +90,19 @@ class Predictor:
     :meth:`swap`.
     """
 
-    def __init__(self, model: Model, *, intra_op_threads: int = 1):
+    def __init__(self, model: Model, *, intra_op_threads: int = 1,
+                 graph_optimization: str = "basic"):
         if not isinstance(intra_op_threads, int) or intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be a positive integer, got "
                              f"{intra_op_threads!r}")
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
+                             f"got {graph_optimization!r}")
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = intra_op_threads
         self._options.inter_op_num_threads = 1
         self._options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
         # Spinning worker threads would burn a core of a small device between requests.
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._swap_lock = threading.Lock()

@@ -153,6 +153,19 @@ def test_predicts_after_the_retained_model_arrives(broker, server, tmp_path, mod
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_graph_optimization_reaches_the_predictor_and_a_bad_one_fails_at_once(
+        broker, server, tmp_path, model0, local_data):
+    with pytest.raises(ValueError, match="graph_optimization must be one of"):
+        make_client(broker, tmp_path, name="dev-bad", graph_optimization="fastest")
+    client = make_client(broker, tmp_path, local_data, graph_optimization="all")
+    server.model(model0)
+    with client:
+        assert wait_for(lambda: client.model_version == 0)
+        predictor = client._predictor
+        assert predictor._options.graph_optimization_level.name == "ORT_ENABLE_ALL"
+        client.predict(local_data[0][:1])
+
+
 def test_hot_swaps_newer_models_and_ignores_older_or_tampered_ones(broker, server, tmp_path, model0):
     with make_client(broker, tmp_path) as client:
         server.model(next_version(model0, 2))

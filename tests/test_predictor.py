@@ -11,7 +11,7 @@ from edgefl.model import mlp_logits
 from edgefl.predictor import Predictor, ModelRejected
 from edgefl.protocol import TrainingConfig
 from edgefl.trainer import LocalTrainer
-from edgefl_server.models import build_mlp
+from edgefl_server.models import build_mlp, dense_extractor
 
 
 def softmax(z):
@@ -185,6 +185,26 @@ def test_stats_report_latency_percentiles_and_version(model, X):
 def test_intra_op_threads_is_validated(model):
     with pytest.raises(ValueError, match="intra_op_threads"):
         Predictor(model, intra_op_threads=0)
+
+
+def test_graph_optimization_is_validated(model):
+    with pytest.raises(ValueError, match=r"graph_optimization must be one of \['all', 'basic'"):
+        Predictor(model, graph_optimization="ORT_ENABLE_ALL")
+
+
+@pytest.mark.parametrize("with_extractor", [False, True], ids=["head", "extractor+head"])
+def test_every_graph_optimization_level_predicts_the_same(with_extractor, X):
+    rng = np.random.default_rng(3)
+    extractor = (dense_extractor(rng.standard_normal((64, 24)).astype(np.float32) / 8,
+                                 rng.standard_normal(24).astype(np.float32))
+                 if with_extractor else None)
+    head = (24, 16, 10) if with_extractor else (64, 32, 10)
+    m = build_mlp(head, seed=4, extractor=extractor)
+    outputs = {level: Predictor(m, graph_optimization=level).predict(X)
+               for level in ("disabled", "basic", "extended", "all")}
+    for level, probs in outputs.items():
+        np.testing.assert_allclose(probs, outputs["disabled"], rtol=1e-5, atol=1e-6,
+                                   err_msg=level)
 
 
 def test_features_of_a_plain_head_are_the_samples(model, X):
