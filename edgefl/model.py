@@ -12,7 +12,9 @@ device and wire format all use this one layout.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -54,7 +56,7 @@ class TensorSpec:
     @property
     def size(self) -> int:
         """Number of float32 values in the tensor."""
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -203,8 +205,17 @@ class ModelManifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ModelManifest":
-        """Parse :meth:`to_bytes` output; raise :class:`ManifestError` on anything malformed."""
-        reader = _Reader(bytes(data))
+        """Parse :meth:`to_bytes` output; raise :class:`ManifestError` on anything malformed.
+
+        Equal bytes give the same (immutable) manifest: every model of one graph carries the
+        same manifest block, so a device parses it once instead of on every new model (parsing
+        is most of decoding a small model's envelope, and it holds the GIL).
+        """
+        return _parse_manifest(cls, bytes(data))
+
+    @classmethod
+    def _parse(cls, data: bytes) -> "ModelManifest":
+        reader = _Reader(data)
         if reader.take(4) != _MANIFEST_MAGIC:
             raise ManifestError("manifest: bad magic (expected b'EFMF')")
         version, width, classes, count = reader.unpack("<BIIH")
@@ -224,6 +235,11 @@ class ModelManifest:
         if reader.remaining:
             raise ManifestError(f"manifest: {reader.remaining} trailing bytes")
         return cls(input_name, width, output_name, classes, tuple(tensors), features_name)
+
+
+@functools.lru_cache(maxsize=16)  # a few graphs at most are live at once; errors are not cached
+def _parse_manifest(cls, data: bytes) -> ModelManifest:
+    return cls._parse(data)
 
 
 def _pack_name(name: str) -> bytes:

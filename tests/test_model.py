@@ -65,6 +65,17 @@ def test_manifest_parser_rejects_garbage_with_manifest_error():
             ModelManifest.from_bytes(bad)
 
 
+def test_equal_manifest_bytes_are_parsed_once_and_bad_ones_fail_every_time():
+    raw = build_mlp((64, 32, 10)).manifest.to_bytes()
+    first = ModelManifest.from_bytes(raw)
+    assert ModelManifest.from_bytes(bytearray(raw)) is first  # any bytes-like, equal content
+    assert ModelManifest.from_bytes(build_mlp((64, 16, 10)).manifest.to_bytes()) != first
+    bad = raw[:-1]
+    for _ in range(2):  # a refusal is never remembered as a manifest
+        with pytest.raises(ManifestError, match="truncated|trailing"):
+            ModelManifest.from_bytes(bad)
+
+
 def test_weights_are_checked_against_the_manifest():
     model = build_mlp((4, 3))
     with pytest.raises(ValueError, match="parameters"):
