@@ -28,16 +28,16 @@ secure mode (a CSPRNG seed with snapping or discrete noise at a power-of-two gra
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport isfinite
-from numpy.random cimport bitgen_t
-from numpy.random.c_distributions cimport (
-    random_standard_exponential_fill_f,
-    random_standard_normal_fill_f,
-)
 
 import numpy as np
 
 
 from edgefl._kernels._arrays cimport writeable_float32_fast
+from edgefl._kernels._random cimport (
+    bitgen_t,
+    random_standard_exponential_fill_f,
+    random_standard_normal_fill_f,
+)
 from edgefl._kernels._typedefs cimport float32_t, float64_t, intp_t, uint32_t
 from edgefl._kernels.noise cimport edgefl_add_scaled, edgefl_add_signed_scaled
 

@@ -27,12 +27,11 @@ from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
-from numpy.random cimport bitgen_t
-from numpy.random.c_distributions cimport random_interval
 
 cimport numpy as cnp
 import numpy as np
 
+from edgefl._kernels._random cimport bitgen_t, random_interval
 from edgefl._kernels._typedefs cimport float32_t, int32_t, intp_t
 from edgefl._kernels.fallback import sgd as _twin
 
