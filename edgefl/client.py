@@ -126,7 +126,8 @@ class EdgeClient:
                  ca_certs: str | None = None, privacy_budget: float = 100.0,
                  privacy_file=None, require_privacy: bool = False,
                  capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
-                 graph_optimization: str = "basic", max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
+                 graph_optimization: str = "basic",
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
                  reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400):
         self.client_id = check_name("client id", client_id)
         self.topics = Topics(fleet)

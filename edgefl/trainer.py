@@ -39,8 +39,9 @@ class LocalTrainer:
     manifest : ModelManifest
         The model whose head is trained.
     capacity : int
-        Most samples kept. The buffer is allocated once: ``capacity * (head_width + 1) * 4`` bytes
-        (260 KiB per 1000 samples for the 64-wide digits), so memory never grows.
+        Most samples kept. The buffer is allocated up front: ``capacity * (head_width + 1) * 4``
+        bytes (260 KiB per 1000 samples for the 64-wide digits); it never grows, and a second
+        copy exists only while an :meth:`add` overlaps a round of training.
     seed : int
         Seed of the minibatch shuffling.
     featurizer : callable, optional
@@ -54,8 +55,8 @@ class LocalTrainer:
     the device trains on its most recent ``capacity`` samples (its current data distribution).
 
     Thread-safe: :meth:`add` may run while :meth:`train` runs on another thread; training works on
-    a snapshot of the buffer taken when it starts (and kept for the next round while no sample is
-    added). Two :meth:`train` calls run one after the other.
+    the samples there were when it started (an add meanwhile writes to a copy of the buffer). Two
+    :meth:`train` calls run one after the other.
 
     With a featurizer the buffer holds extractor features, computed once in :meth:`add`; they
     stay valid while the extractor is frozen. A model with a different graph (another
@@ -75,12 +76,13 @@ class LocalTrainer:
         self._X = np.zeros((self.capacity, manifest.head_width), np.float32)
         self._y = np.zeros(self.capacity, np.int32)
         self._seen = 0  # samples ever added; the next one goes to _seen % capacity
-        self._lock = threading.Lock()  # add() vs the snapshot train() takes
-        # The samples train() last trained on, reused until add() changes the buffer: repeated
-        # rounds on unchanged data copy nothing and hold the GIL for less time.
-        self._snapshot: tuple[np.ndarray, np.ndarray] | None = None
-        self._states: dict[int, kernels.SGDState] = {}  # minibatch size -> reusable state
-        self._round_lock = threading.Lock()  # one train() at a time: they share the states
+        self._lock = threading.Lock()  # guards the buffer arrays and _round_reads_buffer
+        # Copy-on-write: a round trains on views of the buffer itself, and an add() that comes
+        # while it runs first moves the buffer to new arrays. So a round copies nothing (less
+        # GIL held per round) and a second copy exists only while a round and an add() overlap.
+        self._round_reads_buffer = False
+        self._state: kernels.SGDState | None = None  # reused from round to round, see train()
+        self._round_lock = threading.Lock()  # one train() at a time: they share the state
         self._rng = np.random.default_rng(seed)
 
     @property
@@ -116,11 +118,13 @@ class LocalTrainer:
         if X.shape[0] > self.capacity:  # only the newest `capacity` would survive anyway
             X, y = X[-self.capacity:], y[-self.capacity:]
         with self._lock:
+            if self._round_reads_buffer:  # leave those arrays to the round, write to a copy
+                self._X, self._y = self._X.copy(), self._y.copy()
+                self._round_reads_buffer = False
             slots = (self._seen + np.arange(X.shape[0])) % self.capacity
             self._X[slots] = X
             self._y[slots] = y
             self._seen += X.shape[0]
-            self._snapshot = None
 
     def train(self, global_weights: np.ndarray, config: TrainingConfig) -> TrainResult:
         """Run ``config.epochs`` epochs of minibatch SGD from ``global_weights``.
@@ -137,11 +141,19 @@ class LocalTrainer:
             If training diverged (a non-finite loss or weight): lower ``lr``.
         """
         self.manifest.check_weights(global_weights)
-        with self._lock:
-            if self._snapshot is None:
+        with self._round_lock:  # one round at a time: they share the state and the flag below
+            with self._lock:
                 n = self.num_samples
-                self._snapshot = self._X[:n].copy(), self._y[:n].copy()
-            X, y = self._snapshot
+                X, y, buffer = self._X[:n], self._y[:n], self._X
+                self._round_reads_buffer = True
+            try:
+                return self._train(X, y, global_weights, config)
+            finally:
+                with self._lock:
+                    if self._X is buffer:  # no add() moved the buffer meanwhile
+                        self._round_reads_buffer = False
+
+    def _train(self, X, y, global_weights, config) -> TrainResult:
         n = len(y)
         if n == 0:
             raise ValueError("no local samples to train on: add(X, y) some first")
@@ -150,21 +162,20 @@ class LocalTrainer:
         reference = self.manifest.layers(global_weights.copy()) if config.mu > 0 else None
         batch = min(int(config.batch_size), n)
         # Fresh momentum each round: velocity from an older global model would push the new one
-        # in a stale direction. The state (and the compiled backend's scratch memory in it) is
-        # reused, so train() calls take turns.
-        with self._round_lock:
-            state = self._states.get(batch)
-            if state is None:
-                state = self._states[batch] = kernels.SGDState(self.manifest.layer_sizes, batch)
-            else:
-                state.reset()
-            # Every epoch in one kernel call: the compiled backend shuffles, gathers the
-            # minibatches and steps without taking the GIL once, so predictions on other
-            # threads never wait for training's Python glue.
-            loss = kernels.mlp_sgd_epochs_(
-                layers, X, y, config.lr, rng=self._rng, epochs=config.epochs, batch_size=batch,
-                momentum=config.momentum, weight_decay=config.weight_decay, mu=config.mu,
-                ref=reference, state=state)
+        # in a stale direction. The state (with the compiled backend's scratch memory) is kept
+        # for the next round of the same minibatch size, and rebuilt for another size, so it
+        # never holds more than one round needs.
+        if self._state is None or self._state.max_batch != batch:
+            self._state = kernels.SGDState(self.manifest.layer_sizes, batch)
+        else:
+            self._state.reset()
+        # Every epoch in one kernel call: the compiled backend shuffles, gathers the minibatches
+        # and steps without taking the GIL once, so predictions on other threads never wait for
+        # training's Python glue.
+        loss = kernels.mlp_sgd_epochs_(
+            layers, X, y, config.lr, rng=self._rng, epochs=config.epochs, batch_size=batch,
+            momentum=config.momentum, weight_decay=config.weight_decay, mu=config.mu,
+            ref=reference, state=self._state)
         delta = local - global_weights
         if not np.isfinite(loss) or not np.isfinite(delta).all():
             raise FloatingPointError(f"local training diverged (loss {loss}) with lr "

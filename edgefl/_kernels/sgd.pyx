@@ -24,11 +24,14 @@ argument with the same words.
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
 cimport numpy as cnp
+import operator
+
 import numpy as np
 
 from edgefl._kernels._random cimport bitgen_t, random_interval
@@ -334,7 +337,7 @@ def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=
         <const int32_t *>cnp.PyArray_DATA(labels), <intp_t *>cnp.PyArray_DATA(order),
         <float32_t *>cnp.PyArray_DATA(rows), n_epochs, batch, &h, bitgen, rng.bit_generator.lock)
     if not isfinite(loss):
-        raise _twin._divergence_error(loss, h.lr)
+        raise _twin._divergence_error(loss, h.lr, within_epochs=True)
     return loss
 
 
@@ -402,12 +405,15 @@ cdef bitgen_t *_generator_bitgen(object rng):
 
 
 cdef bint _positive_ok(object value, intp_t *out):
-    """An int (not a bool-like float) >= 1, as the twin's operator.index check."""
+    """An integer from 1 to sys.maxsize, by the twin's operator.index check."""
     try:
-        out[0] = value.__index__()
-    except (AttributeError, TypeError, OverflowError):
+        value = operator.index(value)
+    except TypeError:
         return False
-    return out[0] >= 1
+    if not 1 <= value <= PY_SSIZE_T_MAX:
+        return False
+    out[0] = value
+    return True
 
 
 cdef object _run_step(SGDState s, object X, intp_t m, Hyperparameters *h):

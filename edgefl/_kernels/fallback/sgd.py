@@ -18,6 +18,7 @@ MLSys 2020).
 """
 import math
 import operator
+import sys
 
 import numpy as np
 
@@ -177,7 +178,7 @@ def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=
     y : ndarray of integers, shape (n,)
         Their class labels.
     rng : numpy.random.Generator
-        Draws each epoch's order; its BitGenerator lock is held for the whole call.
+        Draws each epoch's order.
     epochs : int
         Passes over the data, >= 1.
     batch_size : int
@@ -210,7 +211,7 @@ def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=
         for start in range(0, n, batch):
             rows = order[start:start + batch]
             losses.append(_step(layers, X[rows], y[rows], lr, momentum, weight_decay, mu, ref,
-                                state))
+                                state, within_epochs=True))
     return math.fsum(losses) / len(losses)
 
 
@@ -336,8 +337,8 @@ def _positive_int(name, value):
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
-    if not 1 <= value < 2**63:
-        raise ValueError(f"{name} must be an int from 1 to 2**63 - 1, got {value}")
+    if not 1 <= value <= sys.maxsize:  # the compiled kernel counts in Py_ssize_t
+        raise ValueError(f"{name} must be an int from 1 to {sys.maxsize}, got {value}")
     return value
 
 
@@ -375,7 +376,7 @@ def _check_batch(sizes, X, y, momentum, state, state_type):
             f"state=SGDState({sizes}, max_batch)")
 
 
-def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
+def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state, *, within_epochs=False):
     """The step itself, on validated arguments; ``ref`` is None unless mu > 0.
 
     Like the compiled kernel, it does not warn about overflow: a non-finite loss is reported as
@@ -384,7 +385,7 @@ def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
     with np.errstate(over="ignore", invalid="ignore"):
         loss, grads = _loss_and_gradients(layers, X, y)
         if not math.isfinite(loss):
-            raise _divergence_error(loss, lr)
+            raise _divergence_error(loss, lr, within_epochs=within_epochs)
         lr32, momentum32 = np.float32(lr), np.float32(momentum)
         decay32, mu32 = np.float32(weight_decay), np.float32(mu)
         for index, ((W, b), (g_w, g_b)) in enumerate(zip(layers, grads)):
@@ -406,11 +407,13 @@ def _step(layers, X, y, lr, momentum, weight_decay, mu, ref, state):
     return loss
 
 
-def _divergence_error(loss, lr):
-    """The error for a batch whose loss is not finite (the step changed nothing)."""
+def _divergence_error(loss, lr, *, within_epochs=False):
+    """The error for a batch whose loss is not finite (that step changed nothing)."""
+    refused = ("training stopped at this batch; the steps before it stay applied"
+               if within_epochs else "the step was refused and nothing changed")
     return TrainingDiverged(
-        f"the batch loss is {loss}: training diverged or X or the weights hold inf/nan; the "
-        f"step was refused and nothing changed. Lower lr (now {lr}) or check the inputs")
+        f"the batch loss is {loss}: training diverged or X or the weights hold inf/nan; "
+        f"{refused}. Lower lr (now {lr}) or check the inputs")
 
 
 def _real(name, value):
