@@ -88,6 +88,11 @@ def long_calls():
     update = rng.standard_normal(10_000_000, dtype=np.float32)
     scratch = big.copy()
     noise_rng = np.random.default_rng(1)
+    sizes = (256, 256, 10)
+    layers = [(rng.standard_normal(shape, dtype=np.float32) / 16, np.zeros(shape[1], np.float32))
+              for shape in zip(sizes[:-1], sizes[1:])]
+    X = rng.standard_normal((2048, sizes[0]), dtype=np.float32)
+    y = rng.integers(0, sizes[-1], 2048)
     return {
         "topk": (lambda: K.topk(big, 200_000), 3),
         "topk_ef_": (lambda: K.topk_ef_(residual, update, 100_000), 4),
@@ -97,12 +102,17 @@ def long_calls():
         "clip_l2_": (lambda: K.clip_l2_(scratch, 1e9), 8),
         "clip_l1_": (lambda: K.clip_l1_(scratch, 1e12), 8),
         "laplace_": (lambda: K.laplace_(scratch, 1e-3, noise_rng), 3),
+        # A whole round of training: every epoch's shuffle, gathers and steps.
+        "mlp_sgd_epochs_": (lambda: K.mlp_sgd_epochs_(layers, X, y, 1e-4, rng=noise_rng,
+                                                      epochs=2, batch_size=32), 2),
     }
 
 
 # The NumPy twin releases the GIL wherever NumPy does, inside its array loops: true for the
-# vectorised top-k family, not for randomk's twin, which is a Python loop over k draws.
-COMPILED = ["topk", "topk_ef_", "threshold_select", "randomk", "clip_l2_", "clip_l1_", "laplace_"]
+# vectorised top-k family, not for randomk's twin, which is a Python loop over k draws, nor for
+# the epochs' twin, a Python loop over minibatches.
+COMPILED = ["topk", "topk_ef_", "threshold_select", "randomk", "clip_l2_", "clip_l1_", "laplace_",
+            "mlp_sgd_epochs_"]
 TWIN = ["topk", "topk_ef_", "threshold_select"]
 
 
