@@ -104,7 +104,7 @@ def long_calls():
         "laplace_": (lambda: K.laplace_(scratch, 1e-3, noise_rng), 3),
         # A whole round of training: every epoch's shuffle, gathers and steps.
         "mlp_sgd_epochs_": (lambda: K.mlp_sgd_epochs_(layers, X, y, 1e-4, rng=noise_rng,
-                                                      epochs=2, batch_size=32), 2),
+                                                      epochs=8, batch_size=32), 3),
     }
 
 
