@@ -52,7 +52,7 @@ from edgefl import __version__, kernels
 from edgefl.compression import Compressor
 from edgefl.model import ModelManifest
 from edgefl.outbox import Outbox
-from edgefl.predictor import GRAPH_OPTIMIZATION, ModelRejected, Predictor
+from edgefl.predictor import ModelRejected, Predictor, graph_optimization_level
 from edgefl.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
 from edgefl.protocol import (
     DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
@@ -136,9 +136,7 @@ class EdgeClient:
         self.capacity = capacity
         self.seed = seed
         self.intra_op_threads = intra_op_threads
-        if graph_optimization not in GRAPH_OPTIMIZATION:  # say so now, not when a model arrives
-            raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
-                             f"got {graph_optimization!r}")
+        graph_optimization_level(graph_optimization)  # a bad name fails now, not on a model
         self.graph_optimization = graph_optimization
         self.max_model_bytes = max_model_bytes
         self.finished = threading.Event()
@@ -339,7 +337,7 @@ class EdgeClient:
         try:
             model = decode_model(path.read_bytes(), max_bytes=self.max_model_bytes)
             predictor = Predictor(model, intra_op_threads=self.intra_op_threads,
-                                      graph_optimization=self.graph_optimization)
+                                  graph_optimization=self.graph_optimization)
         except (OSError, ValueError) as exc:  # ModelDecodeError, ModelRejected are ValueErrors
             log.warning("the saved model %s is unusable (%s); waiting for the server's", path, exc)
             return
@@ -397,7 +395,7 @@ class EdgeClient:
         try:
             if current is None:
                 predictor = Predictor(model, intra_op_threads=self.intra_op_threads,
-                                          graph_optimization=self.graph_optimization)
+                                      graph_optimization=self.graph_optimization)
             else:
                 current.swap(model)
         except ModelRejected as exc:

@@ -41,6 +41,20 @@ GRAPH_OPTIMIZATION = {
 }
 
 
+def graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
+    """onnxruntime's level for one of the names in :data:`GRAPH_OPTIMIZATION`.
+
+    Raises
+    ------
+    ValueError
+        For any other name, listing the valid ones.
+    """
+    if name not in GRAPH_OPTIMIZATION:
+        raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
+                         f"got {name!r}")
+    return GRAPH_OPTIMIZATION[name]
+
+
 class ModelRejected(ValueError):
     """A model the predictor will not install: tampered bytes, an older version, a bad graph."""
 
@@ -95,14 +109,12 @@ class Predictor:
         if not isinstance(intra_op_threads, int) or intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be a positive integer, got "
                              f"{intra_op_threads!r}")
-        if graph_optimization not in GRAPH_OPTIMIZATION:
-            raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
-                             f"got {graph_optimization!r}")
+        level = graph_optimization_level(graph_optimization)
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = intra_op_threads
         self._options.inter_op_num_threads = 1
         self._options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self._options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+        self._options.graph_optimization_level = level
         # Spinning worker threads would burn a core of a small device between requests.
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._swap_lock = threading.Lock()

@@ -609,7 +609,7 @@ def _epochs_by_steps(step, layers, X, y, lr, rng, epochs, batch, **hyper):
     """The epoch loop written out with single steps: the definition mlp_sgd_epochs_ follows."""
     n = X.shape[0]
     batch = min(batch, n)
-    state = hyper.pop("state", None) or type(K.SGDState((1, 2), 1))(
+    state = hyper.pop("state", None) or K.SGDState(
         [layers[0][0].shape[0]] + [W.shape[1] for W, _ in layers], batch)
     for _ in range(epochs):
         order = rng.permutation(n)

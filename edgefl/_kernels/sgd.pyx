@@ -379,19 +379,8 @@ cdef double _run_epochs(SGDState s, const float32_t *X, intp_t n, const int32_t 
 cdef SGDState _epoch_state(object layers, object ref, Hyperparameters *h, object state,
                            intp_t batch):
     """The state for :func:`mlp_sgd_epochs_`, pointed at the caller's layers, else None."""
-    cdef SGDState s
-    if state is None:
-        sizes = _layer_sizes(layers)
-        if sizes is None:
-            return None
-        s = SGDState(sizes, batch)
-    elif isinstance(state, SGDState):
-        s = <SGDState>state
-        if s.max_batch < batch:
-            return None
-    else:
-        return None
-    return s if _bind_layers(s, layers, ref, h.mu > 0) else None
+    cdef SGDState s = _bound_state(layers, ref, h, state, batch)
+    return s if s is not None and s.max_batch >= batch else None
 
 
 cdef bitgen_t *_generator_bitgen(object rng):
@@ -477,23 +466,34 @@ cdef SGDState _prepare(object layers, object ref, object X, object y, Hyperparam
     Returns None when any argument is invalid: the caller then lets the twin say which.
     """
     cdef SGDState s
-    if state is None:
-        if h.momentum > 0 or not _float32_ok(X, 2, False):
-            return None
-        sizes = _layer_sizes(layers)
-        if sizes is None or cnp.PyArray_DIMS(<cnp.ndarray>X)[0] < 1:
-            return None
-        s = SGDState(sizes, cnp.PyArray_DIMS(<cnp.ndarray>X)[0])
-    elif isinstance(state, SGDState):
-        s = <SGDState>state
-    else:
+    if state is None and (h.momentum > 0 or not _float32_ok(X, 2, False)
+                          or cnp.PyArray_DIMS(<cnp.ndarray>X)[0] < 1):
         return None
-    if not _bind_layers(s, layers, ref, h.mu > 0):
+    s = _bound_state(layers, ref, h, state,
+                     cnp.PyArray_DIMS(<cnp.ndarray>X)[0] if state is None else 0)
+    if s is None:
         return None
     m[0] = _batch_rows(X, s)
     if m[0] < 1 or not _copy_labels(y, m[0], s):
         return None
     return s
+
+
+cdef SGDState _bound_state(object layers, object ref, Hyperparameters *h, object state,
+                           intp_t new_max_batch):
+    """``state`` (or, if None, a new one for ``new_max_batch`` rows) pointed at the caller's
+    layers; None if they do not fit it."""
+    cdef SGDState s
+    if state is None:
+        sizes = _layer_sizes(layers)
+        if sizes is None:
+            return None
+        s = SGDState(sizes, new_max_batch)
+    elif isinstance(state, SGDState):
+        s = <SGDState>state
+    else:
+        return None
+    return s if _bind_layers(s, layers, ref, h.mu > 0) else None
 
 
 cdef bint _bind_layers(SGDState s, object layers, object ref, bint proximal):

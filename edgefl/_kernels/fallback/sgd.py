@@ -199,10 +199,10 @@ def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=
     TrainingDiverged
         When a batch's loss is not finite; the steps before it stay applied.
     """
-    lr, momentum, weight_decay, mu, epochs, batch = _check_epochs_args(
+    lr, momentum, weight_decay, mu, epochs, batch, sizes = _check_epochs_args(
         layers, X, y, lr, rng, epochs, batch_size, momentum, weight_decay, mu, ref, state)
     if state is None:
-        state = SGDState(_check_layers(layers), batch)
+        state = SGDState(sizes, batch)
     ref = ref if mu > 0 else None
     n = X.shape[0]
     for _ in range(epochs):
@@ -283,6 +283,15 @@ def _check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref
 def _check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state, *,
                     state_type=SGDState):
     """Validate the arguments of :func:`mlp_sgd_step_`; return the four hyperparameters."""
+    lr, momentum, weight_decay, mu, sizes = _check_mlp_model(layers, lr, momentum, weight_decay,
+                                                             mu, ref)
+    _check_batch(sizes, X, y, momentum, state, state_type)
+    return lr, momentum, weight_decay, mu
+
+
+def _check_mlp_model(layers, lr, momentum, weight_decay, mu, ref):
+    """Validate an MLP's layers, hyperparameters and FedProx reference; return the four
+    hyperparameters and the layer sizes."""
     lr, momentum, weight_decay, mu = _check_hyperparameters(lr, momentum, weight_decay, mu)
     sizes = _check_layers(layers)
     if mu > 0 and ref is None:
@@ -291,34 +300,18 @@ def _check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state, *,
             "ref=[(W, b), ...] (this round's global model), shaped like layers")
     if ref is not None:
         _check_ref_layers(ref, layers)
-    _check_batch(sizes, X, y, momentum, state, state_type)
-    return lr, momentum, weight_decay, mu
+    return lr, momentum, weight_decay, mu, sizes
 
 
 def _check_epochs_args(layers, X, y, lr, rng, epochs, batch_size, momentum, weight_decay, mu,
                        ref, state, *, state_type=SGDState):
     """Validate the arguments of :func:`mlp_sgd_epochs_`; return the hyperparameters, the epoch
-    count and the minibatch size."""
-    lr, momentum, weight_decay, mu = _check_hyperparameters(lr, momentum, weight_decay, mu)
-    sizes = _check_layers(layers)
-    if mu > 0 and ref is None:
-        raise ValueError(
-            f"mu={mu} > 0 needs the reference model the proximal term pulls towards: pass "
-            "ref=[(W, b), ...] (this round's global model), shaped like layers")
-    if ref is not None:
-        _check_ref_layers(ref, layers)
+    count, the minibatch size and the layer sizes."""
+    lr, momentum, weight_decay, mu, sizes = _check_mlp_model(layers, lr, momentum, weight_decay,
+                                                             mu, ref)
     epochs = _positive_int("epochs", epochs)
     batch_size = _positive_int("batch_size", batch_size)
-    X = _float32_array(X, "X", 2, writeable=False)
-    n = X.shape[0]
-    if n == 0:
-        raise ValueError(f"X holds no samples (shape {X.shape}); training needs at least one row")
-    if X.shape[1] != sizes[0]:
-        raise ValueError(
-            f"X has {X.shape[1]} features per row but the first weight matrix has {sizes[0]} "
-            f"rows; X must have shape (n, {sizes[0]})")
-    _check_labels(y, n, sizes[-1])
-    batch = min(batch_size, n)
+    batch = min(batch_size, _check_samples(sizes, X, y, "n", "training"))
     if state is not None:
         _check_state(state, state_type, sizes, 1)
         if batch > state.max_batch:
@@ -329,7 +322,7 @@ def _check_epochs_args(layers, X, y, lr, rng, epochs, batch_size, momentum, weig
         raise TypeError(
             f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)), "
             f"got {type(rng).__name__}")
-    return lr, momentum, weight_decay, mu, epochs, batch
+    return lr, momentum, weight_decay, mu, epochs, batch, sizes
 
 
 def _positive_int(name, value):
@@ -358,16 +351,23 @@ def _check_hyperparameters(lr, momentum, weight_decay, mu):
     return lr, momentum, weight_decay, mu
 
 
-def _check_batch(sizes, X, y, momentum, state, state_type):
+def _check_samples(sizes, X, y, rows, user):
+    """Check samples ``X`` (``rows`` of them, ``user`` needs them) and labels ``y`` against the
+    layer sizes; return the row count."""
     X = _float32_array(X, "X", 2, writeable=False)
     m = X.shape[0]
     if m == 0:
-        raise ValueError(f"X holds no samples (shape {X.shape}); a step needs at least one row")
+        raise ValueError(f"X holds no samples (shape {X.shape}); {user} needs at least one row")
     if X.shape[1] != sizes[0]:
         raise ValueError(
             f"X has {X.shape[1]} features per row but the first weight matrix has {sizes[0]} "
-            f"rows; X must have shape (m, {sizes[0]})")
+            f"rows; X must have shape ({rows}, {sizes[0]})")
     _check_labels(y, m, sizes[-1])
+    return m
+
+
+def _check_batch(sizes, X, y, momentum, state, state_type):
+    m = _check_samples(sizes, X, y, "m", "a step")
     if state is not None:
         _check_state(state, state_type, sizes, m)
     if momentum > 0 and state is None:
