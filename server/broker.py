@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -53,15 +54,30 @@ class MosquittoBroker:
         broker restart keeps them too). A temporary directory by default.
     max_packet_size : int
         Largest MQTT packet the broker accepts, in bytes.
+    fleet : edgefl_server.provisioning.Fleet, optional
+        Run the fleet's provisioned configuration (TLS on the fleet's port, logins, ACL) on
+        loopback, as a user would deploy it; ``port`` and ``persistence_dir`` are then the
+        fleet's. Without it the broker is an anonymous plain-MQTT one (``--insecure`` runs and
+        tests of the plain transport only).
+    persistence : bool
+        With ``fleet``: False starts a broker that forgets retained messages and sessions when
+        it stops (a broker deployed without persistence).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, port: int | None = None, *, persistence_dir=None, max_packet_size=16 << 20):
+    def __init__(self, port: int | None = None, *, persistence_dir=None, max_packet_size=16 << 20,
+                 fleet=None, persistence: bool = True):
         self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.fleet = fleet
+        self.persistence = persistence
         self._tmp = tempfile.TemporaryDirectory(prefix="edgefl-mosquitto-")
-        self.dir = Path(persistence_dir or self._tmp.name)
+        if fleet is not None:
+            self.port = fleet.port
+            self.dir = fleet.path("broker")
+        else:
+            self.port = port or free_port()
+            self.dir = Path(persistence_dir or self._tmp.name)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_packet_size = max_packet_size
         self.process: subprocess.Popen | None = None
@@ -69,34 +85,35 @@ class MosquittoBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.fleet is not None else 'mqtt'}://{self.host}:{self.port}"
 
     def _write_config(self) -> Path:
+        # Started as root, mosquitto would drop to the "mosquitto" user, which cannot read our
+        # keys or write our persistence directory: stay who we are.
+        launcher = [f"user {getpass.getuser()}", "log_dest stderr", "log_type error",
+                    "log_type warning", "log_type notice"]
+        if self.fleet is not None:
+            from edgefl_server.provisioning import mosquitto_config
+
+            config = self.dir / "mosquitto.run.conf"
+            text = mosquitto_config(self.fleet, bind=self.host, persistence=self.persistence)
+            config.write_text(text + "\n".join(launcher + [f"pid_file {self.fleet.pid_file}", ""]))
+            return config
         config = self.dir / "mosquitto.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    f"listener {self.port} {self.host}",
-                    "allow_anonymous true",
-                    # Started as root, mosquitto would drop to the "mosquitto" user, which
-                    # cannot write our persistence directory: stay who we are.
-                    f"user {getpass.getuser()}",
-                    "persistence true",
-                    f"persistence_location {self.dir}/",
-                    "autosave_interval 1",
-                    f"max_packet_size {self.max_packet_size}",
-                    # Devices may be offline for hours: keep their queued QoS 1 messages.
-                    "max_queued_messages 10000",
-                    # Without it, Nagle's algorithm holds small packets (receipts, round
-                    # announcements) for up to ~40 ms.
-                    "set_tcp_nodelay true",
-                    "log_dest stderr",
-                    "log_type error",
-                    "log_type warning",
-                    "",
-                ]
-            )
-        )
+        config.write_text("\n".join([
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            f"max_packet_size {self.max_packet_size}",
+            # Devices may be offline for hours: keep their queued QoS 1 messages.
+            "max_queued_messages 10000",
+            # Without it, Nagle's algorithm holds small packets (receipts, round
+            # announcements) for up to ~40 ms.
+            "set_tcp_nodelay true",
+            *launcher, "",
+        ]))
         return config
 
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
@@ -140,6 +157,18 @@ class MosquittoBroker:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def kill(self) -> None:
+        """Kill the broker at once (SIGKILL): what it had not saved yet is lost, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def reload(self) -> None:
+        """SIGHUP: the broker re-reads its password and ACL files."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def restart(self, downtime: float = 0.0) -> None:
         """Stop, wait ``downtime`` seconds, start again on the same port with the same state."""

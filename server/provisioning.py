@@ -1,0 +1,523 @@
+"""Provisioning a fleet: CA, broker certificate, server keys, broker users and access rules.
+
+``edgefl fleet init|add-device|revoke`` drive this module. A *fleet directory* holds everything
+the operator's side owns (private keys mode 0600, never overwritten)::
+
+    fleet.json                 fleet name, broker host/port, the devices and revoked devices
+    ca/ca.crt, ca/ca.key       the fleet's certificate authority (signs the broker's certificate)
+    broker/broker.crt, .key    the broker's TLS identity (SANs: localhost, 127.0.0.1, the host)
+    broker/mosquitto.conf      TLS listener, no anonymous access, password file, ACL file
+    broker/passwd              Mosquitto 2 password hashes (PBKDF2-SHA512, ``$7$``)
+    broker/acl                 who may publish and subscribe where (see :func:`acl_text`)
+    server/signing.key         Ed25519: the server signs every message it publishes
+    server/sealing.key         X25519: devices seal their updates to its public half
+    server/credentials.json    the server's broker login
+    server/trust.json          the public keys (what every device pins)
+    devices/<id>/              one device bundle each (:func:`add_device`)
+
+Why a password file and an ACL file, not Mosquitto's dynamic-security plugin: both are plain
+files that edgefl writes atomically and Mosquitto re-reads on SIGHUP, need no plugin path (which
+differs between distributions) and no admin principal with broker-wide rights, and every rule is
+visible in one text file the operator can review; ``%u`` patterns give each device its own
+topics with one rule set for the whole fleet. The plugin earns its keep with thousands of
+devices changed at run time over MQTT; edgefl's provisioning is an operator action on files.
+Identity is the login: ``use_username_as_clientid`` makes the broker use the user name as the
+MQTT client id, so no device can take over another's session.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from edgefl.protocol import Topics, check_name
+from edgefl.trust.keys import load_private_key, raw_public, write_private_key
+
+log = logging.getLogger(__name__)
+
+#: Mosquitto 2's password hash: PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte hash (``$7$``).
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default; the passwords are 256-bit random tokens
+DEFAULT_PORT = 8883
+CERT_DAYS = 3650
+
+
+class ProvisioningError(RuntimeError):
+    """A fleet directory that cannot be created or changed as asked; the message says why."""
+
+
+def hash_password(password: str, *, salt: bytes | None = None,
+                  iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A Mosquitto 2 password-file hash: ``$7$<iterations>$<salt b64>$<PBKDF2-SHA512 b64>``."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, dklen=64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def server_principal(fleet: str) -> str:
+    """The server's broker user (and MQTT client id) for updates, status and receipts."""
+    return f"edgefl-server-{fleet}"
+
+
+def control_principal(fleet: str) -> str:
+    """The server's second login, which publishes models, announcements and key notices."""
+    return f"{server_principal(fleet)}.control"
+
+
+def observer_principal(fleet: str) -> str:
+    """A read-only login for monitoring: models, announcements and device status."""
+    return f"edgefl-observer-{fleet}"
+
+
+def acl_text(fleet: str) -> str:
+    """The Mosquitto ACL of a fleet: least privilege for each principal.
+
+    A device (user name = client id, ``%u``) may publish only its own ``update`` and ``status``
+    and read only ``model``, ``round``, ``key`` and its own ``receipt``; only the server's two
+    principals write models, announcements, key notices and receipts and read updates.
+    """
+    t = Topics(fleet)
+    client = f"{t.prefix}/clients"
+    return "\n".join([
+        "# Written by `edgefl fleet`; regenerated, not merged: change provisioning, not this file.",
+        f"user {server_principal(fleet)}",
+        f"topic read {client}/+/update",
+        f"topic read {client}/+/status",
+        f"topic write {client}/+/receipt",
+        "",
+        f"user {control_principal(fleet)}",
+        f"topic write {t.model}",
+        f"topic write {t.round}",
+        f"topic write {t.prefix}/key",
+        "",
+        f"user {observer_principal(fleet)}",
+        f"topic read {t.model}",
+        f"topic read {t.round}",
+        f"topic read {client}/+/status",
+        "",
+        "# every device, by its login",
+        f"pattern read {t.model}",
+        f"pattern read {t.round}",
+        f"pattern read {t.prefix}/key",
+        f"pattern write {client}/%u/update",
+        f"pattern write {client}/%u/status",
+        f"pattern read {client}/%u/receipt",
+        "",
+    ])
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A provisioned fleet directory (see the module docstring)."""
+
+    directory: Path
+    fleet: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.host}:{self.port}"
+
+    def path(self, *parts) -> Path:
+        return self.directory.joinpath(*parts)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path("ca", "ca.crt")
+
+    @property
+    def mosquitto_conf(self) -> Path:
+        return self.path("broker", "mosquitto.conf")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path("broker", "mosquitto.pid")
+
+    @property
+    def trust_file(self) -> Path:
+        return self.path("server", "trust.json")
+
+    def manifest(self) -> dict:
+        return json.loads(self.path("fleet.json").read_text())
+
+    def devices(self) -> list[str]:
+        return list(self.manifest()["devices"])
+
+    def revoked(self) -> list[str]:
+        return list(self.manifest()["revoked"])
+
+    def server_credentials(self) -> dict:
+        """``username``, ``control_username``, ``password`` of the server's broker logins."""
+        return json.loads(self.path("server", "credentials.json").read_text())
+
+    def observer_credentials(self) -> dict:
+        return json.loads(self.path("server", "observer.json").read_text())
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        return load_private_key(self.path("server", "signing.key"), Ed25519PrivateKey)
+
+    def sealing_key(self) -> X25519PrivateKey:
+        return load_private_key(self.path("server", "sealing.key"), X25519PrivateKey)
+
+    def bundle(self, client_id: str) -> Path:
+        return self.path("devices", check_name("client id", client_id))
+
+
+def open_fleet(directory) -> Fleet:
+    """The fleet provisioned in ``directory``.
+
+    Raises
+    ------
+    ProvisioningError
+        If ``directory`` holds no fleet (run ``edgefl fleet init`` first).
+    """
+    directory = Path(directory).resolve()
+    try:
+        obj = json.loads((directory / "fleet.json").read_text())
+        return Fleet(directory, obj["fleet"], obj["host"], int(obj["port"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProvisioningError(f"{directory} is not a fleet directory ({exc}): create one with "
+                                "`edgefl fleet init --fleet NAME --dir DIR`") from None
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def _write_new(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Create ``path`` with ``data``; False (and nothing written) if it exists already."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace a file that provisioning owns (password file, ACL, fleet.json) atomically."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _new_ca(fleet: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgefl fleet {fleet} CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _san(host: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
+                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            names.append(x509.DNSName(host))
+    else:
+        if str(ip) != "127.0.0.1":
+            names.append(x509.IPAddress(ip))
+    return names
+
+
+def _broker_cert(ca_key, ca_cert: x509.Certificate, host: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(x509.SubjectAlternativeName(_san(host)), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool = True) -> str:
+    """The ``mosquitto.conf`` of a fleet: one TLS listener, logins and ACL required."""
+    b = fleet.path("broker")
+    return "\n".join([
+        "# Written by `edgefl fleet init`. Mosquitto 2.0: `mosquitto -c mosquitto.conf`.",
+        "# Run the broker as the user that owns these files (the keys are mode 0600), or give",
+        "# the files to the broker's user (e.g. `chown mosquitto broker/broker.key broker/passwd`).",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {b / 'passwd'}",
+        f"acl_file {b / 'acl'}",
+        # Identity is the login: a device cannot take over another device's session.
+        "use_username_as_clientid true",
+        f"listener {fleet.port} {bind}",
+        f"cafile {fleet.ca_cert}",
+        f"certfile {b / 'broker.crt'}",
+        f"keyfile {b / 'broker.key'}",
+        "tls_version tlsv1.2",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {b / 'data'}/",
+        "autosave_interval 1",
+        # Devices may be offline for hours: keep their queued QoS 1 messages.
+        "max_queued_messages 10000",
+        "max_packet_size 16777216",
+        # Without it, Nagle's algorithm holds small packets (receipts, announcements) ~40 ms.
+        "set_tcp_nodelay true",
+        "",
+    ])
+
+
+def _password_file(entries: dict[str, str]) -> bytes:
+    return "".join(f"{user}:{digest}\n" for user, digest in sorted(entries.items())).encode()
+
+
+def _read_password_file(path: Path) -> dict[str, str]:
+    entries = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            user, sep, digest = line.partition(":")
+            if sep:
+                entries[user] = digest
+    return entries
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+def init_fleet(directory, fleet: str, *, host: str = "localhost",
+               port: int = DEFAULT_PORT) -> tuple[Fleet, list[str]]:
+    """Create (or complete) a fleet directory; return it and the files created.
+
+    Re-running on an existing directory of the same fleet creates only what is missing; a
+    different fleet, host or port there is refused (nothing is overwritten).
+
+    Raises
+    ------
+    ProvisioningError
+        If ``directory`` holds another fleet, or a certificate's key is missing.
+    """
+    check_name("fleet", fleet)
+    if not 1 <= port <= 65535:
+        raise ProvisioningError(f"port {port} is not in 1-65535")
+    directory = Path(directory).resolve()
+    manifest = directory / "fleet.json"
+    if manifest.exists():
+        existing = open_fleet(directory)
+        if (existing.fleet, existing.host, existing.port) != (fleet, host, port):
+            raise ProvisioningError(
+                f"{directory} already holds fleet {existing.fleet!r} for {existing.url}; nothing "
+                f"was changed. Use another directory for fleet {fleet!r} at mqtts://{host}:{port}")
+    f = Fleet(directory, fleet, host, port)
+    created: list[str] = []
+
+    def new(path: Path, data: bytes, mode: int = 0o644) -> None:
+        if _write_new(path, data, mode):
+            created.append(str(path.relative_to(directory)))
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for sub in ("ca", "broker", "server", "devices"):
+        f.path(sub).mkdir(exist_ok=True)
+    new(manifest, json.dumps({"v": 1, "fleet": fleet, "host": host, "port": port,
+                              "devices": [], "revoked": []}, indent=1).encode())
+    ca_key_path, broker_key_path = f.path("ca", "ca.key"), f.path("broker", "broker.key")
+    if not ca_key_path.exists():
+        if f.ca_cert.exists():
+            raise ProvisioningError(f"{f.ca_cert} exists without its key {ca_key_path}: restore "
+                                    "the key, or start a new fleet directory")
+        ca_key, ca_cert = _new_ca(fleet)
+        write_private_key(ca_key_path, ca_key)
+        new(f.ca_cert, _pem_cert(ca_cert))
+        created.append("ca/ca.key")
+    if not broker_key_path.exists():
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(f.ca_cert.read_bytes())
+        key, cert = _broker_cert(ca_key, ca_cert, host)
+        write_private_key(broker_key_path, key)
+        created.append("broker/broker.key")
+        f.path("broker", "broker.crt").unlink(missing_ok=True)  # belongs to the missing key
+        new(f.path("broker", "broker.crt"), _pem_cert(cert))
+    for name, kind in (("signing.key", Ed25519PrivateKey), ("sealing.key", X25519PrivateKey)):
+        path = f.path("server", name)
+        if not path.exists():
+            write_private_key(path, kind.generate())
+            created.append(f"server/{name}")
+    trust = {"fleet": fleet, "signing_key": raw_public(f.signing_key()).hex(),
+             "sealing_key": raw_public(f.sealing_key()).hex()}
+    if f.trust_file.exists() and json.loads(f.trust_file.read_text()) != trust:
+        raise ProvisioningError(f"{f.trust_file} does not match the server's keys: restore the "
+                                "keys it was made from, or start a new fleet directory")
+    new(f.trust_file, json.dumps(trust, indent=1).encode())
+    new(f.path("server", "credentials.json"), json.dumps({
+        "username": server_principal(fleet), "control_username": control_principal(fleet),
+        "password": secrets.token_urlsafe(32)}, indent=1).encode(), 0o600)
+    new(f.path("server", "observer.json"), json.dumps({
+        "username": observer_principal(fleet), "password": secrets.token_urlsafe(32)},
+        indent=1).encode(), 0o600)
+    f.path("broker", "data").mkdir(exist_ok=True)
+    new(f.mosquitto_conf, mosquitto_config(f).encode())
+    _sync_broker_files(f)
+    return f, created
+
+
+def _sync_broker_files(f: Fleet) -> None:
+    """Rewrite the ACL and make the password file hold exactly the fleet's principals."""
+    server, observer = f.server_credentials(), f.observer_credentials()
+    passwd = f.path("broker", "passwd")
+    entries = _read_password_file(passwd)
+    wanted = {server["username"], server["control_username"], observer["username"],
+              *f.devices()}
+    for user in list(entries):
+        if user not in wanted:
+            del entries[user]
+    for user, password in ((server["username"], server["password"]),
+                           (server["control_username"], server["password"]),
+                           (observer["username"], observer["password"])):
+        if user not in entries:
+            entries[user] = hash_password(password)
+    _replace(passwd, _password_file(entries), 0o600)
+    _replace(f.path("broker", "acl"), acl_text(f.fleet).encode())
+
+
+def _save_manifest(f: Fleet, devices: list[str], revoked: list[str]) -> None:
+    obj = f.manifest()
+    obj["devices"], obj["revoked"] = sorted(set(devices)), sorted(set(revoked))
+    _replace(f.path("fleet.json"), json.dumps(obj, indent=1).encode())
+
+
+def add_device(directory, client_id: str) -> tuple[Path, bool]:
+    """Give ``client_id`` broker credentials and write its bundle; return (bundle, created).
+
+    The bundle (``devices/<id>/``): ``ca.crt``, ``trust.json`` (the server's public keys),
+    ``password`` (0600), ``bundle.json`` (what ``edgefl client --bundle DIR`` reads),
+    ``device.env`` (the same as environment variables for a service file, 0600) and
+    ``command.txt`` (the exact command line). A device that has a bundle already keeps it
+    (``created`` is False); a revoked device gets new credentials.
+
+    Raises
+    ------
+    ProvisioningError
+        If the id is one of the server's principals.
+    """
+    f = open_fleet(directory)
+    check_name("client id", client_id)
+    if client_id in (server_principal(f.fleet), control_principal(f.fleet),
+                     observer_principal(f.fleet)):
+        raise ProvisioningError(f"{client_id!r} is the name of one of the server's logins; "
+                                "choose another device id")
+    bundle = f.bundle(client_id)
+    devices, revoked = f.devices(), f.revoked()
+    if client_id in devices and (bundle / "bundle.json").exists():
+        return bundle, False
+    password = secrets.token_urlsafe(32)
+    bundle.mkdir(parents=True, exist_ok=True)
+    for name in ("password", "device.env"):
+        (bundle / name).unlink(missing_ok=True)  # a revoked device's old credentials
+    _write_new(bundle / "ca.crt", f.ca_cert.read_bytes())
+    _replace(bundle / "trust.json", f.trust_file.read_bytes())
+    _write_new(bundle / "password", password.encode(), 0o600)
+    _replace(bundle / "bundle.json", json.dumps({
+        "v": 1, "fleet": f.fleet, "client_id": client_id, "broker": f.url,
+        "username": client_id, "password_file": "password", "ca_certs": "ca.crt",
+        "trust": "trust.json"}, indent=1).encode())
+    _write_new(bundle / "device.env", "".join(f"{k}={v}\n" for k, v in (
+        ("EDGEFL_BUNDLE", bundle), ("EDGEFL_BROKER", f.url), ("EDGEFL_FLEET", f.fleet),
+        ("EDGEFL_CLIENT_ID", client_id), ("EDGEFL_USERNAME", client_id),
+        ("EDGEFL_PASSWORD", password), ("EDGEFL_CA_CERTS", bundle / "ca.crt"),
+        ("EDGEFL_TRUST", bundle / "trust.json"))).encode(), 0o600)
+    _replace(bundle / "command.txt",
+             f"edgefl client --bundle {bundle} --state-dir STATE_DIR --data FILE.npz\n".encode())
+    entries = _read_password_file(f.path("broker", "passwd"))
+    entries[client_id] = hash_password(password)
+    _replace(f.path("broker", "passwd"), _password_file(entries), 0o600)
+    _save_manifest(f, devices + [client_id], [d for d in revoked if d != client_id])
+    _sync_broker_files(f)
+    reload_broker(f)
+    return bundle, True
+
+
+def revoke_device(directory, client_id: str) -> bool:
+    """Remove ``client_id``'s broker login and bundle credentials; reload a running broker.
+
+    Returns True if the broker was told to reload (SIGHUP to the pid in ``broker/mosquitto.pid``);
+    otherwise the revocation takes effect when the broker next starts or reloads.
+
+    Raises
+    ------
+    ProvisioningError
+        If the device was never added.
+    """
+    f = open_fleet(directory)
+    devices = f.devices()
+    if client_id not in devices:
+        if client_id in f.revoked():
+            return reload_broker(f)
+        raise ProvisioningError(f"device {client_id!r} is not in fleet {f.fleet!r} "
+                                f"(devices: {', '.join(devices) or 'none'})")
+    _save_manifest(f, [d for d in devices if d != client_id], f.revoked() + [client_id])
+    _sync_broker_files(f)
+    bundle = f.bundle(client_id)
+    for name in ("password", "device.env"):
+        (bundle / name).unlink(missing_ok=True)
+    (bundle / "bundle.json").unlink(missing_ok=True)
+    return reload_broker(f)
+
+
+def reload_broker(f: Fleet) -> bool:
+    """Ask the broker running this fleet's configuration to re-read its password and ACL files."""
+    try:
+        pid = int(f.pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_private_files(f: Fleet) -> list[Path]:
+    """Private files of the fleet that group or others may access (should be empty)."""
+    private = [f.path("ca", "ca.key"), f.path("broker", "broker.key"),
+               f.path("server", "signing.key"), f.path("server", "sealing.key"),
+               f.path("server", "credentials.json"), f.path("server", "observer.json"),
+               f.path("broker", "passwd")]
+    return [p for p in private
+            if p.exists() and stat.S_IMODE(p.stat().st_mode) & (stat.S_IRWXG | stat.S_IRWXO)]

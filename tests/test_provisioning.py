@@ -1,0 +1,174 @@
+"""Provisioning (edgefl_server.provisioning) checked against a real Mosquitto running its output."""
+import json
+import stat
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefl_server.provisioning import (ProvisioningError, add_device, check_private_files,
+                                        hash_password, init_fleet, open_fleet, revoke_device)
+
+pytestmark = pytest.mark.integration
+
+
+class Probe:
+    """A raw paho client that records what the broker answered."""
+
+    def __init__(self, broker, fleet, username=None, password=None, client_id="probe"):
+        self.connack = threading.Event()
+        self.events = {}
+        self.messages = []
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        c.tls_set(ca_certs=str(fleet.ca_cert))
+        if username is not None:
+            c.username_pw_set(username, password)
+        c.on_connect = self._on_connect
+        c.on_subscribe = lambda c, u, mid, codes, p: self.events.setdefault(("sub", mid), codes)
+        c.on_publish = lambda c, u, mid, code, p: self.events.setdefault(("pub", mid), code)
+        c.on_message = lambda c, u, msg: self.messages.append((msg.topic, msg.payload))
+        c.on_disconnect = lambda *a: self.events.setdefault("disconnect", True)
+        self.client = c
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        assert self.connack.wait(10), "no CONNACK"
+
+    def _on_connect(self, client, userdata, flags, code, properties):
+        self.code = code
+        self.connack.set()
+
+    def wait(self, key, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while key not in self.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.events.get(key)
+
+    def publish(self, topic, payload, retain=False):
+        return self.wait(("pub", self.client.publish(topic, payload, qos=1, retain=retain).mid))
+
+    def subscribe(self, topic):
+        return self.wait(("sub", self.client.subscribe(topic, qos=1)[1]))
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _device(broker, fleet, device):
+    password = (fleet.bundle(device) / "password").read_text()
+    return Probe(broker, fleet, device, password, client_id=device)
+
+
+def test_password_hashes_have_mosquitto_2s_format():
+    digest = hash_password("secret", salt=bytes(12))
+    kind, iterations, salt, value = digest.split("$")[1:]
+    assert (kind, iterations, salt) == ("7", "101", "AAAAAAAAAAAAAAAA")
+    import base64
+    import hashlib
+    assert base64.b64decode(value) == hashlib.pbkdf2_hmac("sha512", b"secret", bytes(12), 101, 64)
+
+
+def test_anonymous_and_wrong_password_connections_are_refused(secure_broker, fleet):
+    anonymous = Probe(secure_broker, fleet)
+    assert anonymous.code.is_failure and "authorized" in str(anonymous.code)
+    wrong = Probe(secure_broker, fleet, "dev-1", "not-the-password")
+    assert wrong.code.is_failure and "authorized" in str(wrong.code)
+
+
+def test_a_device_publishes_only_on_its_own_topics(secure_broker, fleet):
+    dev = _device(secure_broker, fleet, "dev-1")
+    assert not dev.code.is_failure
+    assert not dev.publish("edgefl/demo/clients/dev-1/update", b"u").is_failure
+    assert not dev.publish("edgefl/demo/clients/dev-1/status", b"s").is_failure
+    for topic in ("edgefl/demo/clients/dev-2/update", "edgefl/demo/model", "edgefl/demo/round",
+                  "edgefl/demo/clients/dev-1/receipt", "edgefl/demo/key",
+                  "edgefl/other/clients/dev-1/update"):
+        code = dev.publish(topic, b"x", retain=True)
+        assert code.is_failure and "authorized" in str(code), topic
+    dev.close()
+
+
+def test_a_device_reads_no_other_devices_updates_and_only_its_own_receipts(secure_broker, fleet):
+    spy = _device(secure_broker, fleet, "dev-2")
+    spy.subscribe("edgefl/demo/clients/+/update")
+    spy.subscribe("edgefl/demo/clients/+/receipt")
+    spy.subscribe("edgefl/demo/model")
+    victim = _device(secure_broker, fleet, "dev-1")
+    server = fleet.server_credentials()
+    srv = Probe(secure_broker, fleet, server["username"], server["password"],
+                client_id=server["username"])
+    srv.subscribe("edgefl/demo/clients/+/update")
+    control = Probe(secure_broker, fleet, server["control_username"], server["password"],
+                    client_id=server["control_username"])
+    assert not victim.publish("edgefl/demo/clients/dev-1/update", b"secret").is_failure
+    assert not srv.publish("edgefl/demo/clients/dev-1/receipt", b"r1").is_failure
+    assert not srv.publish("edgefl/demo/clients/dev-2/receipt", b"r2").is_failure
+    assert not control.publish("edgefl/demo/model", b"m").is_failure
+    deadline = time.monotonic() + 10
+    while len(spy.messages) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # what else would arrive, arrives now
+    assert sorted(spy.messages) == [("edgefl/demo/clients/dev-2/receipt", b"r2"),
+                                    ("edgefl/demo/model", b"m")]
+    assert ("edgefl/demo/clients/dev-1/update", b"secret") in srv.messages
+    for p in (spy, victim, srv, control):
+        p.close()
+
+
+def test_revoking_a_device_disconnects_it_and_refuses_its_login(secure_broker, fleet):
+    dev = _device(secure_broker, fleet, "dev-3")
+    password = (fleet.bundle("dev-3") / "password").read_text()
+    assert revoke_device(fleet.directory, "dev-3") is True  # the running broker was told
+    assert dev.wait("disconnect") is True
+    again = Probe(secure_broker, fleet, "dev-3", password, client_id="dev-3")
+    assert again.code.is_failure
+    assert not (fleet.bundle("dev-3") / "password").exists()
+    assert "dev-3" in open_fleet(fleet.directory).revoked()
+    other = _device(secure_broker, fleet, "dev-4")
+    assert not other.code.is_failure
+
+
+def test_rerunning_init_and_add_device_changes_nothing(fleet):
+    before = {p: p.read_bytes() for p in fleet.directory.rglob("*") if p.is_file()}
+    again, created = init_fleet(fleet.directory, "demo", port=fleet.port)
+    assert created == [] and again == fleet
+    bundle, new = add_device(fleet.directory, "dev-1")
+    assert not new
+    after = {p: p.read_bytes() for p in fleet.directory.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_init_refuses_to_turn_a_directory_into_another_fleet(fleet):
+    with pytest.raises(ProvisioningError, match="already holds fleet 'demo'"):
+        init_fleet(fleet.directory, "other", port=fleet.port)
+
+
+def test_private_keys_and_credentials_are_private(fleet):
+    assert check_private_files(fleet) == []
+    for name in ("password", "device.env"):
+        assert stat.S_IMODE((fleet.bundle("dev-1") / name).stat().st_mode) == 0o600
+    (fleet.path("server", "signing.key")).chmod(0o644)
+    assert check_private_files(fleet) == [fleet.path("server", "signing.key")]
+
+
+def test_the_broker_certificate_names_loopback_and_the_given_host(tmp_path):
+    f, _ = init_fleet(tmp_path / "f", "demo", host="broker.example.org", port=8883)
+    cert = x509.load_pem_x509_certificate(f.path("broker", "broker.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "broker.example.org"}
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_a_device_bundle_holds_what_the_device_needs(fleet):
+    bundle = fleet.bundle("dev-2")
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["client_id"] == meta["username"] == "dev-2" and meta["fleet"] == "demo"
+    assert json.loads((bundle / "trust.json").read_text()) == json.loads(
+        fleet.trust_file.read_text())
+    assert (bundle / "ca.crt").read_bytes() == fleet.ca_cert.read_bytes()
+    assert f"--bundle {bundle}" in (bundle / "command.txt").read_text()
+    with pytest.raises(ProvisioningError, match="server's logins"):
+        add_device(fleet.directory, "edgefl-server-demo")
