@@ -49,11 +49,11 @@ sys.path.insert(0, str(HERE))
 
 from harness import percentile  # noqa: E402
 
-from edgefl.protocol import DeviceStatus, RoundAnnouncement, Topics  # noqa: E402
+from edgefl.wire.protocol import DeviceStatus, RoundAnnouncement, Topics  # noqa: E402
 from edgefl.wire import Update, decode_model, encode_update  # noqa: E402
-from edgefl_server.app import AggregationServer, ServerConfig  # noqa: E402
-from edgefl_server.broker import MosquittoBroker  # noqa: E402
-from edgefl_server.models import build_mlp  # noqa: E402
+from edgefl_server.aggregator import AggregationServer, ServerConfig  # noqa: E402
+from edgefl_server.mosquitto import MosquittoBroker  # noqa: E402
+from edgefl_server.model_builder import build_mlp  # noqa: E402
 
 FLEET = "bench"
 TOPICS = Topics(FLEET)

@@ -12,18 +12,18 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Predictor": "edgefl.predictor",
-    "LocalTrainer": "edgefl.trainer",
-    "PrivacyPolicy": "edgefl.privacy",
-    "PrivacyBudgetExhausted": "edgefl.privacy",
-    "Compressor": "edgefl.compression",
-    "ModelManifest": "edgefl.model",
+    "Predictor": "edgefl.device.predictor",
+    "LocalTrainer": "edgefl.device.trainer",
+    "PrivacyPolicy": "edgefl.device.privacy",
+    "PrivacyBudgetExhausted": "edgefl.device.privacy",
+    "Compressor": "edgefl.device.compression",
+    "ModelManifest": "edgefl.wire.model",
     "encode_update": "edgefl.wire",
     "decode_update": "edgefl.wire",
     "encode_model": "edgefl.wire",
     "decode_model": "edgefl.wire",
     "UpdateDecodeError": "edgefl.wire",
-    "EdgeClient": "edgefl.client",
+    "EdgeClient": "edgefl.device.client",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -2,7 +2,7 @@
 
 Threads and ownership:
 
-* the MQTT dispatcher thread (:class:`edgefl.transport.MqttConnection`, never paho's network
+* the MQTT dispatcher thread (:class:`edgefl.transport.mqtt.MqttConnection`, never paho's network
   thread) runs :meth:`AggregationServer._on_message`: it tracks device status and queues updates;
 * the ingestion thread takes every queued update (up to :data:`MAX_BATCH`), decodes and validates
   each, stores the accepted ones in one transaction (group commit: one fsync per batch, not per
@@ -32,9 +32,9 @@ from typing import Callable
 
 import numpy as np
 
-from edgefl.model import Model
-from edgefl.protocol import DeviceStatus, ProtocolError, TrainingConfig, Topics, check_name
-from edgefl.transport import Message, MqttConnection
+from edgefl.wire.model import Model
+from edgefl.wire.protocol import DeviceStatus, ProtocolError, TrainingConfig, Topics, check_name
+from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.wire import decode_update, encode_model
 
 from .ingest import ACCEPTED, DROPPED, DUPLICATE, UpdateIngestor

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefl.protocol import Receipt, Topics
+from edgefl.wire.protocol import Receipt, Topics
 from edgefl.wire import Update, UpdateDecodeError, decode_update
 
 from .rounds import OPEN, RoundState

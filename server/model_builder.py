@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefl.model import Model, ModelManifest, TensorSpec
+from edgefl.wire.model import Model, ModelManifest, TensorSpec
 
 #: The opset the graphs are written for (supported by onnxruntime >= 1.17).
 OPSET = 17

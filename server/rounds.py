@@ -31,7 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
-from edgefl.protocol import RoundAnnouncement, TrainingConfig
+from edgefl.wire.protocol import RoundAnnouncement, TrainingConfig
 
 WAITING, OPEN, FINISHED = "waiting", "open", "finished"
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from edgefl.model import Model, ModelManifest
+from edgefl.wire.model import Model, ModelManifest
 
 from .rounds import RoundState
 

@@ -6,7 +6,7 @@ tests of the transport itself.
 """
 import pytest
 
-from edgefl_server.broker import MosquittoBroker, free_port
+from edgefl_server.mosquitto import MosquittoBroker, free_port
 from edgefl_server.provisioning import add_device, init_fleet
 
 #: Devices the ``fleet`` fixture provisions.

@@ -12,14 +12,14 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefl.client import EdgeClient, NoModelYet
-from edgefl.datasets import dirichlet_partition, load_digits
-from edgefl.protocol import (
+from edgefl.device.client import EdgeClient, NoModelYet
+from edgefl.simulation.datasets import dirichlet_partition, load_digits
+from edgefl.wire.protocol import (
     CompressionConfig, DeviceStatus, PrivacyConfig, Receipt, RoundAnnouncement, Topics,
     TrainingConfig,
 )
 from edgefl.wire import decode_update, encode_model
-from edgefl_server.models import build_mlp
+from edgefl_server.model_builder import build_mlp
 
 pytestmark = pytest.mark.integration
 
@@ -296,7 +296,7 @@ def test_an_unacknowledged_update_is_resent_after_a_reboot(broker, server, tmp_p
 def test_updates_of_a_round_that_is_over_are_dropped(broker, server, tmp_path, model0, local_data,
                                                      caplog):
     server.model(model0)
-    caplog.set_level("INFO", logger="edgefl.outbox")
+    caplog.set_level("INFO", logger="edgefl.device.outbox")
     with make_client(broker, tmp_path, local_data) as client:
         server.round(1, 0)
         server.next_update()

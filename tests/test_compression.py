@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from edgefl import kernels
-from edgefl.compression import VALUE_ENCODINGS, Compressor
-from edgefl.protocol import CompressionConfig
+from edgefl.device.compression import VALUE_ENCODINGS, Compressor
+from edgefl.wire.protocol import CompressionConfig
 
 
 def updates(n, rounds, seed=0):

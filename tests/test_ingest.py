@@ -6,10 +6,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from edgefl.protocol import Topics
+from edgefl.wire.protocol import Topics
 from edgefl.wire import Update, encode_update
 from edgefl_server.ingest import ACCEPTED, DROPPED, DUPLICATE, REJECTED, UpdateIngestor
-from edgefl_server.models import build_mlp
+from edgefl_server.model_builder import build_mlp
 from edgefl_server.rounds import OPEN, WAITING, RoundState
 from edgefl_server.store import ServerStore
 

@@ -5,7 +5,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefl_server.broker import BrokerUnavailable, MosquittoBroker, find_mosquitto
+from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker, find_mosquitto
 
 
 def _retained_payload(broker, topic, timeout=5.0):

@@ -1,4 +1,4 @@
-"""edgefl.transport against a real Mosquitto, with raw paho clients as the other side."""
+"""edgefl.transport.mqtt against a real Mosquitto, with raw paho clients as the other side."""
 import queue
 import signal
 import socket
@@ -10,7 +10,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefl.transport import BrokerAddress, BrokerUnreachable, MqttConnection, parse_broker_url
+from edgefl.transport.mqtt import BrokerAddress, BrokerUnreachable, MqttConnection, parse_broker_url
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +160,7 @@ def test_last_will_is_published_when_the_process_is_killed(broker):
     got, on_raw = collector()
     peer = raw_client(broker, "watcher", on_message=on_raw, subscribe=["s/dev-a"])
     script = (
-        "import sys, time; from edgefl.transport import MqttConnection; "
+        "import sys, time; from edgefl.transport.mqtt import MqttConnection; "
         f"MqttConnection('dev-a', {broker.url!r}, will=('s/dev-a', b'offline', 1, True)).start(5); "
         "print('up', flush=True); time.sleep(60)"
     )
@@ -292,7 +292,7 @@ def secured_broker(tmp_path_factory):
     import shutil
     import subprocess
 
-    from edgefl_server.broker import find_mosquitto, free_port
+    from edgefl_server.mosquitto import find_mosquitto, free_port
 
     d = tmp_path_factory.mktemp("secured")
 

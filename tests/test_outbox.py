@@ -1,4 +1,4 @@
-"""edgefl.outbox: durable, bounded storage of updates until their receipts arrive."""
+"""edgefl.device.outbox: durable, bounded storage of updates until their receipts arrive."""
 import os
 import signal
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefl.outbox import Outbox
+from edgefl.device.outbox import Outbox
 
 
 def test_put_read_remove(tmp_path):
@@ -38,7 +38,7 @@ def test_an_update_survives_sigkill_right_after_put(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        from edgefl.outbox import Outbox
+        from edgefl.device.outbox import Outbox
         Outbox({str(tmp_path)!r}).put(7, 42, b"x" * 100000)
         sys.stdout.write("stored\\n"); sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -74,7 +74,7 @@ def test_drop_rounds_before_logs_each_dropped_update(tmp_path, caplog):
     box.put(1, 10, b"a")
     box.put(2, 11, b"b")
     box.put(3, 12, b"c")
-    caplog.set_level("INFO", logger="edgefl.outbox")
+    caplog.set_level("INFO", logger="edgefl.device.outbox")
     dropped = box.drop_rounds_before(3)
     assert [(e.round_id, e.update_id) for e in dropped] == [(1, 10), (2, 11)]
     assert [(e.round_id, e.update_id) for e in box.entries()] == [(3, 12)]

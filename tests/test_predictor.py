@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from edgefl.model import mlp_logits
-from edgefl.predictor import Predictor, ModelRejected
-from edgefl.protocol import TrainingConfig
-from edgefl.trainer import LocalTrainer
-from edgefl_server.models import build_mlp, dense_extractor
+from edgefl.wire.model import mlp_logits
+from edgefl.device.predictor import Predictor, ModelRejected
+from edgefl.wire.protocol import TrainingConfig
+from edgefl.device.trainer import LocalTrainer
+from edgefl_server.model_builder import build_mlp, dense_extractor
 
 
 def softmax(z):
@@ -151,7 +151,7 @@ def test_swap_storm_under_concurrent_predictions(model, X):
 
 
 def test_predictions_continue_while_training_runs(model, X):
-    from edgefl.datasets import load_digits
+    from edgefl.simulation.datasets import load_digits
     X_train, y_train, _, _ = load_digits()
     p = Predictor(model)
     trainer = LocalTrainer(model.manifest)

@@ -6,12 +6,12 @@ import pytest
 from scipy import stats
 
 from edgefl import kernels
-from edgefl.compression import Compressor
-from edgefl.privacy import (PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy,
+from edgefl.device.compression import Compressor
+from edgefl.device.privacy import (PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy,
                             analytic_gaussian_delta, analytic_gaussian_sigma,
                             classic_gaussian_sigma)
-from edgefl.protocol import CompressionConfig, PrivacyConfig
-from edgefl.update_pipeline import UpdatePipeline
+from edgefl.wire.protocol import CompressionConfig, PrivacyConfig
+from edgefl.device.update_pipeline import UpdatePipeline
 
 
 def laplace(epsilon=1.0, clip=1.0):

@@ -4,7 +4,7 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from edgefl.protocol import (
+from edgefl.wire.protocol import (
     CompressionConfig,
     DeviceStatus,
     PrivacyConfig,

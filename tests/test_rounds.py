@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefl.protocol import RoundAnnouncement, TrainingConfig
+from edgefl.wire.protocol import RoundAnnouncement, TrainingConfig
 from edgefl_server.rounds import (
     FINISHED, OPEN, WAITING, Decision, RoundState, decide, randomk_seed, select_clients,
 )

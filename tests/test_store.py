@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgefl_server.models import build_mlp
+from edgefl_server.model_builder import build_mlp
 from edgefl_server.rounds import OPEN, WAITING, RoundState
 from edgefl_server.store import ServerStore, StateError
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefl.protocol import TrainingConfig
+from edgefl.wire.protocol import TrainingConfig
 from edgefl_server.strategies import (
     STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedSGD, FedTrimmedAvg, FedYogi,
     Krum, make_strategy,

@@ -4,12 +4,12 @@ import threading
 import numpy as np
 import pytest
 
-from edgefl.datasets import load_digits
-from edgefl.model import mlp_logits
-from edgefl.predictor import Predictor
-from edgefl.protocol import TrainingConfig
-from edgefl.trainer import LocalTrainer
-from edgefl_server.models import build_mlp, dense_extractor
+from edgefl.simulation.datasets import load_digits
+from edgefl.wire.model import mlp_logits
+from edgefl.device.predictor import Predictor
+from edgefl.wire.protocol import TrainingConfig
+from edgefl.device.trainer import LocalTrainer
+from edgefl_server.model_builder import build_mlp, dense_extractor
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefl import kernels
-from edgefl.compression import Compressor
-from edgefl.predictor import ModelRejected, Predictor
-from edgefl.protocol import CompressionConfig
+from edgefl.device.compression import Compressor
+from edgefl.device.predictor import ModelRejected, Predictor
+from edgefl.wire.protocol import CompressionConfig
 from edgefl.wire import (INDEX_CODINGS, VALUE_ENCODINGS, WIRE_VALUE_CODES, ModelDecodeError,
                          Update, UpdateDecodeError, decode_model, decode_update, encode_model,
                          encode_update)
-from edgefl_server.models import build_mlp
+from edgefl_server.model_builder import build_mlp
 
 HEADER = struct.Struct("<4sBBBBIIQIIIfII")  # as docs/wire-format.md specifies it
 

@@ -7,11 +7,11 @@ import hashlib
 
 import numpy as np
 
-from edgefl.compression import Compressor
-from edgefl.protocol import CompressionConfig
+from edgefl.device.compression import Compressor
+from edgefl.wire.protocol import CompressionConfig
 from edgefl.wire import (VALUE_ENCODINGS, ModelDecodeError, Update, UpdateDecodeError,
                          decode_model, decode_update, encode_model, encode_update)
-from edgefl_server.models import build_mlp
+from edgefl_server.model_builder import build_mlp
 
 CASES_PER_MESSAGE = 1500
 

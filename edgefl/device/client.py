@@ -1,21 +1,21 @@
 """The device runtime: serve predictions, train when selected, send private compact updates.
 
 :class:`EdgeClient` ties the device's parts together over one MQTT connection
-(:class:`~edgefl.transport.MqttConnection`):
+(:class:`~edgefl.transport.mqtt.MqttConnection`):
 
 * the **current model**: each retained model message is decoded, refused unless its version is
   newer and its ONNX bytes match their SHA-256, hot-swapped into the live
-  :class:`~edgefl.predictor.Predictor`, and saved in the state directory, so a rebooted device
+  :class:`~edgefl.device.predictor.Predictor`, and saved in the state directory, so a rebooted device
   serves its last model before it reaches the broker;
-* **local training**: samples go into a :class:`~edgefl.trainer.LocalTrainer`; when a round
+* **local training**: samples go into a :class:`~edgefl.device.trainer.LocalTrainer`; when a round
   announcement selects this device, a worker thread trains on the round's model version while
   predictions keep flowing;
-* **privacy and compression**: the round's :class:`~edgefl.privacy.PrivacyPolicy` is paid from the
-  device's own :class:`~edgefl.privacy.PrivacyAccountant` (persisted in the state directory); a
-  :class:`~edgefl.compression.Compressor` per compression config keeps its error-feedback
-  residual across rounds; :class:`~edgefl.update_pipeline.UpdatePipeline` applies them in the
+* **privacy and compression**: the round's :class:`~edgefl.device.privacy.PrivacyPolicy` is paid from the
+  device's own :class:`~edgefl.device.privacy.PrivacyAccountant` (persisted in the state directory); a
+  :class:`~edgefl.device.compression.Compressor` per compression config keeps its error-feedback
+  residual across rounds; :class:`~edgefl.device.update_pipeline.UpdatePipeline` applies them in the
   order that keeps the guarantee;
-* **delivery**: the encoded update is stored in the :class:`~edgefl.outbox.Outbox` before it is
+* **delivery**: the encoded update is stored in the :class:`~edgefl.device.outbox.Outbox` before it is
   published with QoS 1; the server's receipt removes it. While this process lives, paho resends
   an update that was in flight when the connection dropped; the outbox covers what paho cannot:
   a crash or reboot, after which the device resends every stored update on connecting.
@@ -49,17 +49,17 @@ from pathlib import Path
 import numpy as np
 
 from edgefl import __version__, kernels
-from edgefl.compression import Compressor
-from edgefl.model import ModelManifest
-from edgefl.outbox import Outbox
-from edgefl.predictor import ModelRejected, Predictor, graph_optimization_level
-from edgefl.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
-from edgefl.protocol import (
+from edgefl.device.compression import Compressor
+from edgefl.wire.model import ModelManifest
+from edgefl.device.outbox import Outbox
+from edgefl.device.predictor import ModelRejected, Predictor, graph_optimization_level
+from edgefl.device.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
+from edgefl.wire.protocol import (
     DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
 )
-from edgefl.trainer import LocalTrainer
-from edgefl.transport import Message, MqttConnection
-from edgefl.update_pipeline import UpdatePipeline
+from edgefl.device.trainer import LocalTrainer
+from edgefl.transport.mqtt import Message, MqttConnection
+from edgefl.device.update_pipeline import UpdatePipeline
 from edgefl.wire import DEFAULT_MAX_MODEL_BYTES, Update, decode_model, encode_update
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class EdgeClient:
     state_dir : path
         Where the device keeps what must survive a reboot (see the module docstring).
     username, password, tls, ca_certs
-        Passed to :class:`~edgefl.transport.MqttConnection`.
+        Passed to :class:`~edgefl.transport.mqtt.MqttConnection`.
     privacy_budget : float
         Total epsilon this device will ever spend; once spent it sends no more updates. It
         counts only in rounds whose announced mechanism adds noise.
@@ -104,7 +104,7 @@ class EdgeClient:
     intra_op_threads : int
         onnxruntime threads per prediction.
     graph_optimization : str
-        onnxruntime graph optimization level, see :class:`~edgefl.predictor.Predictor`.
+        onnxruntime graph optimization level, see :class:`~edgefl.device.predictor.Predictor`.
     max_model_bytes : int
         Larger model messages are refused unread.
     outbox_entries : int

@@ -16,7 +16,7 @@ Values (``CompressionConfig.values``): ``f32``, ``f16``, ``int8`` (one scale) or
 that are exactly what the wire format will carry, so the error feedback accounts for rounding.
 
 Privacy: top-k and threshold pick indices *from the data*. On a clean update that leaks which
-coordinates moved most, so :class:`~edgefl.update_pipeline.UpdatePipeline` feeds them only the
+coordinates moved most, so :class:`~edgefl.device.update_pipeline.UpdatePipeline` feeds them only the
 already-noised update when differential privacy is on (post-processing), and the clean one only
 when it is off. Call :meth:`Compressor.sparsify` directly only with that in mind.
 """
@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from edgefl import kernels
-from edgefl.protocol import CompressionConfig
+from edgefl.wire.protocol import CompressionConfig
 
 METHODS = ("none", "topk", "threshold", "randomk")
 VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
@@ -40,7 +40,7 @@ class Compressor:
 
     Parameters
     ----------
-    config : edgefl.protocol.CompressionConfig
+    config : edgefl.wire.protocol.CompressionConfig
         Method, density (``topk``/``randomk``), tau (``threshold``) and value encoding.
     num_params : int
         Length of the updates this compressor sees.

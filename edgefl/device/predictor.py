@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from edgefl.model import Model
+from edgefl.wire.model import Model
 
 #: How many recent prediction latencies :meth:`Predictor.stats` summarises.
 LATENCY_WINDOW = 8192
@@ -82,7 +82,7 @@ class _Active(NamedTuple):
 
 
 class Predictor:
-    """Serve class probabilities from a :class:`~edgefl.model.Model` with onnxruntime.
+    """Serve class probabilities from a :class:`~edgefl.wire.model.Model` with onnxruntime.
 
     Parameters
     ----------
@@ -161,7 +161,7 @@ class Predictor:
     def features(self, x) -> np.ndarray:
         """The head's input for samples ``x``: the frozen extractor's output, or ``x`` itself.
 
-        This is what :class:`~edgefl.trainer.LocalTrainer` trains the head on. Returns a
+        This is what :class:`~edgefl.device.trainer.LocalTrainer` trains the head on. Returns a
         C-contiguous float32 batch ``(m, head_width)``.
         """
         active = self._active
@@ -232,7 +232,7 @@ class Predictor:
 
     def _prepare(self, model: Model, current: _Active | None) -> _Active:
         if not isinstance(model, Model):
-            raise ModelRejected(f"expected an edgefl.model.Model, got {type(model).__name__}")
+            raise ModelRejected(f"expected an edgefl.wire.model.Model, got {type(model).__name__}")
         if current is not None and model.version < current.model.version:
             raise ModelRejected(
                 f"model version {model.version} is older than the active version "

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefl import kernels
-from edgefl.protocol import PrivacyConfig
+from edgefl.wire.protocol import PrivacyConfig
 
 #: Above this epsilon, e^epsilon overflows the analytic Gaussian calibration (and protects nothing).
 MAX_GAUSSIAN_EPSILON = 500.0
@@ -191,7 +191,7 @@ class PrivacyPolicy:
 
     Parameters
     ----------
-    config : edgefl.protocol.PrivacyConfig
+    config : edgefl.wire.protocol.PrivacyConfig
         The round's mechanism ("none", "laplace" or "gaussian"), epsilon, delta and clip bound.
     accountant : PrivacyAccountant
         The device's budget; may be None only with mechanism "none".

@@ -2,7 +2,7 @@
 
 The device keeps its own labelled samples in a fixed-size buffer and, when selected for a round,
 runs a few epochs of minibatch SGD from the round's global weights. The kernels release the GIL,
-so the :class:`~edgefl.predictor.Predictor` keeps serving on other threads while this runs.
+so the :class:`~edgefl.device.predictor.Predictor` keeps serving on other threads while this runs.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 
 from edgefl import kernels
-from edgefl.model import ModelManifest
-from edgefl.protocol import TrainingConfig
+from edgefl.wire.model import ModelManifest
+from edgefl.wire.protocol import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class LocalTrainer:
         Seed of the minibatch shuffling.
     featurizer : callable, optional
         Maps raw samples ``(m, input_width)`` to the head's input ``(m, head_width)``; pass
-        :meth:`Predictor.features <edgefl.predictor.Predictor.features>` for a model with a frozen
+        :meth:`Predictor.features <edgefl.device.predictor.Predictor.features>` for a model with a frozen
         extractor. Without one, samples must already be the head's input.
 
     Notes

@@ -1,5 +1,5 @@
 """The one place that turns a training delta into what a device sends, in the order that keeps
-the privacy guarantee (see :mod:`edgefl.privacy` for the guarantee itself).
+the privacy guarantee (see :mod:`edgefl.device.privacy` for the guarantee itself).
 
 With differential privacy on:
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgefl.compression import Compressor
-from edgefl.privacy import PrivacyPolicy
+from edgefl.device.compression import Compressor
+from edgefl.device.privacy import PrivacyPolicy
 
 
 class UpdatePipeline:

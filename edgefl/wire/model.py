@@ -283,7 +283,7 @@ class Model:
 
     ``onnx`` is the serialized graph with the trainable tensors as graph inputs; ``weights`` the
     flat float32 values for them (canonical layout); ``onnx_sha256`` the SHA-256 of ``onnx`` as
-    the server announced it (a :class:`~edgefl.predictor.Predictor` refuses a model whose bytes do
+    the server announced it (a :class:`~edgefl.device.predictor.Predictor` refuses a model whose bytes do
     not hash to it); ``signature`` is opaque room for a deployment's signature scheme.
     """
 

@@ -124,7 +124,7 @@ def _number(obj: dict, key: str, kind: str, *, lo: float, hi: float = math.inf, 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Differential privacy of one round's updates (see :mod:`edgefl.privacy`).
+    """Differential privacy of one round's updates (see :mod:`edgefl.device.privacy`).
 
     mechanism: "none", "laplace" (L1 clip, scale = clip / epsilon) or "gaussian" (L2 clip).
     """
@@ -137,7 +137,7 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How a device sparsifies and quantizes its update (see :mod:`edgefl.compression`).
+    """How a device sparsifies and quantizes its update (see :mod:`edgefl.device.compression`).
 
     method: "none", "topk" (with error feedback), "threshold" or "randomk";
     values: "f32", "f16", "int8" or "ternary".

@@ -1,15 +1,15 @@
-"""The binary wire format: device updates and the global-model envelope.
+"""The binary update format: what a device sends after a round (the model envelope is
+:mod:`edgefl.wire.envelope`).
 
 Specified byte by byte in ``docs/wire-format.md``. Little-endian throughout, no pickle, no JSON
 floats. Every message ends in an 8-byte checksum, the first 8 bytes of SHA-256 over everything
 before it (an integrity check against corruption, not an authentication). Decoding checks every
 length against the header, the message's actual size and a maximum size *before* allocating
-anything, and raises :class:`UpdateDecodeError` / :class:`ModelDecodeError` (both ``ValueError``)
-saying what is wrong; for any bytes-like payload no other exception escapes a decoder.
+anything, and raises :class:`UpdateDecodeError` (a ``ValueError``) saying what is wrong; for any
+bytes-like payload no other exception escapes the decoder.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 from dataclasses import dataclass
@@ -17,18 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefl import kernels
-from edgefl.model import ManifestError, Model, ModelManifest
-from edgefl.protocol import ProtocolError, check_name
+from edgefl.wire.framing import CHECKSUM_BYTES, FORMAT_VERSION, checksum
+from edgefl.wire.protocol import ProtocolError, check_name
 
 UPDATE_MAGIC = b"EFLU"
-MODEL_MAGIC = b"EFLM"
-FORMAT_VERSION = 1
-CHECKSUM_BYTES = 8
 
 #: Largest update a decoder accepts unless told otherwise (4M dense float32 parameters).
 DEFAULT_MAX_UPDATE_BYTES = 16 << 20
-#: Largest model envelope a decoder accepts unless told otherwise.
-DEFAULT_MAX_MODEL_BYTES = 256 << 20
 
 VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
 #: Value codes on the wire: the four encodings, then "signs", the packing of a ternary update
@@ -39,7 +34,6 @@ F16_OVERFLOW = 65520.0
 INDEX_CODINGS = ("dense", "varint", "rice", "bitmap")
 
 _UPDATE_HEADER = struct.Struct("<4sBBBBIIQIIIfII")
-_MODEL_HEADER = struct.Struct("<4sBBHIIIII32s")
 
 _INDEX_CODECS = {
     "varint": (kernels.encode_indices, kernels.decode_indices),
@@ -50,14 +44,6 @@ _INDEX_CODECS = {
 
 class UpdateDecodeError(ValueError):
     """A payload that is not a valid update; the message says what is wrong."""
-
-
-class ModelDecodeError(ValueError):
-    """A payload that is not a valid model envelope; the message says what is wrong."""
-
-
-def _checksum(data) -> bytes:
-    return hashlib.sha256(data).digest()[:CHECKSUM_BYTES]
 
 
 def value_bytes(encoding: str, k: int) -> int:
@@ -94,7 +80,7 @@ class Update:
 
     ``indices`` are sorted, distinct uint32 coordinates below ``num_params``, or None for a dense
     update (then ``values`` has ``num_params`` entries); ``values`` are float32 and exactly
-    representable in ``value_encoding`` (as :class:`~edgefl.compression.Compressor` makes them),
+    representable in ``value_encoding`` (as :class:`~edgefl.device.compression.Compressor` makes them),
     otherwise encoding rounds them. ``update_id`` (uint64) makes resends idempotent.
     """
 
@@ -190,7 +176,7 @@ def encode_update(update: Update) -> bytes:
         update.update_id, update.num_samples, update.num_params, values.size, scale,
         len(index_blob), len(value_blob))
     body = b"".join((header, cid, index_blob, value_blob))
-    return body + _checksum(body)
+    return body + checksum(body)
 
 
 def decode_update(payload, *, expected_params: int | None = None,
@@ -231,7 +217,7 @@ def decode_update(payload, *, expected_params: int | None = None,
         raise UpdateDecodeError(f"update format version {version} is not supported (this edgefl "
                                 f"reads version {FORMAT_VERSION}); upgrade the older side")
     body_len = size - CHECKSUM_BYTES
-    if bytes(data[body_len:]) != _checksum(data[:body_len]):
+    if bytes(data[body_len:]) != checksum(data[:body_len]):
         raise UpdateDecodeError("checksum mismatch: the update was corrupted or truncated")
     if enc >= len(WIRE_VALUE_CODES):
         raise UpdateDecodeError(f"unknown value encoding {enc}")
@@ -295,73 +281,3 @@ def decode_update(payload, *, expected_params: int | None = None,
         raise UpdateDecodeError(f"values overflow to infinity with scale {scale:g}")
     return Update(client_id, round_id, base_version, update_id, num_samples, num_params,
                   indices, values, "ternary" if encoding == "signs" else encoding)
-
-
-def encode_model(model: Model) -> bytes:
-    """Serialize ``model`` into the model envelope (``docs/wire-format.md``)."""
-    manifest = model.manifest.to_bytes()
-    if len(model.signature) > 0xFFFF:
-        raise ValueError(f"signature of {len(model.signature)} bytes exceeds 65535")
-    header = _MODEL_HEADER.pack(
-        MODEL_MAGIC, FORMAT_VERSION, 0, len(model.signature), model.version, model.round_id,
-        len(manifest), model.manifest.num_params, len(model.onnx), model.onnx_sha256)
-    body = b"".join((header, manifest, model.weights.astype("<f4").tobytes(), model.onnx,
-                     model.signature))
-    return body + _checksum(body)
-
-
-def decode_model(payload, *, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> Model:
-    """Parse and validate a model envelope.
-
-    The SHA-256 of the ONNX bytes is carried, not checked, here: a
-    :class:`~edgefl.predictor.Predictor` refuses the model on swap if it does not match.
-
-    Raises
-    ------
-    ModelDecodeError
-        Naming the problem: size, truncation, bad magic, unknown version, checksum mismatch,
-        inconsistent lengths, a malformed manifest, NaN or Inf weights.
-    """
-    data = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
-    size = len(data)
-    if size > max_bytes:
-        raise ModelDecodeError(f"model envelope of {size} bytes exceeds the limit of {max_bytes}")
-    minimum = _MODEL_HEADER.size + CHECKSUM_BYTES
-    if size < minimum:
-        raise ModelDecodeError(f"model envelope truncated: {size} bytes, a header and checksum "
-                               f"alone take {minimum}")
-    (magic, version, flags, sig_len, model_version, round_id, manifest_len, num_params, onnx_len,
-     sha) = _MODEL_HEADER.unpack_from(data)
-    if magic != MODEL_MAGIC:
-        raise ModelDecodeError(f"bad magic {bytes(magic)!r}: not an edgefl model envelope "
-                               f"(expected {MODEL_MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ModelDecodeError(f"model format version {version} is not supported (this edgefl "
-                               f"reads version {FORMAT_VERSION}); upgrade the device")
-    body_len = size - CHECKSUM_BYTES
-    if bytes(data[body_len:]) != _checksum(data[:body_len]):
-        raise ModelDecodeError("checksum mismatch: the model envelope was corrupted or truncated")
-    if flags:
-        raise ModelDecodeError(f"unknown flags {flags:#04x}")
-    if _MODEL_HEADER.size + manifest_len + 4 * num_params + onnx_len + sig_len != body_len:
-        raise ModelDecodeError(
-            f"lengths do not add up: header {_MODEL_HEADER.size} + manifest {manifest_len} + "
-            f"weights 4*{num_params} + onnx {onnx_len} + signature {sig_len} != {body_len} bytes "
-            "before the checksum")
-    pos = _MODEL_HEADER.size
-    try:
-        manifest = ModelManifest.from_bytes(bytes(data[pos:pos + manifest_len]))
-    except ManifestError as exc:
-        raise ModelDecodeError(str(exc)) from None
-    pos += manifest_len
-    if manifest.num_params != num_params:
-        raise ModelDecodeError(f"the header says {num_params} parameters, the manifest "
-                               f"{manifest.num_params}")
-    weights = np.frombuffer(data, dtype="<f4", count=num_params, offset=pos).astype(np.float32)
-    pos += 4 * num_params
-    onnx = bytes(data[pos:pos + onnx_len])
-    signature = bytes(data[pos + onnx_len:body_len])
-    try:
-        return Model(model_version, round_id, manifest, weights, onnx, bytes(sha), signature)
-    except ValueError as exc:  # NaN/Inf weights
-        raise ModelDecodeError(f"model version {model_version}: {exc}") from None

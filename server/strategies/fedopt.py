@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from edgefl.protocol import TrainingConfig
+from edgefl.wire.protocol import TrainingConfig
 
 from .aggregate import adaptive_step, first_moment
 from .fedavg import FedAvg

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgefl.protocol import TrainingConfig
+from edgefl.wire.protocol import TrainingConfig
 
 from .fedavg import FedAvg
 from .strategy import check_range

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgefl.protocol import TrainingConfig
+from edgefl.wire.protocol import TrainingConfig
 
 from .fedavg import FedAvg
 

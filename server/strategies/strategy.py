@@ -16,7 +16,7 @@ from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from edgefl.protocol import TrainingConfig
+from edgefl.wire.protocol import TrainingConfig
 
 from .aggregate import WeightedDelta
 
