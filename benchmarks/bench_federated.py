@@ -3,7 +3,7 @@
 The evaluation task of the design: scikit-learn's digits, 20 devices, non-IID (Dirichlet 0.5 over
 labels), the 64-32-10 MLP, held-out test set. Every strategy runs the full protocol over a private
 Mosquitto (round announcements, model envelopes, encoded updates, receipts, durable server state),
-with the devices as in-process :class:`edgefl.client.EdgeClient` threads to keep it quick. Each
+with the devices as in-process :class:`edgefl.device.client.EdgeClient` threads to keep it quick. Each
 run is compared with the same training done in memory with the server's own strategy (no MQTT):
 the two curves should agree, so the transport loses nothing.
 
@@ -23,15 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgefl import kernels
+from edgefl.simulation.baselines import in_memory_accuracy
+from edgefl.simulation.datasets import load_digits
+from edgefl.simulation.federation import run_federation
+from edgefl.simulation.plan import SimulationPlan
+from edgefl.simulation.report import headless_pyplot, rounds_to
+from edgefl.wire.protocol import TrainingConfig
+from edgefl_server.model_builder import build_mlp
+from edgefl_server.mosquitto import MosquittoBroker
+
 HERE = Path(__file__).resolve().parent
 TARGET = 0.95
 
 
 def run_strategy(name: str, args, data, model) -> dict:
-    from edgefl.protocol import TrainingConfig
-    from edgefl.simulation import SimulationPlan, in_memory_accuracy, rounds_to, run_federation
-    from edgefl_server.broker import MosquittoBroker
-
     plan = SimulationPlan(
         devices=args.devices, rounds=args.rounds, strategy=name, seed=args.seed, alpha=args.alpha,
         training=TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -71,10 +77,7 @@ def run_strategy(name: str, args, data, model) -> dict:
 
 
 def chart(results, path: Path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in results:
@@ -108,10 +111,6 @@ def main(argv=None):
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for JSON + PNG")
     args = parser.parse_args(argv)
-
-    from edgefl import kernels
-    from edgefl.datasets import load_digits
-    from edgefl_server.models import build_mlp
 
     print(f"edgefl federated: backend {kernels.BACKEND}; {args.devices} devices, {args.rounds} "
           f"rounds, Dirichlet {args.alpha}; Python {platform.python_version()}", flush=True)

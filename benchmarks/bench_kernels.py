@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 from harness import Comparison, median_seconds  # noqa: E402
 
 import edgefl.kernels as K  # noqa: E402
+from edgefl.simulation.report import headless_pyplot  # noqa: E402
 
 GROUPS = ["clip", "noise", "topk", "pipeline", "codec", "sgd"]
 DEFAULT_SIZES = [10**4, 10**5, 10**6, 10**7]
@@ -87,9 +88,7 @@ def run(sizes, only=None):
 
 
 def chart(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     # The codec's ratios (up to ~200x against NumPy's loops) would flatten every other line: the
     # chart shows the kernels of the update path, the table and JSON have everything.

@@ -46,13 +46,14 @@ from harness import percentile  # noqa: E402
 
 import edgefl  # noqa: E402
 from edgefl import kernels, wire  # noqa: E402
-from edgefl.compression import Compressor  # noqa: E402
-from edgefl.datasets import load_digits  # noqa: E402
-from edgefl.predictor import Predictor  # noqa: E402
-from edgefl.protocol import CompressionConfig, TrainingConfig  # noqa: E402
-from edgefl.simulation import SIMULATION_TRAINING  # noqa: E402
-from edgefl.trainer import LocalTrainer  # noqa: E402
-from edgefl_server.models import build_mlp  # noqa: E402
+from edgefl.device.compression import Compressor  # noqa: E402
+from edgefl.simulation.datasets import load_digits  # noqa: E402
+from edgefl.device.predictor import Predictor  # noqa: E402
+from edgefl.wire.protocol import CompressionConfig, TrainingConfig  # noqa: E402
+from edgefl.simulation.plan import SIMULATION_TRAINING  # noqa: E402
+from edgefl.simulation.report import headless_pyplot  # noqa: E402
+from edgefl.device.trainer import LocalTrainer  # noqa: E402
+from edgefl_server.model_builder import build_mlp  # noqa: E402
 
 RESULTS = HERE / "results"
 
@@ -198,9 +199,9 @@ FOOTPRINT = _PEAK + """
 import sys, time
 t0 = time.perf_counter()
 import numpy, onnxruntime, paho.mqtt.client
-import edgefl, edgefl.predictor, edgefl.wire, edgefl.trainer, edgefl.privacy, edgefl.compression
+import edgefl, edgefl.device.predictor, edgefl.wire, edgefl.device.trainer, edgefl.device.privacy, edgefl.device.compression
 model = edgefl.wire.decode_model(open(sys.argv[1], "rb").read())
-p = edgefl.predictor.Predictor(model)
+p = edgefl.device.predictor.Predictor(model)
 p.predict(numpy.zeros(model.manifest.input_width, numpy.float32))
 print(time.perf_counter() - t0, peak_mib())
 """
@@ -256,9 +257,7 @@ def footprint(reps: int) -> dict:
 # -- report -------------------------------------------------------------------------------------
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     lat = results["latency"]

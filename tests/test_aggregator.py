@@ -21,10 +21,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefl.protocol import DeviceStatus, Receipt, RoundAnnouncement, Topics
+from edgefl.wire.protocol import DeviceStatus, Receipt, RoundAnnouncement, Topics
 from edgefl.wire import Update, decode_model, encode_update
-from edgefl_server.app import AggregationServer, ServerConfig
-from edgefl_server.models import build_mlp
+from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.model_builder import build_mlp
 
 pytestmark = pytest.mark.integration
 
@@ -263,7 +263,7 @@ def test_sigkill_mid_round_then_restart(broker, clients, tmp_path):
     """Two updates stored, server killed, one sent while it is down, one resent: all counted once."""
     observer, devices = clients
     state = tmp_path / "state"
-    cmd = [sys.executable, "-m", "edgefl_server", "--broker", broker.url, "--fleet", FLEET,
+    cmd = [sys.executable, "-m", "edgefl", "server", "--broker", broker.url, "--fleet", FLEET,
            "--state-dir", str(state), "--rounds", "1", "--min-clients", "3",
            "--round-timeout", "60", "--model", "mlp:64-32-10", "--log-level", "WARNING"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -356,54 +356,6 @@ def test_deadline_extension_stragglers_and_late_updates(broker, clients, tmp_pat
     assert (seen[1].accepted, seen[1].model_version) == (0, 1)
 
 
-def cli_args(*argv):
-    import argparse
-
-    from edgefl_server import cli
-
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return cli, parser.parse_args(list(argv))
-
-
-def test_cli_explains_bad_options_and_foreign_state(broker, tmp_path, capsys):
-    base = ["--broker", broker.url, "--fleet", FLEET, "--state-dir", str(tmp_path)]
-    cli, args = cli_args(*base, "--strategy", "fedadam", "--strategy-option", "beta1=0.9")
-    assert cli.run(args) == 2
-    assert "no option 'beta1'; its options are: eta, eta_l, beta_1" in capsys.readouterr().err
-    cli, args = cli_args(*base, "--model", "mlp:64-x-10")
-    assert cli.run(args) == 2
-    assert "layer sizes must be integers" in capsys.readouterr().err
-    from edgefl_server.store import ServerStore
-    ServerStore(tmp_path, fleet=FLEET, strategy="fedavg").close()
-    cli, args = cli_args(*base, "--strategy", "fedyogi")
-    assert cli.run(args) == 2
-    assert "pass --strategy fedavg to resume it" in capsys.readouterr().err
-
-
-def test_cli_embedded_broker_and_environment(tmp_path):
-    """Without --broker the server starts one and says where; options come from EDGEFL_*."""
-    env = {**os.environ, "EDGEFL_FLEET": FLEET, "EDGEFL_STATE_DIR": str(tmp_path),
-           "EDGEFL_ROUNDS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edgefl_server"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "started an embedded broker at mqtt://127.0.0.1:" in line:
-                break
-        assert lines and "--fleet fleet1" in lines[-1], "".join(lines)
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=30)[1]
-        assert proc.returncode == 0, rest
-        assert f"rerun with --state-dir {tmp_path} to resume" in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def test_broker_restart_mid_round(broker, clients, tmp_path):
     """The broker goes down after one update was accepted: the server reconnects, renews its
     subscriptions, and the round completes with every update counted once."""
@@ -429,24 +381,6 @@ def test_broker_restart_mid_round(broker, clients, tmp_path):
     np.testing.assert_allclose(server.model.weights, expected_fedavg(initial.weights, DEVICES),
                                rtol=1e-6)
     assert server.history[0].accepted == 3
-
-
-def test_cli_initial_model_from_spec_or_file(tmp_path):
-    from edgefl.wire import encode_model
-    from edgefl_server.cli import load_initial_model
-
-    model = build_mlp((8, 4, 3), seed=5)
-    path = tmp_path / "model.bin"
-    path.write_bytes(encode_model(model))
-    loaded = load_initial_model(str(path), seed=0)
-    assert loaded.manifest == model.manifest and loaded.onnx == model.onnx
-    np.testing.assert_array_equal(loaded.weights, model.weights)
-    assert load_initial_model("mlp:8-4-3", seed=5).manifest == model.manifest
-    with pytest.raises(ValueError, match="neither mlp:SIZES nor an existing model file"):
-        load_initial_model(str(tmp_path / "missing.bin"), seed=0)
-    path.write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="truncated|magic"):
-        load_initial_model(str(path), seed=0)
 
 
 def test_hostile_status_messages_do_not_stall_the_server(broker, tmp_path):

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-from edgefl.datasets import dirichlet_partition, load_digits
+from edgefl.simulation.datasets import (digits_evaluator, digits_partition_files,
+                                       dirichlet_partition, load_digits)
+from edgefl.wire.model import mlp_logits
+from edgefl_server.model_builder import build_mlp
 
 
 def test_load_digits_shapes_types_and_stratification():
@@ -53,3 +56,23 @@ def test_dirichlet_partition_rejects_bad_arguments():
         dirichlet_partition(y, 2, alpha=0.0)
     parts = dirichlet_partition(y, 5, alpha=0.01, seed=1)
     assert sorted(p.size for p in parts) == [1, 1, 1, 1, 1]
+
+
+def test_partition_files_hold_the_dirichlet_parts_of_the_training_split(tmp_path):
+    paths = digits_partition_files(tmp_path, 3, alpha=0.5, seed=0)
+    assert [p.name for p in paths] == [f"digits-{i}-of-3.npz" for i in range(3)]
+    X_train, y_train, _, _ = load_digits(0)
+    parts = dirichlet_partition(y_train, 3, alpha=0.5, seed=0)
+    assert sum(len(part) for part in parts) == len(y_train) == 1347  # 75% of the 1797 digits
+    for path, part in zip(paths, parts):
+        with np.load(path, allow_pickle=False) as arrays:
+            np.testing.assert_array_equal(arrays["X"], X_train[part])
+            np.testing.assert_array_equal(arrays["y"], y_train[part])
+
+
+def test_the_digits_evaluator_scores_a_model_on_the_test_split():
+    model = build_mlp((64, 32, 10), seed=0)
+    accuracy = digits_evaluator(0)(model)["accuracy"]
+    _, _, X_test, y_test = load_digits(0)
+    expected = (mlp_logits(model.manifest, model.weights, X_test).argmax(1) == y_test).mean()
+    assert accuracy == pytest.approx(float(expected))

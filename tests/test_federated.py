@@ -1,5 +1,6 @@
 """End to end against a real Mosquitto: the aggregation server in this process, devices as real
-``python -m edgefl client`` processes on the digits task.
+device processes on the digits task (``edgefl client`` with the simulation's prediction load,
+:mod:`edgefl.simulation.device_process`, each with its part of digits as a ``--data`` file).
 
 Faults are made deterministic with signals: a device frozen with SIGSTOP before a round opens is
 still "online" (its retained status says so), so the server selects it and the round waits for
@@ -17,11 +18,11 @@ import time
 import numpy as np
 import pytest
 
-from edgefl.protocol import DeviceStatus, Topics, TrainingConfig
-from edgefl.transport import MqttConnection
-from edgefl_server.app import AggregationServer, ServerConfig
-from edgefl_server.cli import digits_evaluator
-from edgefl_server.models import build_mlp
+from edgefl.wire.protocol import DeviceStatus, Topics, TrainingConfig
+from edgefl.transport.mqtt import MqttConnection
+from edgefl.simulation.datasets import digits_evaluator, digits_partition_files
+from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.model_builder import build_mlp
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,7 @@ class Fleet:
     def __init__(self, broker, root, count):
         self.broker, self.root, self.count = broker, root, count
         self.processes: dict[int, subprocess.Popen] = {}
+        self.data = digits_partition_files(root / "data", count, seed=0)
 
     def name(self, i):
         return f"dev-{i}"
@@ -47,9 +49,9 @@ class Fleet:
         state.mkdir(parents=True, exist_ok=True)
         with open(state / "device.log", "ab") as log:
             self.processes[i] = subprocess.Popen(
-                [sys.executable, "-m", "edgefl", "client", "--broker", self.broker.url,
-                 "--fleet", FLEET, "--client-id", self.name(i), "--state-dir", str(state),
-                 "--dataset", "digits", "--partition", f"{i}/{self.count}", "--seed", "0",
+                [sys.executable, "-m", "edgefl.simulation.device_process",
+                 "--broker", self.broker.url, "--fleet", FLEET, "--client-id", self.name(i),
+                 "--state-dir", str(state), "--data", str(self.data[i]), "--seed", "0",
                  "--predict-rate", "100", "--connect-timeout", "20"],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 

@@ -73,6 +73,7 @@ def numpy_sgd_step(layers, X, y, lr, momentum=0.0, weight_decay=0.0, mu=0.0, ref
 
 
 def _on_baseline_product(step):
+    # deferred: only the compiled backend has this switch, and the benchmarks also run on the twin
     from edgefl._kernels import sgd as compiled
 
     previous = compiled._use_baseline_product(True)

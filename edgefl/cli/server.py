@@ -1,39 +1,33 @@
-"""``edgefl server``: run the aggregation server for one fleet (also ``python -m edgefl_server``).
+"""``edgefl server``: run the aggregation server for one fleet.
 
 Every option can also come from an environment variable (named in ``--help``), e.g.
 ``EDGEFL_BROKER``; a command-line value wins. Without ``--broker`` the server starts an embedded
-broker on a free loopback port (Mosquitto when installed) and prints its URL for the devices.
+Mosquitto on a free loopback port and prints its URL for the devices.
 Restarting with the same ``--state-dir`` resumes the run where it stopped.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from edgefl.cli import (add_logging_option, add_training_arguments, env_option, positive_float,
-                        setup_logging, training_config_from_args)
-from edgefl.protocol import TrainingConfig
-
-from .strategies import STRATEGIES
+from edgefl.cli.options import (add_logging_option, add_training_arguments, env_option,
+                                positive_float, setup_logging, strategy_option,
+                                training_config_from_args)
+from edgefl.simulation.datasets import digits_evaluator
+from edgefl.transport.mqtt import BrokerUnreachable
+from edgefl.wire import decode_model
+from edgefl.wire.protocol import TrainingConfig
+from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.model_builder import build_mlp
+from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
+from edgefl_server.store import StateError
+from edgefl_server.strategies import STRATEGIES
 
 log = logging.getLogger("edgefl_server")
-
-
-def strategy_option(text: str) -> tuple[str, object]:
-    """Parse ``KEY=VALUE``; the value is read as JSON (numbers, null) or else kept as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"strategy option {text!r} must look like KEY=VALUE, "
-                                         "e.g. eta=0.01")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_logging_option(parser)
 
 
+def main(argv) -> int:
+    """``edgefl server ARGS``."""
+    parser = argparse.ArgumentParser(prog="edgefl server", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
 def load_initial_model(spec: str, seed: int):
     """The model of a new state directory from ``mlp:64-32-10`` or a model envelope file."""
     if spec.startswith("mlp:"):
@@ -99,35 +100,15 @@ def load_initial_model(spec: str, seed: int):
                              "mlp:64-32-10") from None
         if len(sizes) < 2:
             raise ValueError(f"--model {spec!r}: give at least input and class counts, e.g. mlp:64-10")
-        from .models import build_mlp
-
         return build_mlp(sizes, seed=seed)
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--model {spec!r} is neither mlp:SIZES nor an existing model file")
-    from edgefl.wire import decode_model
-
     return decode_model(path.read_bytes(), max_bytes=max(path.stat().st_size, 1))
 
 
-def digits_evaluator(seed: int):
-    """Held-out accuracy on the digits evaluation task (the test split of ``load_digits``)."""
-    from edgefl.datasets import load_digits
-    from edgefl.model import mlp_logits
-
-    _, _, X_test, y_test = load_digits(seed)
-
-    def evaluate(model):
-        predicted = mlp_logits(model.manifest, model.weights, X_test).argmax(axis=1)
-        return {"accuracy": float((predicted == y_test).mean())}
-
-    return evaluate
-
-
 def config_from_args(args, broker_url: str):
-    """The :class:`~edgefl_server.app.ServerConfig` the options describe."""
-    from .app import ServerConfig
-
+    """The :class:`~edgefl_server.aggregator.ServerConfig` the options describe."""
     training = training_config_from_args(args)
     return ServerConfig(
         broker_url=broker_url, fleet=args.fleet, state_dir=args.state_dir,
@@ -157,17 +138,10 @@ def run(args) -> int:
 
 
 def _serve(args, stop: threading.Event) -> int:
-    from edgefl.transport import BrokerUnreachable
-
-    from .app import AggregationServer
-    from .store import StateError
-
     broker = None
     try:
         if args.broker is None:
-            from .broker import embedded_broker
-
-            broker = embedded_broker(persistence_dir=Path(args.state_dir) / "broker").start()
+            broker = MosquittoBroker(persistence_dir=Path(args.state_dir) / "broker").start()
             log.info("no --broker given: started an embedded broker at %s; start devices with "
                      "--broker %s --fleet %s", broker.url, broker.url, args.fleet)
         config = config_from_args(args, args.broker or broker.url)
@@ -180,7 +154,7 @@ def _serve(args, stop: threading.Event) -> int:
         if broker is not None:
             broker.stop()
         return 2
-    except BrokerUnreachable as exc:
+    except (BrokerUnavailable, BrokerUnreachable) as exc:
         print(f"edgefl server: {exc}", file=sys.stderr)
         if broker is not None:
             broker.stop()

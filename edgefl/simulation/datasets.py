@@ -1,11 +1,17 @@
 """The shared evaluation task: scikit-learn's digits, split non-IID over devices.
 
-scikit-learn is not a device dependency: it is imported only inside :func:`load_digits` (the
-digits ship inside the scikit-learn package, nothing is downloaded).
+The digits ship inside the scikit-learn package (nothing is downloaded); scikit-learn is a
+simulation dependency (``edgefl[sim]``), not a device one, and is imported only inside
+:func:`load_digits` so that a missing install gets a clear message. A simulated device receives
+its part as an ``.npz`` file (:func:`digits_partition_files`) read by ``edgefl client --data``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from edgefl.wire.model import mlp_logits
 
 
 def load_digits(seed: int = 0, test_size: float = 0.25):
@@ -26,9 +32,10 @@ def load_digits(seed: int = 0, test_size: float = 0.25):
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be in (0, 1), got {test_size!r}")
     try:
+        # deferred for start-up time, and so that a missing scikit-learn gets the message below
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
-        raise ImportError("edgefl.datasets.load_digits needs scikit-learn, which ships the digits: "
+        raise ImportError("edgefl.simulation.datasets.load_digits needs scikit-learn, which ships the digits: "
                           "pip install 'edgefl[sim]' (or scikit-learn)") from None
     data = sklearn_digits()
     X = (data.data / 16.0).astype(np.float32)
@@ -89,3 +96,44 @@ def dirichlet_partition(y, num_parts: int, alpha: float = 0.5, seed: int = 0) ->
             donor = max(range(num_parts), key=lambda j: out[j].size)
             out[i], out[donor] = out[donor][-1:], out[donor][:-1]
     return [np.sort(p) for p in out]
+
+
+def digits_partition_files(directory, num_parts: int, *, alpha: float = 0.5,
+                           seed: int = 0) -> list[Path]:
+    """Write each device's part of the digits training split to ``directory`` as ``.npz``.
+
+    Part ``i`` is ``dirichlet_partition(y_train, num_parts, alpha, seed)[i]`` of
+    ``load_digits(seed)``'s training split, saved with arrays ``X`` and ``y`` (what
+    ``edgefl client --data`` reads).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The ``num_parts`` files, ``digits-<i>-of-<num_parts>.npz``, in part order.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    X_train, y_train, _, _ = load_digits(seed)
+    paths = []
+    for i, part in enumerate(dirichlet_partition(y_train, num_parts, alpha=alpha, seed=seed)):
+        path = directory / f"digits-{i}-of-{num_parts}.npz"
+        np.savez(path, X=X_train[part], y=y_train[part])
+        paths.append(path)
+    return paths
+
+
+def digits_evaluator(seed: int):
+    """Held-out accuracy on the digits evaluation task (the test split of ``load_digits``).
+
+    Returns
+    -------
+    callable
+        ``evaluate(model) -> {"accuracy": float}``, the evaluator an aggregation server takes.
+    """
+    _, _, X_test, y_test = load_digits(seed)
+
+    def evaluate(model):
+        predicted = mlp_logits(model.manifest, model.weights, X_test).argmax(axis=1)
+        return {"accuracy": float((predicted == y_test).mean())}
+
+    return evaluate

@@ -1,0 +1,129 @@
+"""``edgefl client``: run a device (serve predictions, train on local data, send updates).
+
+This command is the device path: it loads the device runtime only, never the server, the
+simulation or their dependencies (``tests/test_layers.py`` checks the modules it loads).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import numpy as np
+
+from edgefl.cli.options import add_logging_option, env_option, positive_float
+from edgefl.device.client import EdgeClient
+from edgefl.transport.mqtt import BrokerUnreachable
+
+log = logging.getLogger("edgefl")
+
+
+def add_client_arguments(parser) -> None:
+    """The options of ``edgefl client``."""
+    connection = parser.add_argument_group("connection")
+    env_option(connection, "--broker", env="EDGEFL_BROKER", required=True, metavar="URL",
+               help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    env_option(connection, "--fleet", env="EDGEFL_FLEET", required=True, metavar="NAME",
+               help="fleet name, shared with the aggregation server")
+    env_option(connection, "--client-id", env="EDGEFL_CLIENT_ID", required=True, metavar="ID",
+               help="this device's fixed id (1-64 characters from A-Z a-z 0-9 _ . -)")
+    env_option(connection, "--username", env="EDGEFL_USERNAME", help="broker user name")
+    env_option(connection, "--password", env="EDGEFL_PASSWORD",
+               help="broker password (prefer the environment variable: command lines are visible "
+                    "to other users)")
+    env_option(connection, "--tls", env="EDGEFL_TLS", action="store_true",
+               help="use TLS even for an mqtt:// URL (mqtts:// always does)")
+    env_option(connection, "--ca-certs", env="EDGEFL_CA_CERTS", metavar="FILE",
+               help="CA bundle that signed the broker's certificate")
+    env_option(connection, "--connect-timeout", env="EDGEFL_CONNECT_TIMEOUT", type=positive_float,
+               default=30.0, metavar="S", help="give up if the broker is not reachable in time")
+
+    state = parser.add_argument_group("device")
+    env_option(state, "--state-dir", env="EDGEFL_STATE_DIR", required=True, metavar="DIR",
+               help="where the device keeps its model, outbox and privacy budget across reboots")
+    env_option(state, "--data", env="EDGEFL_DATA", required=True, metavar="FILE.npz",
+               help="local training data: an .npz file with arrays X (samples x features) and y")
+    env_option(state, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
+               default=100.0, metavar="EPSILON",
+               help="total epsilon this device will ever spend; it sends nothing once spent")
+    env_option(state, "--privacy-file", env="EDGEFL_PRIVACY_FILE", metavar="FILE",
+               help="where the spent epsilon is kept (default STATE_DIR/privacy.json); put it "
+               "where a new state directory does not reset it")
+    env_option(state, "--require-privacy", env="EDGEFL_REQUIRE_PRIVACY", action="store_true",
+               help="skip every round the server announces without differential privacy, so "
+               "this device never sends a clean update")
+    env_option(state, "--capacity", env="EDGEFL_CAPACITY", type=int, default=100_000,
+               metavar="N", help="most local training samples kept (the oldest are dropped)")
+    env_option(state, "--seed", env="EDGEFL_SEED", type=int, default=0,
+               help="seed of local training (minibatch order)")
+    env_option(state, "--exit-when-finished", env="EDGEFL_EXIT_WHEN_FINISHED", action="store_true",
+               help="exit once the server announces the last round is over and the final model "
+                    "is live; the device's stats are written to STATE_DIR/stats.json")
+    add_logging_option(parser)
+
+
+def load_client_data(path) -> tuple[np.ndarray, np.ndarray]:
+    """The device's local training data ``(X, y)`` from the ``.npz`` file ``path``."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"X", "y"} - set(arrays.files)
+            if missing:
+                raise SystemExit(f"edgefl client: {path} has arrays {sorted(arrays.files)}, "
+                                 f"missing {sorted(missing)}; save it with np.savez(path, X=..., y=...)")
+            return np.ascontiguousarray(arrays["X"], np.float32), np.asarray(arrays["y"])
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"edgefl client: cannot read {path}: {exc}") from None
+
+
+def run_client(args, *, companion=None) -> int:
+    """Run a device until SIGTERM/SIGINT (or the last round with ``--exit-when-finished``).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The options of :func:`add_client_arguments`.
+    companion : callable, optional
+        ``companion(client, X)`` returns an object with ``start()`` and ``stop() -> dict``,
+        started once the device is connected and stopped before it; the dict joins the
+        device's ``stats.json``. The simulation's prediction load comes in this way.
+
+    Returns
+    -------
+    int
+        0 after a clean stop, 2 if the broker could not be reached.
+    """
+    X, y = load_client_data(args.data)
+    client = EdgeClient(
+        args.client_id, args.fleet, args.broker, args.state_dir,
+        username=args.username, password=args.password, tls=args.tls or None,
+        ca_certs=args.ca_certs, privacy_budget=args.privacy_budget,
+        privacy_file=args.privacy_file, require_privacy=args.require_privacy,
+        capacity=args.capacity, seed=args.seed,
+    )
+    client.add_data(X, y)
+    extra = companion(client, X) if companion is not None else None
+    # SIGTERM (a service manager, the simulation) stops the device as cleanly as Ctrl-C does.
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    try:
+        client.start(timeout=args.connect_timeout)
+    except BrokerUnreachable as exc:
+        log.error("%s", exc)
+        return 2
+    if extra is not None:
+        extra.start()
+    stats = None
+    try:
+        while not terminated.is_set():
+            if args.exit_when_finished and client.finished.is_set():
+                break
+            terminated.wait(0.2)
+    except KeyboardInterrupt:
+        log.info("interrupted: stopping")
+    finally:
+        if extra is not None:
+            stats = extra.stop()
+        client.stop()
+        client.write_stats(extra=stats)
+    return 0
+

@@ -1,0 +1,140 @@
+"""``edgefl simulate``: a whole federation on one machine (see :mod:`edgefl.simulation.federation`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from edgefl.cli.options import (add_logging_option, add_training_arguments, env_option,
+                                non_negative_float, positive_float, setup_logging,
+                                strategy_option, training_config_from_args)
+from edgefl.simulation.baselines import centralised_accuracy, in_memory_accuracy
+from edgefl.simulation.datasets import load_digits
+from edgefl.simulation.federation import run_federation
+from edgefl.simulation.plan import SIMULATION_TRAINING, SimulationPlan
+from edgefl.simulation.report import Progress, format_summary, summarize, write_plot
+from edgefl_server.model_builder import build_mlp
+from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
+from edgefl_server.strategies import STRATEGIES
+
+
+def add_arguments(parser) -> None:
+    """The options of ``edgefl simulate``."""
+    run = parser.add_argument_group("federation")
+    env_option(run, "--devices", env="EDGEFL_DEVICES", type=int, default=10,
+               help="number of device processes")
+    env_option(run, "--rounds", env="EDGEFL_ROUNDS", type=int, default=30, help="rounds to run")
+    env_option(run, "--strategy", env="EDGEFL_STRATEGY", default="fedavg",
+               choices=sorted(STRATEGIES), help="aggregation strategy")
+    parser.add_argument("--strategy-option", dest="strategy_options", action="append",
+                        type=strategy_option, default=[], metavar="KEY=VALUE",
+                        help="strategy hyperparameter, repeatable (e.g. proximal_mu=0.01, eta=0.05)")
+    env_option(run, "--seed", env="EDGEFL_SEED", type=int, default=0,
+               help="seed of the data split, the partition, the model and the selection")
+    env_option(run, "--alpha", env="EDGEFL_ALPHA", type=positive_float, default=0.5,
+               help="Dirichlet concentration of the non-IID partition")
+    env_option(run, "--round-timeout", env="EDGEFL_ROUND_TIMEOUT", type=positive_float,
+               default=30.0, metavar="S", help="seconds until a round's deadline")
+    env_option(run, "--broker", env="EDGEFL_BROKER", metavar="URL",
+               help="use this broker instead of starting Mosquitto on a free loopback port")
+    env_option(run, "--out", env="EDGEFL_OUT", default="simulation-output", metavar="DIR",
+               help="where summary.json, accuracy.png and every process's state and log go")
+    env_option(run, "--predict-rate", env="EDGEFL_PREDICT_RATE", type=non_negative_float,
+               default=50.0, metavar="HZ", help="predictions per second each device serves")
+    env_option(run, "--threads", env="EDGEFL_THREADS", action="store_true",
+               help="run devices as threads of this process instead of processes (quicker)")
+
+    add_training_arguments(parser, "local training, compression, privacy", SIMULATION_TRAINING)
+    train = parser.add_argument_group("device privacy budget")
+    env_option(train, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
+               default=1000.0, metavar="EPSILON", help="each device's total epsilon")
+
+
+def plan_from_args(args) -> SimulationPlan:
+    if args.devices < 1 or args.rounds < 1:
+        raise ValueError(f"--devices and --rounds must be at least 1, got {args.devices} and "
+                         f"{args.rounds}")
+    training = training_config_from_args(args)
+    return SimulationPlan(
+        devices=args.devices, rounds=args.rounds, strategy=args.strategy,
+        strategy_options=dict(args.strategy_options), training=training, seed=args.seed,
+        alpha=args.alpha, round_timeout=args.round_timeout, predict_rate=args.predict_rate,
+        privacy_budget=args.privacy_budget, fleet=f"sim-{os.getpid()}",
+        devices_as="threads" if args.threads else "processes")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    """``edgefl simulate``: 0 on success, 1 if the run failed, 2 for bad options."""
+    try:
+        plan = plan_from_args(args)
+    except ValueError as exc:
+        print(f"edgefl simulate: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each run starts fresh: a server state directory left by an earlier run would be resumed.
+    for leftover in ("server", "devices", "broker", "data"):
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    broker = None
+    started = time.monotonic()
+    # Ctrl-C and SIGTERM both unwind through the cleanup below, so no process is left behind.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.broker is None:
+            broker = MosquittoBroker(persistence_dir=out / "broker").start()
+        url = args.broker or broker.url
+        print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} rounds "
+              f"of {plan.strategy} on digits (Dirichlet {plan.alpha}), broker {url}, output in {out}",
+              flush=True)
+        history, final_version, stats, records = run_federation(
+            plan, url, out, on_round=Progress(plan.rounds))
+    except (BrokerUnavailable, TimeoutError, RuntimeError) as exc:
+        print(f"edgefl simulate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgefl simulate: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        if broker is not None:
+            broker.close()
+    wall = time.monotonic() - started
+    print("computing the baselines (centralised training; dense FedAvg if compressed or private)",
+          flush=True)
+    data = load_digits(plan.seed)
+    model = build_mlp((64, 32, 10), seed=plan.seed)
+    centralised = centralised_accuracy(plan, model, data)
+    lossy = plan.training.privacy.mechanism != "none" or plan.training.compression.method != "none" \
+        or plan.training.compression.values != "f32"
+    dense = in_memory_accuracy(plan, model, data) if lossy else None
+    summary = summarize(plan, history, final_version, stats, records, centralised=centralised,
+                        dense_fedavg=dense, num_params=model.manifest.num_params,
+                        wall_seconds=wall)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_plot(summary, out / "accuracy.png")
+    print(format_summary(summary))
+    print(f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+    return 0
+
+
+def main(argv) -> int:
+    """``edgefl simulate ARGS``."""
+    parser = argparse.ArgumentParser(prog="edgefl simulate",
+                                     description="Run a whole federation on one machine: broker, "
+                                                 "aggregation server and device processes on digits.")
+    add_arguments(parser)
+    add_logging_option(parser)
+    # The progress lines are the output; the components' INFO logs would drown them.
+    parser.set_defaults(log_level=os.environ.get("EDGEFL_LOG_LEVEL", "WARNING"))
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    return run(args)

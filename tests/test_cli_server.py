@@ -1,0 +1,75 @@
+"""``edgefl server`` (edgefl.cli.server): clear errors for bad options and foreign state, the
+embedded Mosquitto when no --broker is given, options from the environment, the initial model."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgefl.cli import server
+from edgefl.wire import encode_model
+from edgefl_server.model_builder import build_mlp
+from edgefl_server.store import ServerStore
+
+FLEET = "fleet1"
+
+
+def cli_args(*argv):
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    return server, parser.parse_args(list(argv))
+
+
+def test_cli_explains_bad_options_and_foreign_state(broker, tmp_path, capsys):
+    base = ["--broker", broker.url, "--fleet", FLEET, "--state-dir", str(tmp_path)]
+    cli, args = cli_args(*base, "--strategy", "fedadam", "--strategy-option", "beta1=0.9")
+    assert cli.run(args) == 2
+    assert "no option 'beta1'; its options are: eta, eta_l, beta_1" in capsys.readouterr().err
+    cli, args = cli_args(*base, "--model", "mlp:64-x-10")
+    assert cli.run(args) == 2
+    assert "layer sizes must be integers" in capsys.readouterr().err
+    ServerStore(tmp_path, fleet=FLEET, strategy="fedavg").close()
+    cli, args = cli_args(*base, "--strategy", "fedyogi")
+    assert cli.run(args) == 2
+    assert "pass --strategy fedavg to resume it" in capsys.readouterr().err
+
+
+def test_cli_embedded_broker_and_environment(tmp_path):
+    """Without --broker the server starts one and says where; options come from EDGEFL_*."""
+    env = {**os.environ, "EDGEFL_FLEET": FLEET, "EDGEFL_STATE_DIR": str(tmp_path),
+           "EDGEFL_ROUNDS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgefl", "server"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "started an embedded broker at mqtt://127.0.0.1:" in line:
+                break
+        assert lines and "--fleet fleet1" in lines[-1], "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+        assert proc.returncode == 0, rest
+        assert f"rerun with --state-dir {tmp_path} to resume" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_initial_model_from_spec_or_file(tmp_path):
+    model = build_mlp((8, 4, 3), seed=5)
+    path = tmp_path / "model.bin"
+    path.write_bytes(encode_model(model))
+    loaded = server.load_initial_model(str(path), seed=0)
+    assert loaded.manifest == model.manifest and loaded.onnx == model.onnx
+    np.testing.assert_array_equal(loaded.weights, model.weights)
+    assert server.load_initial_model("mlp:8-4-3", seed=5).manifest == model.manifest
+    with pytest.raises(ValueError, match="neither mlp:SIZES nor an existing model file"):
+        server.load_initial_model(str(tmp_path / "missing.bin"), seed=0)
+    path.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="truncated|magic"):
+        server.load_initial_model(str(path), seed=0)
