@@ -30,7 +30,12 @@ broker:
 		echo "installing mosquitto from Debian's packages"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else \
-		echo "mosquitto is missing: install it (apt-get install mosquitto / brew install mosquitto)"; exit 1; \
+		echo "mosquitto is missing: install it with one of"; \
+		echo "  Debian/Ubuntu: sudo apt-get install mosquitto"; \
+		echo "  Fedora:        sudo dnf install mosquitto"; \
+		echo "  macOS:         brew install mosquitto"; \
+		echo "  Windows:       the installer from https://mosquitto.org/download/ or choco install mosquitto"; \
+		exit 1; \
 	fi
 
 # The main job: a federated run of 10 devices on the digits task over a local broker.

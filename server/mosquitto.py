@@ -1,7 +1,9 @@
-"""An MQTT broker for a zero-install start and for the test suite: Mosquitto on a free loopback port.
+"""Launching Mosquitto on a free loopback port: the embedded broker of ``edgefl server`` and
+``edgefl simulate`` when no ``--broker`` is given, and the broker of the test suite.
 
-Production runs its own broker (Mosquitto, EMQX, VerneMQ, HiveMQ) and passes ``--broker``; this
-module starts one only when none is given.
+Production runs its own broker (Mosquitto, EMQX, VerneMQ, HiveMQ) and passes ``--broker``. edgefl
+ships no broker of its own: where Mosquitto is missing, :class:`BrokerUnavailable` says how to
+install it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ import time
 from pathlib import Path
 
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+
+#: What to do when Mosquitto is not installed (``make setup`` installs it on Debian/Ubuntu).
+MOSQUITTO_MISSING = (
+    "mosquitto is not installed; install it, or pass --broker mqtt://HOST:PORT to use a broker "
+    "that runs elsewhere:\n"
+    "  Debian/Ubuntu: sudo apt-get install mosquitto\n"
+    "  Fedora:        sudo dnf install mosquitto\n"
+    "  macOS:         brew install mosquitto\n"
+    "  Windows:       the installer from https://mosquitto.org/download/ or choco install mosquitto"
+)
 
 
 class BrokerUnavailable(RuntimeError):
@@ -119,10 +132,7 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
         exe = find_mosquitto()
         if exe is None:
-            raise BrokerUnavailable(
-                "mosquitto is not installed: `apt-get install mosquitto` (Debian/Ubuntu), "
-                "`brew install mosquitto` (macOS), or pass --broker mqtt://HOST:PORT"
-            )
+            raise BrokerUnavailable(MOSQUITTO_MISSING)
         if _listening(self.host, self.port):
             raise BrokerUnavailable(
                 f"port {self.port} on {self.host} is already in use: choose another port "
@@ -186,12 +196,3 @@ class MosquittoBroker:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def embedded_broker(**kwargs):
-    """A broker for a zero-install start, not yet started: Mosquitto when installed, otherwise
-    edgefl's in-process MQTT v5 broker (:mod:`edgefl_server.inprocess_broker`)."""
-    if find_mosquitto() is not None:
-        return MosquittoBroker(**kwargs)
-    from edgefl_server.inprocess_broker import InProcessBroker
-
-    return InProcessBroker(max_packet_size=kwargs.get("max_packet_size", 16 << 20))
