@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgefl_server.provisioning import mosquitto_config
+
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
@@ -106,8 +108,6 @@ class MosquittoBroker:
         launcher = [f"user {getpass.getuser()}", "log_dest stderr", "log_type error",
                     "log_type warning", "log_type notice"]
         if self.fleet is not None:
-            from edgefl_server.provisioning import mosquitto_config
-
             config = self.dir / "mosquitto.run.conf"
             text = mosquitto_config(self.fleet, bind=self.host, persistence=self.persistence)
             config.write_text(text + "\n".join(launcher + [f"pid_file {self.fleet.pid_file}", ""]))

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from edgefl.protocol import Topics, check_name
+from edgefl.wire.protocol import Topics, check_name
 from edgefl.trust.keys import load_private_key, raw_public, write_private_key
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,10 @@ function, inside ``try``/``if``) is mapped to a layer:
 
     base       edgefl, edgefl.kernels, edgefl._kernels, edgefl.durable
     wire       edgefl.wire                  (what device and server both speak)
+    trust      edgefl.trust                 (signatures, sealing, keys: both sides too)
     transport  edgefl.transport
     device     edgefl.device                (the device runtime)
-    server     edgefl_server                (imports base, wire, transport; not the device)
+    server     edgefl_server                (imports base, wire, trust, transport; not the device)
     tools      edgefl.cli, edgefl.simulation, benchmarks (import everything)
 
 A module may import its own layer and those :data:`ALLOWED` lists for it, nothing else. An import
@@ -34,10 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {
     "base": set(),
     "wire": {"base"},
-    "transport": {"base", "wire"},
-    "device": {"base", "wire", "transport"},
-    "server": {"base", "wire", "transport"},
-    "tools": {"base", "wire", "transport", "device", "server"},
+    "trust": {"base", "wire"},
+    "transport": {"base", "wire", "trust"},
+    "device": {"base", "wire", "trust", "transport"},
+    "server": {"base", "wire", "trust", "transport"},
+    "tools": {"base", "wire", "trust", "transport", "device", "server"},
 }
 
 #: Module-name prefixes and their layer; the longest matching prefix wins.
@@ -47,6 +49,7 @@ LAYER_OF_PREFIX = {
     "edgefl._kernels": "base",
     "edgefl.durable": "base",
     "edgefl.wire": "wire",
+    "edgefl.trust": "trust",
     "edgefl.transport": "transport",
     "edgefl.device": "device",
     "edgefl_server": "server",
