@@ -159,6 +159,9 @@ class AggregationServer:
         self.config = config
         self.topics = Topics(config.fleet)
         self.strategy = make_strategy(config.strategy, config.strategy_options)
+        warning = self.strategy.compression_warning(config.training.compression)
+        if warning:
+            log.warning("%s", warning)
         self.metrics = ServerMetrics()
         self._initial_model = initial_model
         self._evaluate = evaluate

@@ -457,3 +457,53 @@ def test_a_failing_store_is_retried_and_loses_nothing(broker, clients, tmp_path,
     assert server.history[0].accepted == 3
     np.testing.assert_allclose(server.model.weights, expected_fedavg(initial.weights, DEVICES),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_poisoned_minority_moves_fedavg_but_not_the_robust_rules(broker, tmp_path, caplog):
+    """5 devices over Mosquitto, one poisoned (its honest delta x -10), random-k 25% from the
+    round's shared seed: FedAvg's step turns against the honest direction, the robust rules'
+    steps stay with it."""
+    from edgefl import kernels
+    from edgefl.wire.protocol import CompressionConfig, TrainingConfig
+
+    ids = ("p1", "p2", "p3", "p4", "p5")
+    observer = Paho(broker, "observer", [TOPICS.round, TOPICS.model])
+    devices = {c: Device(broker, c) for c in ids}
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    honest = np.random.default_rng(7).normal(0.02, 0.005, n).astype(np.float32)
+    training = TrainingConfig(compression=CompressionConfig("randomk", density=0.25))
+    steps = {}
+    try:
+        for name, options in (("fedavg", {}), ("fedmedian", {}), ("fedtrimmedavg", {"beta": 0.2}),
+                              ("krum", {"num_malicious_clients": 1})):
+            with observer.cond:
+                observer.latest.clear()
+            config = server_config(broker, tmp_path / name, rounds=1, min_clients=5,
+                                   strategy=name, strategy_options=options, training=training)
+            with AggregationServer(config, initial_model=initial) as server:
+                ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+                idx = kernels.randomk(n, int(np.ceil(0.25 * n)), ann.randomk_seed)
+                for i, (c, dev) in enumerate(devices.items()):
+                    noise = np.random.default_rng(i).normal(0, 0.002, idx.size).astype(np.float32)
+                    values = honest[idx] + noise
+                    if c == "p5":
+                        values = -10.0 * values
+                    dev.send(encode_update(Update(c, 1, 0, 1, 10, n, idx, values)))
+                    assert dev.receipt().status == "accepted"
+                model = observer.wait_for(TOPICS.model, model_version(1))
+                assert server.wait(10)
+            steps[name] = (model.weights - initial.weights)[idx]
+    finally:
+        for c in [observer, *devices.values()]:
+            c.close()
+    assert np.mean(steps["fedavg"] < 0) > 0.95  # dragged against the honest direction
+    for name in ("fedmedian", "fedtrimmedavg", "krum"):
+        assert np.mean(steps[name] > 0.01) > 0.95, name  # stays with the honest majority
+    # the pairing that weakens the rules is named when the server starts
+    caplog.set_level(logging.WARNING, logger="edgefl_server")
+    AggregationServer(server_config(broker, tmp_path / "warned", strategy="fedmedian",
+                                    training=TrainingConfig(compression=CompressionConfig(
+                                        "topk", density=0.1))))
+    assert any("fedmedian with topk" in r.getMessage() and "randomk" in r.getMessage()
+               for r in caplog.records)

@@ -126,34 +126,90 @@ def adaptive_step(weights: np.ndarray, m: np.ndarray, v: np.ndarray, *, eta: flo
     return (weights.astype(np.float64) + step).astype(np.float32)
 
 
-# -- robust aggregation: these need every client's full delta, so sparse deltas are densified ----
+# -- robust aggregation: order statistics over the clients that sent each coordinate ------------
 
-def stack_dense(deltas: Iterable[WeightedDelta], num_params: int) -> np.ndarray:
-    """The deltas as rows of one dense float32 matrix, shape (clients, num_params).
+class SenderMatrix(NamedTuple):
+    """The deltas restricted to the coordinates any client sent, NaN where a client sent nothing.
 
-    Coordinate-wise order statistics and pairwise distances need each client's value at every
-    coordinate (zero where a sparse client sent nothing), so robust rules densify; their memory
-    is O(clients * num_params).
+    ``coordinates`` are the sorted flat positions covered (every position when a dense delta is
+    among them); ``values[i, j]`` is client ``i``'s value at ``coordinates[j]``, or NaN when that
+    client's sparse delta left the coordinate out.
+    """
+
+    coordinates: np.ndarray
+    values: np.ndarray
+
+    @property
+    def senders(self) -> np.ndarray:
+        """How many clients sent each coordinate."""
+        return np.count_nonzero(~np.isnan(self.values), axis=0)
+
+    def zero_filled(self) -> np.ndarray:
+        """The values with a coordinate a client did not send as 0 (it did not move it)."""
+        return np.nan_to_num(self.values, nan=0.0)
+
+
+def stack_senders(deltas: Iterable[WeightedDelta], num_params: int) -> SenderMatrix:
+    """The deltas as rows of one float32 matrix over the union of their coordinates.
+
+    A robust rule must not read "not sent" as "sent zero": with data-dependent sparsification
+    (top-k) most clients send nothing at a given coordinate, so the median of mostly zeros is 0
+    there and the model freezes. Keeping the gaps as NaN lets each rule count only the clients
+    that sent a coordinate. With random-k from the round's shared seed every client sends the
+    same coordinates, so the matrix is dense over exactly those. Memory is
+    O(clients * covered coordinates).
+
+    Raises
+    ------
+    ValueError
+        If a delta's shape does not fit ``num_params``.
     """
     deltas = list(deltas)
-    out = np.zeros((len(deltas), num_params), dtype=np.float32)
+    for n, (indices, values, _) in enumerate(deltas):
+        if indices is None and values.shape != (num_params,):
+            raise ValueError(f"delta {n}: a dense delta needs {num_params} values, got shape "
+                             f"{values.shape}")
+        if indices is not None and (indices.shape != values.shape
+                                    or (indices.size and int(indices[-1]) >= num_params)):
+            raise ValueError(f"delta {n}: {indices.size} indices (last {indices[-1:]}) and "
+                             f"{values.size} values do not fit {num_params} parameters")
+    if any(indices is None for indices, _, _ in deltas):
+        coordinates = np.arange(num_params, dtype=np.int64)
+    else:
+        coordinates = np.unique(np.concatenate(
+            [indices.astype(np.int64) for indices, _, _ in deltas] or [np.zeros(0, np.int64)]))
+    out = np.full((len(deltas), coordinates.size), np.nan, dtype=np.float32)
     for row, (indices, values, _) in zip(out, deltas):
         if indices is None:
             row[:] = values
         else:
-            row[indices] = values
-    return out
+            row[np.searchsorted(coordinates, indices)] = values
+    return SenderMatrix(coordinates, out)
+
+
+def _sorted_with_counts(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # np.sort puts NaN after every number, so a column's c sent values are its first c rows.
+    return np.sort(matrix, axis=0), np.count_nonzero(~np.isnan(matrix), axis=0)
 
 
 def coordinate_median(matrix: np.ndarray) -> np.ndarray:
-    """The median over clients of every coordinate (rows are clients)."""
-    return np.median(matrix, axis=0).astype(np.float32)
+    """The median over clients of every column (rows are clients), ignoring NaN (not sent).
+
+    A column with no value at all gives NaN; callers keep only columns enough clients sent.
+    """
+    ordered, count = _sorted_with_counts(matrix)
+    lo = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None, :] // 2, axis=0)[0]
+    hi = np.take_along_axis(ordered, (count // 2)[None, :], axis=0)[0]
+    median = (lo.astype(np.float64) + hi.astype(np.float64)) / 2.0
+    median[count == 0] = np.nan
+    return median.astype(np.float32)
 
 
 def trimmed_mean(matrix: np.ndarray, beta: float) -> np.ndarray:
-    """Per coordinate, the mean after dropping the ``floor(beta * clients)`` largest and smallest.
+    """Per column, the mean after dropping the ``floor(beta * c)`` largest and smallest of the
+    ``c`` clients that sent it (NaN means not sent).
 
-    With ``beta < 0.5`` at least one value always remains.
+    With ``beta < 0.5`` at least one value always remains; a column nobody sent gives NaN.
 
     Raises
     ------
@@ -162,10 +218,28 @@ def trimmed_mean(matrix: np.ndarray, beta: float) -> np.ndarray:
     """
     if not 0.0 <= beta < 0.5:
         raise ValueError(f"trim fraction beta must be in [0, 0.5), got {beta!r}")
-    clients = matrix.shape[0]
-    cut = int(np.floor(beta * clients))
-    ordered = np.sort(matrix, axis=0)
-    return ordered[cut:clients - cut].astype(np.float64).mean(axis=0).astype(np.float32)
+    ordered, count = _sorted_with_counts(matrix)
+    cut = np.floor(beta * count).astype(np.int64)
+    rank = np.arange(ordered.shape[0])[:, None]
+    keep = (rank >= cut) & (rank < count - cut)
+    total = np.where(keep, ordered.astype(np.float64), 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / (count - 2 * cut)).astype(np.float32)
+
+
+def robust_delta(rule, senders: SenderMatrix, num_params: int, min_senders: int) -> np.ndarray:
+    """A dense float32 delta from ``rule`` (matrix -> per-column values) over the coordinates
+    that at least ``min_senders`` clients sent; every other coordinate does not move.
+
+    ``min_senders`` is capped at the number of clients, so a round with fewer updates still
+    moves the model (a round of one update is that update).
+    """
+    needed = max(1, min(min_senders, senders.values.shape[0]))
+    enough = senders.senders >= needed
+    delta = np.zeros(num_params, np.float32)
+    if enough.any():
+        delta[senders.coordinates[enough]] = rule(senders.values[:, enough])
+    return delta
 
 
 def krum_select(matrix: np.ndarray, num_malicious: int, num_to_keep: int = 1) -> np.ndarray:

@@ -4,34 +4,33 @@ Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Toward
 Statistical Rates", ICML 2018 (Flower's name and option ``beta``).
 
 The rule is unweighted: a client's sample count is a claim a Byzantine client could inflate.
-It needs every client's dense delta (see
-:func:`~edgefl_server.strategies.aggregate.stack_dense`).
-With few updates, ``floor(beta * n)`` may be 0: then nothing is trimmed (the plain mean).
+Sparse updates: each coordinate is trimmed among the clients that sent it (see
+:mod:`~edgefl_server.strategies.robust`). With few senders, ``floor(beta * c)`` may be 0: then
+nothing is trimmed there (the plain mean).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from .aggregate import apply_delta, stack_dense, trimmed_mean
-from .strategy import Strategy, check_range, weighted_deltas
+from .aggregate import trimmed_mean
+from .robust import CoordinateRule
+from .strategy import check_range
 
 
-class FedTrimmedAvg(Strategy):
+class FedTrimmedAvg(CoordinateRule):
     """The coordinate-wise mean after trimming a fraction ``beta`` of each end."""
 
     name = "fedtrimmedavg"
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
-    class Options(Strategy.Options):
+    class Options(CoordinateRule.Options):
         """``beta``: fraction of the clients trimmed at each end of every coordinate."""
 
         beta: float = 0.2
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("beta", self.beta, 0.0, 0.5, hi_open=True)
 
-    def aggregate(self, weights, updates):
-        if not updates:
-            return None
-        matrix = stack_dense(weighted_deltas(updates), weights.size)
-        return apply_delta(weights, trimmed_mean(matrix, self.options.beta))
+    def rule(self, matrix):
+        return trimmed_mean(matrix, self.options.beta)

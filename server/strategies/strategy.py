@@ -16,7 +16,7 @@ from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from edgefl.wire.protocol import TrainingConfig
+from edgefl.wire.protocol import CompressionConfig, TrainingConfig
 
 from .aggregate import WeightedDelta
 
@@ -66,6 +66,13 @@ class Strategy:
     def configure_training(self, config: TrainingConfig) -> TrainingConfig:
         """The training config to announce for a round, given the server's base config."""
         return config
+
+    def compression_warning(self, compression: CompressionConfig) -> str | None:
+        """Why this strategy and the devices' ``compression`` are a poor pair, or None.
+
+        The server logs it when it starts (robust rules under data-dependent sparsification).
+        """
+        return None
 
     def aggregate(self, weights: np.ndarray, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
         """The next global weights from this round's accepted updates, or None to keep ``weights``."""
