@@ -66,6 +66,40 @@ class SavedState:
     history: list[dict]
 
 
+def _model_from_row(row) -> Model:
+    version, round_id, manifest, weights, onnx_bytes, sha, signature = row
+    return Model(version, round_id, ModelManifest.from_bytes(manifest),
+                 np.frombuffer(weights, dtype="<f4").astype(np.float32),
+                 bytes(onnx_bytes), bytes(sha), bytes(signature))
+
+
+_LATEST_MODEL = ("SELECT version, round_id, manifest, weights, onnx, onnx_sha256, signature "
+                 "FROM model ORDER BY version DESC LIMIT 1")
+
+
+def read_latest_model(state_dir) -> Model:
+    """The newest global model of a state directory, read-only (a running server may own it).
+
+    Raises
+    ------
+    StateError
+        If the directory holds no server state or no model yet.
+    """
+    path = Path(state_dir) / DB_NAME
+    if not path.is_file():
+        raise StateError(f"{state_dir} is not a server state directory (no {DB_NAME})")
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        row = db.execute(_LATEST_MODEL).fetchone()
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot read {path}: {exc}") from None
+    finally:
+        db.close()
+    if row is None:
+        raise StateError(f"state directory {state_dir} holds no model yet")
+    return _model_from_row(row)
+
+
 class ServerStore:
     """The server's state directory. Thread-safe: one connection guarded by a lock.
 
@@ -123,16 +157,10 @@ class ServerStore:
     def load(self) -> SavedState | None:
         """The saved state, or None for a state directory that never held a model."""
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT version, round_id, manifest, weights, onnx, onnx_sha256, signature "
-                "FROM model ORDER BY version DESC LIMIT 1").fetchone()
+            row = db.execute(_LATEST_MODEL).fetchone()
             if row is None:
                 return None
-            version, round_id, manifest, weights, onnx_bytes, sha, signature = row
-            manifest = ModelManifest.from_bytes(manifest)
-            model = Model(version, round_id, manifest,
-                          np.frombuffer(weights, dtype="<f4").astype(np.float32),
-                          bytes(onnx_bytes), bytes(sha), bytes(signature))
+            model = _model_from_row(row)
             (round_json,) = db.execute("SELECT value FROM meta WHERE key = 'round'").fetchone()
             state = {name: _load_array(blob)
                      for name, blob in db.execute("SELECT name, array FROM strategy_state")}

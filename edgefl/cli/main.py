@@ -1,4 +1,5 @@
-"""The ``edgefl`` command (also ``python -m edgefl``): ``client``, ``server``, ``simulate``, ``bench``.
+"""The ``edgefl`` command (also ``python -m edgefl``): ``client``, ``server``, ``simulate``,
+``model``, ``bench``.
 
 Each subcommand lives in its own module of :mod:`edgefl.cli` and is imported only when it runs:
 a device that runs ``edgefl client`` loads the device runtime and nothing of the server, the
@@ -31,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("server", help="run the aggregation server (edgefl server --help)", add_help=False)
     commands.add_parser("simulate", help="run a whole federation on one machine (edgefl simulate --help)",
                         add_help=False)
-    commands.add_parser("bench", help="run the benchmarks: edgefl bench [kernels|federated] [--help]",
+    commands.add_parser("model", help="import, inspect or export a model (edgefl model --help)",
+                        add_help=False)
+    commands.add_parser("bench", help="run the benchmarks: edgefl bench "
+                                      "[kernels|federated|own-model] [--help]",
                         add_help=False)
     return parser
 
@@ -49,6 +53,11 @@ def main(argv=None) -> int:
         from edgefl.cli import simulate
 
         return simulate.main(argv[1:])
+    if command == "model":
+        # deferred for start-up time: only `edgefl model` loads the ONNX import (onnx)
+        from edgefl.cli import model
+
+        return model.main(argv[1:])
     if command == "bench":
         # deferred for start-up time: only `edgefl bench` loads the benchmark runner
         from edgefl.cli import bench

@@ -1,0 +1,73 @@
+"""A user's own exported model through the whole loop over a real Mosquitto: import, devices
+fine-tune its head on their data, the server aggregates, the federated model is exported, and
+plain onnxruntime on the export gives what the devices predict."""
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgefl.device.client import EdgeClient
+from edgefl.simulation.datasets import dirichlet_partition, load_digits
+from edgefl.wire.protocol import TrainingConfig
+from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.onnx_import import export_onnx, import_onnx, load_model
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).parent / "data"
+ROUNDS = 2
+DEVICES = 2
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def probabilities(session, x_flat):
+    """What an application gets from the exported file, as class probabilities."""
+    inp = session.get_inputs()[0]
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {inp.name: x_flat.reshape([len(x_flat)]
+                                                                   + list(inp.shape[1:]))})))
+    for name in ("probs", "probabilities", "output_probability"):
+        if name in outputs:
+            out = outputs[name]
+            if isinstance(out, list):  # ZipMap
+                return np.array([[row[c] for c in sorted(row)] for row in out], np.float32)
+            return out
+    return softmax(outputs["logits"])
+
+
+@pytest.mark.parametrize("name", ["torch_mlp", "torch_cnn", "keras_mlp", "sk_mlp", "sk_logreg"])
+def test_a_users_model_trains_over_mosquitto_and_exports(name, broker, tmp_path):
+    model0 = import_onnx(DATA / f"{name}.onnx", trainable_layers=1 if name == "torch_cnn" else None)
+    X_train, y_train, X_test, _ = load_digits(0)
+    parts = dirichlet_partition(y_train, DEVICES, alpha=1.0, seed=0)
+    config = ServerConfig(broker_url=broker.url, fleet="own", state_dir=tmp_path / "server",
+                          rounds=ROUNDS, min_clients=DEVICES, round_timeout=60.0,
+                          training=TrainingConfig(epochs=2, batch_size=16, lr=0.05), seed=0)
+    server = AggregationServer(config, initial_model=model0)
+    clients = [EdgeClient(f"dev-{i}", "own", broker.url, tmp_path / f"dev-{i}", seed=i)
+               for i in range(DEVICES)]
+    for client, part in zip(clients, parts):
+        client.add_data(X_train[part], y_train[part])
+    server.start()
+    try:
+        for client in clients:
+            client.start(timeout=20)
+        assert server.wait(120), f"rounds done: {[r.round_id for r in server.history]}"
+        for client in clients:
+            assert client.finished.wait(30)
+            assert client.model_version == ROUNDS
+    finally:
+        server.stop()
+        for client in clients:
+            client.stop()
+    assert [r.accepted for r in server.history] == [DEVICES] * ROUNDS
+    final = load_model(tmp_path / "server")  # the state directory, as `edgefl model export` reads it
+    assert final.version == ROUNDS and not np.array_equal(final.weights, model0.weights)
+    exported = ort.InferenceSession(export_onnx(final), providers=["CPUExecutionProvider"])
+    device = clients[0].predict(X_test)
+    np.testing.assert_allclose(probabilities(exported, X_test), device, rtol=1e-5, atol=1e-6)
