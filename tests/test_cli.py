@@ -111,19 +111,36 @@ def test_the_device_command_has_no_simulation_options(capsys):
 def test_data_from_an_npz_file(tmp_path):
     path = tmp_path / "local.npz"
     np.savez(path, X=np.ones((4, 64)), y=np.arange(4))
-    X, y = load_client_data(str(path))
+    samples = load_client_data(str(path))
+    X, y = samples.X, samples.y
     assert X.dtype == np.float32 and X.shape == (4, 64) and list(y) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: np.savez(p, X=np.ones((2, 64))), "missing ['y']"),
     (lambda p: p.write_bytes(b"not a zip"), "cannot read"),
-    (lambda p: None, "cannot read"),
+    (lambda p: None, "does not exist"),
 ])
 def test_unreadable_data_files_are_explained(tmp_path, make, message):
     path = tmp_path / "local.npz"
     make(path)
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_client_data(str(path))
+
+
+def test_a_csv_file_with_a_named_label_column_and_a_bad_row(tmp_path, caplog):
+    path = tmp_path / "local.csv"
+    path.write_text("a,b,kind\n0.5,1,2\n0.1,oops,1\n1,2,0\n")
+    samples = load_client_data(str(path), label_column="kind")
+    assert samples.X.tolist() == [[0.5, 1.0], [1.0, 2.0]] and samples.y.tolist() == [2, 0]
+    assert samples.lines.tolist() == [2, 4]
+    assert "line 3: not a number" in caplog.text
+
+
+def test_a_data_file_without_the_label_column_says_which_flag_names_it(tmp_path):
+    path = tmp_path / "local.csv"
+    path.write_text("a,b,target\n0.5,1,2\n")
+    with pytest.raises(SystemExit, match="no label column 'label'.*--label-column"):
         load_client_data(str(path))
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from edgefl.cli import server
 from edgefl.wire import encode_model
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.store import ServerStore
+
+DATA = Path(__file__).parent / "data"
 
 FLEET = "fleet1"
 
@@ -71,5 +74,18 @@ def test_initial_model_from_spec_or_file(tmp_path):
     with pytest.raises(ValueError, match="neither mlp:SIZES nor an existing model file"):
         server.load_initial_model(str(tmp_path / "missing.bin"), seed=0)
     path.write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="truncated|magic"):
+    with pytest.raises(ValueError, match="not an ONNX model"):
         server.load_initial_model(str(path), seed=0)
+    imported = server.load_initial_model(str(DATA / "torch_cnn.onnx"), seed=0, trainable_layers=1)
+    assert imported.manifest.layer_sizes == (16, 10) and imported.version == 0
+
+
+def test_an_unusable_onnx_model_is_refused_before_anything_starts(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    args = parser.parse_args(["--fleet", "f", "--state-dir", str(tmp_path / "state"),
+                              "--model", str(DATA / "torch_conv_tail.onnx")])
+    assert server.run(args) == 2
+    err = capsys.readouterr().err
+    assert "torch_conv_tail.onnx" in err and "node 'node_conv2d' (Conv)" in err
+    assert not (tmp_path / "state").exists()  # no embedded broker, no state directory

@@ -273,6 +273,29 @@ def test_samples_that_do_not_fit_the_model_are_dropped_with_a_log_line(broker, s
         client.add_data(np.zeros((2, 10), np.float32), np.zeros(2, np.int64))
 
 
+def test_one_bad_label_costs_only_its_row(broker, server, tmp_path, model0, caplog):
+    client = make_client(broker, tmp_path)
+    X = np.random.default_rng(0).uniform(0, 1, (6, 64)).astype(np.float32)
+    client.add_data(X, np.array([0, 1, 12, 3, 4, 5]), lines=[2, 3, 4, 5, 6, 7])  # waits
+    server.model(model0)
+    with client:
+        assert wait_for(lambda: client.num_samples == 5)
+        assert "line 4: label 12 is not a class of this model (0..9)" in caplog.text
+        X[0, 0] = np.nan
+        assert client.add_data(X, np.arange(6)) == 5  # live samples: the NaN row is skipped
+        assert "line 1: a NaN or infinite feature" in caplog.text
+        assert client.num_samples == 10
+
+
+def test_a_device_whose_labels_are_all_out_of_range_says_so(broker, server, tmp_path, model0,
+                                                            caplog):
+    server.model(model0)
+    with make_client(broker, tmp_path) as client:
+        assert wait_for(lambda: client.model_version == 0)
+        assert client.add_data(np.zeros((3, 64), np.float32), np.array([10, 11, 12])) == 0
+    assert "not one of its 3 labels is a class of the model (0..9)" in caplog.text
+
+
 # -- delivery: outbox, receipts, reboots ---------------------------------------------------------
 
 def test_an_unacknowledged_update_is_resent_after_a_reboot(broker, server, tmp_path, model0,

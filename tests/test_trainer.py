@@ -130,6 +130,42 @@ def test_frozen_extractor_and_trained_head(digits):
     np.testing.assert_allclose(predictor.features(X_test), features)  # the extractor is frozen
 
 
+def test_features_are_computed_once_and_a_new_extractor_recomputes_them(digits):
+    X_train, y_train, _, _ = digits
+    rng = np.random.default_rng(6)
+    first = build_mlp((16, 10), seed=0, extractor=dense_extractor(
+        rng.normal(0, 0.3, (64, 16)).astype(np.float32), np.zeros(16, np.float32)))
+    second = build_mlp((16, 10), seed=0, extractor=dense_extractor(
+        rng.normal(0, 0.3, (64, 16)).astype(np.float32), np.zeros(16, np.float32)))
+    assert first.manifest == second.manifest and first.onnx_sha256 != second.onnx_sha256
+    calls = []
+    predictor = Predictor(first)
+
+    def featurizer(X):
+        calls.append(len(X))
+        return predictor.features(X)
+
+    trainer = LocalTrainer(first.manifest, capacity=300, featurizer=featurizer)
+    trainer.add(X_train[:200], y_train[:200])
+    trainer.add(X_train[200:400], y_train[200:400])  # wraps the ring: 300 newest kept
+    config = TrainingConfig(epochs=2, lr=0.05)
+    trainer.train(first.weights, config)
+    trainer.train(first.weights, config)
+    assert calls == [200, 200]  # rounds reuse the cached features: no extractor run
+    cached = trainer._X.copy()
+    raw, labels = trainer.raw_samples()
+    np.testing.assert_array_equal(raw, X_train[100:400])  # oldest first, as added
+    np.testing.assert_array_equal(labels, y_train[100:400])
+
+    predictor.swap(second.with_weights(second.weights, version=1, round_id=1))
+    trainer.set_featurizer(predictor.features)
+    order = (100 + np.arange(300)) % 300  # the ring slot of samples 100..399
+    np.testing.assert_allclose(trainer._X[order], predictor.features(X_train[100:400]),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(trainer._X, cached)  # the old extractor's features are gone
+    trainer.train(second.weights, config)
+
+
 def test_samples_added_during_training_do_not_disturb_it(digits):
     """Training runs on a snapshot: all of the old buffer or all of the new one, never a mix."""
     X_train, y_train, _, _ = digits

@@ -9,10 +9,9 @@ import logging
 import signal
 import threading
 
-import numpy as np
-
 from edgefl.cli.options import add_logging_option, env_option, positive_float
 from edgefl.device.client import EdgeClient
+from edgefl.device.local_data import DataFileError, Samples, describe_skipped, read_samples
 from edgefl.transport.mqtt import BrokerUnreachable
 
 log = logging.getLogger("edgefl")
@@ -41,8 +40,13 @@ def add_client_arguments(parser) -> None:
     state = parser.add_argument_group("device")
     env_option(state, "--state-dir", env="EDGEFL_STATE_DIR", required=True, metavar="DIR",
                help="where the device keeps its model, outbox and privacy budget across reboots")
-    env_option(state, "--data", env="EDGEFL_DATA", required=True, metavar="FILE.npz",
-               help="local training data: an .npz file with arrays X (samples x features) and y")
+    env_option(state, "--data", env="EDGEFL_DATA", required=True, metavar="FILE",
+               help="local training data: .npz with arrays X (samples x features) and y, or "
+                    ".csv / .parquet with a header and a label column (--label-column); rows "
+                    "that do not fit the model are skipped and reported by line")
+    env_option(state, "--label-column", env="EDGEFL_LABEL_COLUMN", default="label",
+               metavar="NAME", help="the label column of a .csv or .parquet --data file; every "
+                                    "other column is a feature")
     env_option(state, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
                default=100.0, metavar="EPSILON",
                help="total epsilon this device will ever spend; it sends nothing once spent")
@@ -62,17 +66,18 @@ def add_client_arguments(parser) -> None:
     add_logging_option(parser)
 
 
-def load_client_data(path) -> tuple[np.ndarray, np.ndarray]:
-    """The device's local training data ``(X, y)`` from the ``.npz`` file ``path``."""
+def load_client_data(path, label_column: str = "label") -> Samples:
+    """The device's local training :class:`~edgefl.device.local_data.Samples` from ``path``
+    (``.npz``, ``.csv`` or ``.parquet``); rows that cannot be samples are logged and skipped."""
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            missing = {"X", "y"} - set(arrays.files)
-            if missing:
-                raise SystemExit(f"edgefl client: {path} has arrays {sorted(arrays.files)}, "
-                                 f"missing {sorted(missing)}; save it with np.savez(path, X=..., y=...)")
-            return np.ascontiguousarray(arrays["X"], np.float32), np.asarray(arrays["y"])
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"edgefl client: cannot read {path}: {exc}") from None
+        samples = read_samples(path, label_column=label_column)
+    except DataFileError as exc:
+        raise SystemExit(f"edgefl client: {exc}") from None
+    if samples.skipped:
+        log.warning("%s", describe_skipped(samples.skipped, samples.source))
+    if not len(samples):
+        raise SystemExit(f"edgefl client: {path} holds no usable sample")
+    return samples
 
 
 def run_client(args, *, companion=None) -> int:
@@ -92,7 +97,7 @@ def run_client(args, *, companion=None) -> int:
     int
         0 after a clean stop, 2 if the broker could not be reached.
     """
-    X, y = load_client_data(args.data)
+    samples = load_client_data(args.data, args.label_column)
     client = EdgeClient(
         args.client_id, args.fleet, args.broker, args.state_dir,
         username=args.username, password=args.password, tls=args.tls or None,
@@ -100,8 +105,8 @@ def run_client(args, *, companion=None) -> int:
         privacy_file=args.privacy_file, require_privacy=args.require_privacy,
         capacity=args.capacity, seed=args.seed,
     )
-    client.add_data(X, y)
-    extra = companion(client, X) if companion is not None else None
+    client.add_data(samples.X, samples.y, lines=samples.lines)
+    extra = companion(client, samples.X) if companion is not None else None
     # SIGTERM (a service manager, the simulation) stops the device as cleanly as Ctrl-C does.
     terminated = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())

@@ -19,11 +19,11 @@ from edgefl.cli.options import (add_logging_option, add_training_arguments, env_
                                 training_config_from_args)
 from edgefl.simulation.datasets import digits_evaluator
 from edgefl.transport.mqtt import BrokerUnreachable
-from edgefl.wire import decode_model
 from edgefl.wire.protocol import TrainingConfig
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
+from edgefl_server.onnx_import import load_model
 from edgefl_server.store import StateError
 from edgefl_server.strategies import STRATEGIES
 
@@ -50,8 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_option(run, "--state-dir", env="EDGEFL_STATE_DIR", required=True, metavar="DIR",
                help="durable server state; reuse it to resume after a crash")
     env_option(run, "--model", env="EDGEFL_MODEL", default="mlp:64-32-10", metavar="SPEC",
-               help="initial model of a new state dir: mlp:IN-HIDDEN...-CLASSES, or a model "
-                    "envelope file written by edgefl.wire.encode_model")
+               help="initial model of a new state dir: mlp:IN-HIDDEN...-CLASSES, your own "
+                    "model as a plain .onnx file (imported: its trailing dense layers train), or "
+                    "a model envelope (edgefl model import)")
+    env_option(run, "--trainable-layers", env="EDGEFL_TRAINABLE_LAYERS", type=int, metavar="N",
+               help="with an .onnx --model: how many trailing dense layers train (default all)")
     env_option(run, "--model-seed", env="EDGEFL_MODEL_SEED", type=int, default=0,
                help="seed of the initial mlp weights")
     env_option(run, "--strategy", env="EDGEFL_STRATEGY", default="fedavg",
@@ -90,8 +93,8 @@ def main(argv) -> int:
     return run(parser.parse_args(argv))
 
 
-def load_initial_model(spec: str, seed: int):
-    """The model of a new state directory from ``mlp:64-32-10`` or a model envelope file."""
+def load_initial_model(spec: str, seed: int, trainable_layers: int | None = None):
+    """The model of a new state directory: ``mlp:64-32-10``, an ``.onnx`` file or an envelope."""
     if spec.startswith("mlp:"):
         try:
             sizes = tuple(int(part) for part in spec[4:].split("-"))
@@ -104,7 +107,10 @@ def load_initial_model(spec: str, seed: int):
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--model {spec!r} is neither mlp:SIZES nor an existing model file")
-    return decode_model(path.read_bytes(), max_bytes=max(path.stat().st_size, 1))
+    try:
+        return load_model(path, trainable_layers=trainable_layers)
+    except ValueError as exc:
+        raise ValueError(f"--model {spec}: {exc}") from None
 
 
 def config_from_args(args, broker_url: str):
@@ -140,13 +146,15 @@ def run(args) -> int:
 def _serve(args, stop: threading.Event) -> int:
     broker = None
     try:
+        # The model first: a file edgefl cannot use is reported before anything has started.
+        initial_model = load_initial_model(args.model, args.model_seed, args.trainable_layers)
         if args.broker is None:
             broker = MosquittoBroker(persistence_dir=Path(args.state_dir) / "broker").start()
             log.info("no --broker given: started an embedded broker at %s; start devices with "
                      "--broker %s --fleet %s", broker.url, broker.url, args.fleet)
         config = config_from_args(args, args.broker or broker.url)
         server = AggregationServer(
-            config, initial_model=load_initial_model(args.model, args.model_seed),
+            config, initial_model=initial_model,
             evaluate=digits_evaluator(args.seed) if args.evaluate == "digits" else None)
         server.start()
     except (ValueError, StateError) as exc:

@@ -50,6 +50,7 @@ import numpy as np
 
 from edgefl import __version__, kernels
 from edgefl.device.compression import Compressor
+from edgefl.device.local_data import all_labels_out_of_range, check_samples, describe_skipped
 from edgefl.wire.model import ModelManifest
 from edgefl.device.outbox import Outbox
 from edgefl.device.predictor import ModelRejected, Predictor, graph_optimization_level
@@ -147,7 +148,8 @@ class EdgeClient:
         self._train_lock = threading.Lock()  # the trainer's buffer: add() vs train()
         self._predictor: Predictor | None = None
         self._trainer: LocalTrainer | None = None
-        self._pending_data: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_data: list[tuple] = []  # (X, y, lines) until the first model arrives
+        self._trained_graph = b""  # onnx_sha256 of the graph whose features the trainer holds
         self._announcement: RoundAnnouncement | None = None
         self._job: tuple[RoundAnnouncement, object] | None = None
         self._scheduled_round = -1
@@ -253,26 +255,49 @@ class EdgeClient:
                              "predictions once the server's retained model arrived")
         return predictor.predict(x)
 
-    def add_data(self, X, y) -> None:
+    def add_data(self, X, y, *, lines=None) -> int:
         """Add labelled local samples for training (kept on the device, never sent).
 
-        Before the first model arrives the samples wait; they are checked against the model's
-        input width and classes when it does (and dropped with a log line if they do not fit).
+        Every row is checked against the model: a row with a NaN/Inf feature or a label that is
+        not one of the model's classes is skipped with a log line naming it (by its entry in
+        ``lines``, e.g. its line in a data file, else its position from 1); the other rows are
+        added. Before the first model arrives the samples wait and are checked when it does.
+
+        Returns
+        -------
+        int
+            Samples added now (0 while waiting for the first model).
 
         Raises
         ------
         ValueError
-            Once a model is known: shapes, NaN/Inf features or labels out of range.
+            Once a model is known, for samples of another width than the model's input (which
+            concerns every row).
         """
         X = np.ascontiguousarray(X, dtype=np.float32)
         y = np.asarray(y)
         with self._lock:
             trainer = self._trainer
             if trainer is None:
-                self._pending_data.append((X, y))
-                return
-        with self._train_lock:
-            trainer.add(X, y)
+                self._pending_data.append((X, y, lines))
+                return 0
+        X, y = self._fitting_rows(trainer.manifest, X, y, lines)
+        if len(y):
+            with self._train_lock:
+                trainer.add(X, y)
+        return len(y)
+
+    def _fitting_rows(self, manifest: ModelManifest, X, y, lines):
+        """The rows of ``(X, y)`` that fit ``manifest``; the others are logged and left out."""
+        keep, skipped = check_samples(X, y, input_width=manifest.input_width,
+                                      num_classes=manifest.num_classes, lines=lines)
+        if skipped:
+            log.warning("%s: %s", self.client_id, describe_skipped(skipped, "local samples"))
+            if all_labels_out_of_range(y, manifest.num_classes):
+                log.error("%s: not one of its %d labels is a class of the model (0..%d): this "
+                          "device has nothing to train on; relabel its data to the model's "
+                          "classes", self.client_id, len(y), manifest.num_classes - 1)
+        return X[keep], np.asarray(y)[keep].astype(np.int32)
 
     @property
     def num_samples(self) -> int:
@@ -280,7 +305,7 @@ class EdgeClient:
         trainer = self._trainer
         if trainer is not None:
             return trainer.num_samples
-        return sum(len(y) for _, y in self._pending_data)
+        return sum(len(y) for _, y, _ in self._pending_data)
 
     @property
     def privacy_spent(self) -> float:
@@ -342,7 +367,7 @@ class EdgeClient:
             log.warning("the saved model %s is unusable (%s); waiting for the server's", path, exc)
             return
         self._predictor = predictor
-        self._ensure_trainer(model.manifest)
+        self._ensure_trainer(model)
         log.info("%s: serving the saved model version %d", self.client_id, model.version)
 
     # -- messages (dispatcher thread) ------------------------------------------------------------
@@ -412,7 +437,7 @@ class EdgeClient:
         with self._lock:
             if current is None:
                 self._predictor = predictor
-            self._ensure_trainer(model.manifest)
+            self._ensure_trainer(model)
             self._schedule()
             self._check_finished()
         log.info("%s: now serving model version %d", self.client_id, model.version)
@@ -454,23 +479,42 @@ class EdgeClient:
 
     # -- rounds ----------------------------------------------------------------------------------
 
-    def _ensure_trainer(self, manifest: ModelManifest) -> None:
-        """Create the trainer for ``manifest`` (lock held), feeding it the waiting samples."""
-        if self._trainer is not None and self._trainer.manifest == manifest:
-            return
-        if self._trainer is not None:
-            log.warning("%s: the model's architecture changed; the local sample buffer starts "
-                        "empty", self.client_id)
+    def _ensure_trainer(self, model) -> None:
+        """Make the trainer fit ``model`` (lock held), feeding it the waiting samples.
+
+        The trainer caches the frozen extractor's features of every sample; a model with
+        another graph (``onnx_sha256``) may have another extractor, so its features are
+        computed anew; a head of another shape gets a new trainer with the stored samples.
+        """
+        manifest = model.manifest
+        trainer = self._trainer
         featurizer = self._predictor.features if manifest.features_name else None
+        if trainer is not None and trainer.manifest == manifest:
+            if featurizer is not None and self._trained_graph != model.onnx_sha256:
+                with self._train_lock:  # not during a round: it would train on mixed features
+                    trainer.set_featurizer(featurizer)
+                log.info("%s: the model's graph changed; recomputed the features of %d local "
+                         "samples", self.client_id, trainer.num_samples)
+            self._trained_graph = model.onnx_sha256
+            return
+        pending, self._pending_data = self._pending_data, []
+        if trainer is not None:
+            X, y = trainer.raw_samples()
+            pending.insert(0, (X, y, None))
+            log.info("%s: the model's head changed shape; its %d local samples move to the new "
+                     "head's trainer", self.client_id, len(y))
         self._trainer = LocalTrainer(manifest, capacity=self.capacity, seed=self.seed,
                                      featurizer=featurizer)
-        pending, self._pending_data = self._pending_data, []
-        for X, y in pending:
+        self._trained_graph = model.onnx_sha256
+        for X, y, lines in pending:
             try:
-                self._trainer.add(X, y)
+                X, y = self._fitting_rows(manifest, X, y, lines)
             except ValueError as exc:
                 log.error("%s: dropped %d local samples that do not fit the model: %s",
                           self.client_id, len(y), exc)
+                continue
+            if len(y):
+                self._trainer.add(X, y)
 
     def _schedule(self) -> None:
         """Hand the current round to the worker if this device should take part (lock held)."""

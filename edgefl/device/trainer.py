@@ -58,9 +58,10 @@ class LocalTrainer:
     the samples there were when it started (an add meanwhile writes to a copy of the buffer). Two
     :meth:`train` calls run one after the other.
 
-    With a featurizer the buffer holds extractor features, computed once in :meth:`add`; they
-    stay valid while the extractor is frozen. A model with a different graph (another
-    extractor) needs a new trainer.
+    With a featurizer the buffer holds extractor features, computed once in :meth:`add` (so a
+    round costs the head only), next to the raw samples they came from: a model whose frozen
+    extractor changed computes them anew with :meth:`set_featurizer`, and :meth:`raw_samples`
+    hands the samples to the trainer of a new head.
     """
 
     def __init__(self, manifest: ModelManifest, *, capacity: int = 4096, seed: int = 0,
@@ -75,6 +76,10 @@ class LocalTrainer:
         self._featurizer = featurizer
         self._X = np.zeros((self.capacity, manifest.head_width), np.float32)
         self._y = np.zeros(self.capacity, np.int32)
+        # The samples the cached features came from (only with a featurizer: without one, _X
+        # holds the samples themselves).
+        self._raw = (np.zeros((self.capacity, manifest.input_width), np.float32)
+                     if featurizer is not None else None)
         self._seen = 0  # samples ever added; the next one goes to _seen % capacity
         self._lock = threading.Lock()  # guards the buffer arrays and _round_reads_buffer
         # Copy-on-write: a round trains on views of the buffer itself, and an add() that comes
@@ -103,8 +108,12 @@ class LocalTrainer:
         y = np.atleast_1d(np.asarray(y))
         if X.ndim == 1:
             X = X[None, :]
+        raw = None
         if self._featurizer is not None:
-            X = np.asarray(self._featurizer(X), dtype=np.float32)
+            if X.ndim != 2 or X.shape[1] != self.manifest.input_width:
+                raise ValueError(f"add expects samples of shape (m, {self.manifest.input_width}),"
+                                 f" got {X.shape}")
+            raw, X = X, np.asarray(self._featurizer(X), dtype=np.float32)
         width = self.manifest.head_width
         if X.ndim != 2 or X.shape[1] != width or y.shape != (X.shape[0],):
             raise ValueError(f"add expects X of shape (m, {width}) and y of shape (m,), got "
@@ -117,6 +126,7 @@ class LocalTrainer:
                              f"got values from {y.min()} to {y.max()} ({y.dtype})")
         if X.shape[0] > self.capacity:  # only the newest `capacity` would survive anyway
             X, y = X[-self.capacity:], y[-self.capacity:]
+            raw = raw[-self.capacity:] if raw is not None else None
         with self._lock:
             if self._round_reads_buffer:  # leave those arrays to the round, write to a copy
                 self._X, self._y = self._X.copy(), self._y.copy()
@@ -124,7 +134,45 @@ class LocalTrainer:
             slots = (self._seen + np.arange(X.shape[0])) % self.capacity
             self._X[slots] = X
             self._y[slots] = y
+            if raw is not None:
+                self._raw[slots] = raw
             self._seen += X.shape[0]
+
+    def raw_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the stored samples (as added, not features) and labels, oldest first."""
+        with self._lock:
+            n = self.num_samples
+            order = (self._seen + np.arange(n)) % self.capacity if n == self.capacity \
+                else np.arange(n)
+            source = self._raw if self._raw is not None else self._X
+            return source[order].copy(), self._y[order].copy()
+
+    def set_featurizer(self, featurizer: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Use a new frozen extractor: recompute the cached features of every stored sample.
+
+        For a model whose extractor changed while its head kept its shape; a round that runs
+        meanwhile finishes on the old features.
+        """
+        if self._featurizer is None:
+            raise ValueError("this trainer's model has no feature extractor")
+        with self._lock:
+            n, seen = self.num_samples, self._seen
+            raw, y = self._raw, self._y
+        features = np.asarray(featurizer(raw[:n]), dtype=np.float32) if n else None
+        if n and features.shape != (n, self.manifest.head_width):
+            raise ValueError(f"the featurizer gives {features.shape}, the head takes "
+                             f"(m, {self.manifest.head_width})")
+        with self._lock:
+            if self._seen != seen:
+                raise RuntimeError("samples were added while the features were recomputed; "
+                                   "add them after set_featurizer returns")
+            X = np.zeros_like(self._X)
+            if n:
+                X[:n] = features
+            # New arrays, never written in place: a running round keeps reading the old ones.
+            self._X, self._y = X, y.copy()
+            self._round_reads_buffer = False
+            self._featurizer = featurizer
 
     def train(self, global_weights: np.ndarray, config: TrainingConfig) -> TrainResult:
         """Run ``config.epochs`` epochs of minibatch SGD from ``global_weights``.
