@@ -38,6 +38,7 @@ from edgefl.simulation.datasets import dirichlet_partition, load_digits
 from edgefl.simulation.federation import run_federation
 from edgefl.simulation.plan import SimulationPlan
 from edgefl.simulation.report import headless_pyplot, rounds_to
+from edgefl.simulation.task import make_task
 from edgefl.wire import Update
 from edgefl.wire.model import mlp_logits
 from edgefl.wire.protocol import CompressionConfig, TrainingConfig
@@ -51,19 +52,21 @@ HERE = Path(__file__).resolve().parent
 TARGET = 0.95
 
 
-def run_strategy(name: str, args, data, model) -> dict:
+def run_strategy(name: str, args) -> dict:
     plan = SimulationPlan(
         devices=args.devices, rounds=args.rounds, strategy=name, seed=args.seed, alpha=args.alpha,
         training=TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 momentum=args.momentum),
         round_timeout=60.0, predict_rate=0.0, fleet=f"bench-{name}", devices_as="threads")
+    task = make_task(plan)  # digits, 64-32-10
     with tempfile.TemporaryDirectory(prefix=f"edgefl-bench-{name}-") as tmp:
         with MosquittoBroker(persistence_dir=Path(tmp) / "broker") as broker:
             started = time.perf_counter()
-            history, final_version, stats, _ = run_federation(plan, broker.url, Path(tmp))
+            history, final_version, stats, _ = run_federation(plan, broker.url, Path(tmp),
+                                                              task=task)
             wall = time.perf_counter() - started
     accuracy = [r.metrics["accuracy"] for r in history]
-    reference = in_memory_accuracy(plan, model, data, strategy=name)
+    reference = in_memory_accuracy(plan, task, strategy=name)
     aggregation_ms = sorted(1e3 * r.aggregation_seconds for r in history)
     result = {
         "strategy": name,
@@ -436,9 +439,7 @@ def _write(out: Path, stem: str, args, result: dict, chart_fn) -> None:
 
 
 def suite_accuracy(args, out: Path) -> None:
-    data = load_digits(args.seed)
-    model = build_mlp((64, 32, 10), seed=args.seed)
-    results = [run_strategy(name, args, data, model) for name in args.strategies.split(",") if name]
+    results = [run_strategy(name, args) for name in args.strategies.split(",") if name]
     _write(out, "federated", args, {"target": TARGET, "results": results},
            lambda r, path, a: chart(r["results"], path, a))
 

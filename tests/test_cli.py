@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -217,6 +218,77 @@ def test_simulate_runs_a_small_federation_and_writes_its_summary(tmp_path):
     assert summary["bytes"]["uplink"] < summary["bytes"]["uplink_dense_float32"] / 5
     assert summary["predictions"]["served"] > 0 and summary["predictions"]["errors"] == 0
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def digits_csv(path, *, label_shift=0, sites=True):
+    """Digits as a user's CSV file: 64 pixel columns, a site column, the label in "digit"."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    site = np.array(["north", "south", "east"])[np.arange(len(data.target)) % 3]
+    with open(path, "w") as f:
+        f.write(",".join([f"p{i}" for i in range(64)] + ["site"] * sites + ["digit"]) + "\n")
+        for x, s, label in zip(data.data / 16.0, site, data.target):
+            f.write(",".join([f"{v:.4g}" for v in x] + [s] * sites + [str(label + label_shift)])
+                    + "\n")
+    return path
+
+
+@pytest.mark.integration
+def test_simulate_runs_a_users_onnx_model_on_a_users_csv(tmp_path):
+    data = digits_csv(tmp_path / "digits.csv")
+    out = tmp_path / "run"
+    model = Path(__file__).parent / "data" / "torch_cnn.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "simulate", "--model", str(model),
+         "--trainable-layers", "1", "--data", str(data), "--label-column", "digit",
+         "--partition", "by-column:site", "--rounds", "2", "--lr", "0.01", "--predict-rate", "20",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "3 devices (processes)" in result.stdout and "by column 'site'" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "digits.csv, torch_cnn.onnx"
+    assert summary["devices_on_final_version"] == 3 and summary["final_model_version"] == 2
+    assert summary["bytes"]["num_params"] == 170  # the last layer, 16-10, trains
+    # The pretrained CNN is good before any round (it was trained on digits), and stays good.
+    assert summary["initial_accuracy"] > 0.8 and summary["final_accuracy"] > 0.8
+    assert summary["predictions"]["served"] > 0 and summary["predictions"]["errors"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--label-column", "target"], "no label column 'target'"),
+    (["--label-column", "digit", "--partition", "by-column:region"],
+     "no column 'region' to partition by"),
+])
+def test_simulate_refuses_data_that_does_not_fit_before_starting(tmp_path, capsys, extra,
+                                                                 message):
+    data = digits_csv(tmp_path / "digits.csv")
+    model = Path(__file__).parent / "data" / "sk_mlp.onnx"
+    out = tmp_path / "run"
+    assert main.main(["simulate", "--model", str(model), "--data", str(data), *extra,
+                     "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing started
+
+
+def test_simulate_refuses_labels_outside_the_models_classes(tmp_path, capsys):
+    data = digits_csv(tmp_path / "digits.csv", label_shift=1, sites=False)  # labels 1..10
+    model = Path(__file__).parent / "data" / "keras_mlp.onnx"
+    assert main.main(["simulate", "--model", str(model), "--data", str(data), "--label-column",
+                     "digit", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "labels [10] are outside the model's classes 0..9" in err
+    assert "relabel the data" in err
+
+
+def test_simulate_says_why_no_row_of_the_data_is_usable(tmp_path, capsys):
+    data = digits_csv(tmp_path / "digits.csv")  # "site" is text: as a feature, no row is usable
+    model = Path(__file__).parent / "data" / "keras_mlp.onnx"
+    assert main.main(["simulate", "--model", str(model), "--data", str(data), "--label-column",
+                     "digit", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no usable sample" in err and "line 2: not a number" in err
 
 
 def test_simulate_rejects_bad_counts(tmp_path, capsys):

@@ -13,12 +13,12 @@ from pathlib import Path
 from edgefl.cli.options import (add_logging_option, add_training_arguments, env_option,
                                 non_negative_float, positive_float, setup_logging,
                                 strategy_option, training_config_from_args)
+from edgefl.device.local_data import DataFileError
 from edgefl.simulation.baselines import centralised_accuracy, in_memory_accuracy
-from edgefl.simulation.datasets import load_digits
 from edgefl.simulation.federation import run_federation
-from edgefl.simulation.plan import SIMULATION_TRAINING, SimulationPlan
+from edgefl.simulation.plan import SIMULATION_TRAINING, SimulationPlan, partition_text
 from edgefl.simulation.report import Progress, format_summary, summarize, write_plot
-from edgefl_server.model_builder import build_mlp
+from edgefl.simulation.task import TEST_FRACTION, make_task, partition_option
 from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
 from edgefl_server.strategies import STRATEGIES
 
@@ -37,7 +37,22 @@ def add_arguments(parser) -> None:
     env_option(run, "--seed", env="EDGEFL_SEED", type=int, default=0,
                help="seed of the data split, the partition, the model and the selection")
     env_option(run, "--alpha", env="EDGEFL_ALPHA", type=positive_float, default=0.5,
-               help="Dirichlet concentration of the non-IID partition")
+               help="Dirichlet concentration of the default partition (dirichlet:ALPHA)")
+    own = parser.add_argument_group("your own model and data (instead of digits)")
+    env_option(own, "--model", env="EDGEFL_MODEL", metavar="FILE",
+               help="your model: a plain .onnx (imported; its trailing dense layers train) or a "
+                    "model envelope")
+    env_option(own, "--trainable-layers", env="EDGEFL_TRAINABLE_LAYERS", type=int, metavar="N",
+               help="with an .onnx --model: how many trailing dense layers train")
+    env_option(own, "--data", env="EDGEFL_DATA", metavar="FILE",
+               help="your labelled samples: .npz (X, y), .csv or .parquet with a label column; "
+                    f"{int(TEST_FRACTION * 100)}%% are held out for the accuracy")
+    env_option(own, "--label-column", env="EDGEFL_LABEL_COLUMN", default="label",
+               metavar="NAME", help="the label column of a .csv or .parquet --data file")
+    env_option(own, "--partition", env="EDGEFL_PARTITION", type=partition_option,
+               metavar="SPEC", help="how the training samples are split over devices: iid, "
+                                    "dirichlet:ALPHA (default dirichlet:--alpha) or "
+                                    "by-column:NAME (one device per value of that column)")
     env_option(run, "--round-timeout", env="EDGEFL_ROUND_TIMEOUT", type=positive_float,
                default=30.0, metavar="S", help="seconds until a round's deadline")
     env_option(run, "--broker", env="EDGEFL_BROKER", metavar="URL",
@@ -65,7 +80,9 @@ def plan_from_args(args) -> SimulationPlan:
         strategy_options=dict(args.strategy_options), training=training, seed=args.seed,
         alpha=args.alpha, round_timeout=args.round_timeout, predict_rate=args.predict_rate,
         privacy_budget=args.privacy_budget, fleet=f"sim-{os.getpid()}",
-        devices_as="threads" if args.threads else "processes")
+        devices_as="threads" if args.threads else "processes", partition=args.partition,
+        model=args.model, data=args.data, label_column=args.label_column,
+        trainable_layers=args.trainable_layers)
 
 
 def _interrupt(signum, frame):
@@ -76,7 +93,10 @@ def run(args) -> int:
     """``edgefl simulate``: 0 on success, 1 if the run failed, 2 for bad options."""
     try:
         plan = plan_from_args(args)
-    except ValueError as exc:
+        # The model and data first: what does not fit is reported before anything starts.
+        task = make_task(plan)
+        plan.devices = len(task.parts)  # by-column: one device per value of the column
+    except (ValueError, DataFileError) as exc:
         print(f"edgefl simulate: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -93,11 +113,11 @@ def run(args) -> int:
         if args.broker is None:
             broker = MosquittoBroker(persistence_dir=out / "broker").start()
         url = args.broker or broker.url
-        print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} rounds "
-              f"of {plan.strategy} on digits (Dirichlet {plan.alpha}), broker {url}, output in {out}",
-              flush=True)
+        print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} "
+              f"rounds of {plan.strategy} on {task.name} ({partition_text(plan.partition_spec)}),"
+              f" broker {url}, output in {out}", flush=True)
         history, final_version, stats, records = run_federation(
-            plan, url, out, on_round=Progress(plan.rounds))
+            plan, url, out, task=task, on_round=Progress(plan.rounds))
     except (BrokerUnavailable, TimeoutError, RuntimeError) as exc:
         print(f"edgefl simulate: {exc}", file=sys.stderr)
         return 1
@@ -110,15 +130,14 @@ def run(args) -> int:
     wall = time.monotonic() - started
     print("computing the baselines (centralised training; dense FedAvg if compressed or private)",
           flush=True)
-    data = load_digits(plan.seed)
-    model = build_mlp((64, 32, 10), seed=plan.seed)
-    centralised = centralised_accuracy(plan, model, data)
+    centralised = centralised_accuracy(plan, task)
     lossy = plan.training.privacy.mechanism != "none" or plan.training.compression.method != "none" \
         or plan.training.compression.values != "f32"
-    dense = in_memory_accuracy(plan, model, data) if lossy else None
+    dense = in_memory_accuracy(plan, task) if lossy else None
     summary = summarize(plan, history, final_version, stats, records, centralised=centralised,
-                        dense_fedavg=dense, num_params=model.manifest.num_params,
-                        wall_seconds=wall)
+                        dense_fedavg=dense, num_params=task.model.manifest.num_params,
+                        wall_seconds=wall, task_name=task.name,
+                        initial_accuracy=task.evaluator()(task.model)["accuracy"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_plot(summary, out / "accuracy.png")
     print(format_summary(summary))
@@ -130,7 +149,8 @@ def main(argv) -> int:
     """``edgefl simulate ARGS``."""
     parser = argparse.ArgumentParser(prog="edgefl simulate",
                                      description="Run a whole federation on one machine: broker, "
-                                                 "aggregation server and device processes on digits.")
+                                                 "aggregation server and device processes, on "
+                                                 "digits or on your own model and data.")
     add_arguments(parser)
     add_logging_option(parser)
     # The progress lines are the output; the components' INFO logs would drown them.

@@ -10,28 +10,28 @@ from __future__ import annotations
 from dataclasses import replace
 
 from edgefl.device.trainer import LocalTrainer
-from edgefl.simulation.datasets import dirichlet_partition
 from edgefl.simulation.plan import SimulationPlan
+from edgefl.simulation.task import Task
 from edgefl.wire import Update
-from edgefl.wire.model import mlp_logits
 from edgefl.wire.protocol import CompressionConfig, PrivacyConfig
 from edgefl_server.strategies import make_strategy
 
-def centralised_accuracy(plan: SimulationPlan, model, data) -> list[float]:
+def centralised_accuracy(plan: SimulationPlan, task: Task) -> list[float]:
     """Accuracy after each of ``plan.rounds`` epochs of training the same model on all data."""
-    X_train, y_train, X_test, y_test = data
-    trainer = LocalTrainer(model.manifest, capacity=len(y_train), seed=plan.seed)
-    trainer.add(X_train, y_train)
+    model, evaluate = task.model, task.evaluator()
+    trainer = LocalTrainer(model.manifest, capacity=len(task.y_train), seed=plan.seed,
+                           featurizer=task.featurizer)
+    trainer.add(task.X_train, task.y_train)
     config = replace(plan.training, epochs=1, mu=0.0)
     weights = model.weights.copy()
     out = []
     for _ in range(plan.rounds):
         weights = weights + trainer.train(weights, config).delta
-        out.append(float((mlp_logits(model.manifest, weights, X_test).argmax(1) == y_test).mean()))
+        out.append(evaluate(model.with_weights(weights, version=0, round_id=0))["accuracy"])
     return out
 
 
-def in_memory_accuracy(plan: SimulationPlan, model, data, *, strategy: str = "fedavg",
+def in_memory_accuracy(plan: SimulationPlan, task: Task, *, strategy: str = "fedavg",
                        options: dict | None = None) -> list[float]:
     """Accuracy per round of dense, un-noised federated training of the same devices, in memory.
 
@@ -39,12 +39,12 @@ def in_memory_accuracy(plan: SimulationPlan, model, data, *, strategy: str = "fe
     privacy off, adjusted by the strategy as the server would) and the server's own strategy
     aggregates: the reference a run over MQTT with compression or privacy is compared to.
     """
-    X_train, y_train, X_test, y_test = data
-    parts = dirichlet_partition(y_train, plan.devices, alpha=plan.alpha, seed=plan.seed)
+    model, evaluate = task.model, task.evaluator()
     trainers = []
-    for part in parts:
-        trainer = LocalTrainer(model.manifest, capacity=len(part), seed=plan.seed)
-        trainer.add(X_train[part], y_train[part])
+    for part in task.parts:
+        trainer = LocalTrainer(model.manifest, capacity=len(part), seed=plan.seed,
+                               featurizer=task.featurizer)
+        trainer.add(task.X_train[part], task.y_train[part])
         trainers.append(trainer)
     aggregator = make_strategy(strategy, options)
     config = aggregator.configure_training(
@@ -58,6 +58,6 @@ def in_memory_accuracy(plan: SimulationPlan, model, data, *, strategy: str = "fe
             updates.append(Update(f"dev-{i:02d}", round_id, round_id - 1, i, result.num_samples, n,
                                   None, result.delta))
         weights = aggregator.aggregate(weights, updates)
-        out.append(float((mlp_logits(model.manifest, weights, X_test).argmax(1) == y_test).mean()))
+        out.append(evaluate(model.with_weights(weights, version=0, round_id=0))["accuracy"])
     return out
 

@@ -41,14 +41,24 @@ def load_digits(seed: int = 0, test_size: float = 0.25):
     X = (data.data / 16.0).astype(np.float32)
     y = data.target.astype(np.int32)
     rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), dtype=bool)
-    for label in np.unique(y):  # stratified: every digit in both splits in the same proportion
-        members = rng.permutation(np.flatnonzero(y == label))
-        test[members[: int(round(test_size * len(members)))]] = True
+    test = stratified_holdout(y, test_size, rng)
     train_idx = rng.permutation(np.flatnonzero(~test))
     test_idx = np.flatnonzero(test)
     return (np.ascontiguousarray(X[train_idx]), y[train_idx],
             np.ascontiguousarray(X[test_idx]), y[test_idx])
+
+
+def stratified_holdout(y, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask of ``fraction`` of the samples of every label (rounded), drawn by ``rng``.
+
+    Stratified: every label is in both splits in the same proportion.
+    """
+    y = np.asarray(y)
+    test = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        test[members[: int(round(fraction * len(members)))]] = True
+    return test
 
 
 def dirichlet_partition(y, num_parts: int, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
@@ -111,13 +121,25 @@ def digits_partition_files(directory, num_parts: int, *, alpha: float = 0.5,
     list of pathlib.Path
         The ``num_parts`` files, ``digits-<i>-of-<num_parts>.npz``, in part order.
     """
+    X_train, y_train, _, _ = load_digits(seed)
+    parts = dirichlet_partition(y_train, num_parts, alpha=alpha, seed=seed)
+    return save_parts(directory, "digits", X_train, y_train, parts)
+
+
+def save_parts(directory, name: str, X, y, parts) -> list[Path]:
+    """Write ``X[part], y[part]`` of each part to ``directory/<name>-<i>-of-<n>.npz``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        One file per part, in part order, with arrays ``X`` and ``y``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    X_train, y_train, _, _ = load_digits(seed)
     paths = []
-    for i, part in enumerate(dirichlet_partition(y_train, num_parts, alpha=alpha, seed=seed)):
-        path = directory / f"digits-{i}-of-{num_parts}.npz"
-        np.savez(path, X=X_train[part], y=y_train[part])
+    for i, part in enumerate(parts):
+        path = directory / f"{name}-{i}-of-{len(parts)}.npz"
+        np.savez(path, X=X[part], y=y[part])
         paths.append(path)
     return paths
 

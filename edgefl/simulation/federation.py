@@ -1,8 +1,9 @@
-"""A whole federation on one machine: broker, aggregation server and device processes on digits.
+"""A whole federation on one machine: broker, aggregation server and device processes.
 
 ``edgefl simulate`` (and ``make demo``) runs the evaluation task of the design: scikit-learn's
 digits split non-IID over N devices (Dirichlet alpha over labels), a 64-32-10 MLP, a held-out test
-set. It starts a Mosquitto broker on a free loopback port (or uses ``--broker``), the aggregation
+set; or, with ``--model FILE.onnx --data FILE``, the user's own model and data
+(:mod:`~edgefl.simulation.task`), so that they go through the whole loop before deployment. It starts a Mosquitto broker on a free loopback port (or uses ``--broker``), the aggregation
 server in this process, and N real device processes (``python -m edgefl client``), each serving
 predictions on its own samples at a fixed rate while it trains and swaps models. It prints a
 progress line per round and ends with a summary against two baselines computed in the same run:
@@ -28,32 +29,35 @@ from pathlib import Path
 import numpy as np
 
 from edgefl.simulation.fleet import DeviceProcesses, DeviceThreads, wait_until_online
-from edgefl.simulation.datasets import digits_evaluator
 from edgefl.simulation.plan import SimulationPlan
+from edgefl.simulation.task import Task, make_task
 from edgefl_server.aggregator import AggregationServer, ServerConfig
-from edgefl_server.model_builder import build_mlp
 
 log = logging.getLogger(__name__)
 
 
-def run_federation(plan: SimulationPlan, broker_url: str, workdir: Path, *, on_round=None):
-    """Run ``plan`` against the broker at ``broker_url``; return the server's history and the
-    devices' stats and latency records. Stops everything it started, also on error or Ctrl-C."""
+def run_federation(plan: SimulationPlan, broker_url: str, workdir: Path, *,
+                   task: Task | None = None, on_round=None):
+    """Run ``plan`` (on ``task``, by default :func:`~edgefl.simulation.task.make_task`'s)
+    against the broker at ``broker_url``; return the server's history and the devices' stats
+    and latency records. Stops everything it started, also on error or Ctrl-C."""
+    task = make_task(plan) if task is None else task
+    devices_count = len(task.parts)
     workdir.mkdir(parents=True, exist_ok=True)
     devices = (DeviceProcesses if plan.devices_as == "processes" else DeviceThreads)(
-        plan, broker_url, workdir)
+        plan, broker_url, workdir, task)
     server = None
     try:
         devices.start()
-        wait_until_online(broker_url, plan.fleet, plan.devices, timeout=60 + 3 * plan.devices,
+        wait_until_online(broker_url, plan.fleet, devices_count, timeout=60 + 3 * devices_count,
                           processes=devices if plan.devices_as == "processes" else None)
         config = ServerConfig(
             broker_url=broker_url, fleet=plan.fleet, state_dir=workdir / "server",
             strategy=plan.strategy, strategy_options=plan.strategy_options, rounds=plan.rounds,
-            min_clients=plan.devices, round_timeout=plan.round_timeout, training=plan.training,
+            min_clients=devices_count, round_timeout=plan.round_timeout, training=plan.training,
             seed=plan.seed)
-        server = AggregationServer(config, initial_model=build_mlp((64, 32, 10), seed=plan.seed),
-                                   evaluate=digits_evaluator(plan.seed), on_round=on_round)
+        server = AggregationServer(config, initial_model=task.model, evaluate=task.evaluator(),
+                                   on_round=on_round)
         history = server.run()
         final_version = server.model.version
         server = None

@@ -11,24 +11,23 @@ import time
 from pathlib import Path
 
 from edgefl.device.client import EdgeClient
-from edgefl.simulation.datasets import digits_partition_files, dirichlet_partition, load_digits
 from edgefl.simulation.plan import SimulationPlan
+from edgefl.simulation.task import Task
 from edgefl.transport.mqtt import MqttConnection
 from edgefl.wire.protocol import DeviceStatus, ProtocolError, Topics
 
 class DeviceProcesses:
     """N device processes (``edgefl client`` with a prediction load, :mod:`edgefl.simulation.device_process`); :meth:`stop` ends every one of them (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path):
-        self.plan, self.broker_url, self.workdir = plan, broker_url, workdir
+    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path, task: Task):
+        self.plan, self.broker_url, self.workdir, self.task = plan, broker_url, workdir, task
         self.processes: list[subprocess.Popen] = []
         self.state_dirs: list[Path] = []
 
     def start(self) -> "DeviceProcesses":
         plan = self.plan
-        data = digits_partition_files(self.workdir / "data", plan.devices, alpha=plan.alpha,
-                                      seed=plan.seed)
-        for i in range(plan.devices):
+        data = self.task.part_files(self.workdir / "data")
+        for i in range(len(data)):
             state = self.workdir / "devices" / f"dev-{i:02d}"
             state.mkdir(parents=True, exist_ok=True)
             command = [
@@ -76,20 +75,18 @@ class DeviceProcesses:
 class DeviceThreads:
     """N in-process :class:`EdgeClient` objects (threads), the quick variant for benchmarks."""
 
-    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path):
-        self.plan, self.broker_url, self.workdir = plan, broker_url, workdir
+    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path, task: Task):
+        self.plan, self.broker_url, self.workdir, self.task = plan, broker_url, workdir, task
         self.clients = []
         self.state_dirs: list[Path] = []
 
     def start(self) -> "DeviceThreads":
-        X_train, y_train, _, _ = load_digits(self.plan.seed)
-        parts = dirichlet_partition(y_train, self.plan.devices, alpha=self.plan.alpha,
-                                    seed=self.plan.seed)
-        for i, part in enumerate(parts):
+        task = self.task
+        for i, part in enumerate(task.parts):
             state = self.workdir / "devices" / f"dev-{i:02d}"
             client = EdgeClient(f"dev-{i:02d}", self.plan.fleet, self.broker_url, state,
                                 seed=self.plan.seed, privacy_budget=self.plan.privacy_budget)
-            client.add_data(X_train[part], y_train[part])
+            client.add_data(task.X_train[part], task.y_train[part])
             self.clients.append(client.start(timeout=30))
             self.state_dirs.append(state)
         return self

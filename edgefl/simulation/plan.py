@@ -15,7 +15,11 @@ SIMULATION_TRAINING = TrainingConfig(
 
 @dataclass
 class SimulationPlan:
-    """One simulated federation on the digits task."""
+    """One simulated federation: the digits task, or the user's ``model`` and ``data`` files.
+
+    ``partition`` is a parsed ``--partition`` (:func:`edgefl.simulation.task.partition_option`);
+    None means Dirichlet(``alpha``).
+    """
 
     devices: int = 10
     rounds: int = 30
@@ -29,4 +33,21 @@ class SimulationPlan:
     privacy_budget: float = 1000.0
     fleet: str = "sim"
     devices_as: str = "processes"  # or "threads" (in-process EdgeClients, for quick benchmarks)
+    partition: tuple | None = None
+    model: str | None = None
+    data: str | None = None
+    label_column: str = "label"
+    trainable_layers: int | None = None
 
+    @property
+    def partition_spec(self) -> tuple:
+        """The partition as ``(kind, value)``: ``("dirichlet", alpha)`` unless told otherwise."""
+        return self.partition or ("dirichlet", self.alpha)
+
+
+def partition_text(partition) -> str:
+    """``IID``, ``Dirichlet(0.5) non-IID`` or ``by column 'site'`` for a parsed partition."""
+    kind, value = partition
+    if kind == "dirichlet":
+        return f"Dirichlet({value:g}) non-IID"
+    return "IID" if kind == "iid" else f"by column {value!r}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefl.simulation.load import latency_summary
-from edgefl.simulation.plan import SimulationPlan
+from edgefl.simulation.plan import SimulationPlan, partition_text
 
 class Progress:
     """One plain-text line per round: a bar, the round, accuracy and traffic."""
@@ -38,7 +38,8 @@ def rounds_to(accuracies, target: float) -> int | None:
 
 
 def summarize(plan: SimulationPlan, history, final_version, stats, records, *,
-              centralised, dense_fedavg, num_params: int, wall_seconds: float) -> dict:
+              centralised, dense_fedavg, num_params: int, wall_seconds: float,
+              task_name: str = "digits, 64-32-10 MLP", initial_accuracy=None) -> dict:
     """The run's summary (what ``summary.json`` holds)."""
     accuracy = [r.metrics.get("accuracy") for r in history]
     accepted = sum(r.accepted for r in history)
@@ -53,6 +54,8 @@ def summarize(plan: SimulationPlan, history, final_version, stats, records, *,
     served_final = [s.get("client_id") for s in stats if s.get("model_version") == final_version]
     return {
         "plan": {**asdict(plan), "training": asdict(plan.training)},
+        "task": task_name,
+        "initial_accuracy": initial_accuracy,
         "wall_seconds": round(wall_seconds, 1),
         "rounds": [r.to_dict() for r in history],
         "accuracy": accuracy,
@@ -89,7 +92,9 @@ def format_summary(summary: dict) -> str:
     def pct(x):
         return "  n/a" if x is None else f"{100 * x:5.1f}%"
 
-    lines = ["", "accuracy per round (federated | centralised, same epochs"
+    lines = ["", f"accuracy of the initial model (version 0): {pct(summary['initial_accuracy'])}"
+             if summary.get("initial_accuracy") is not None else "",
+             "accuracy per round (federated | centralised, same epochs"
              + (" | dense FedAvg)" if summary["dense_fedavg"] else ")")]
     central = summary["centralised"]["accuracy"]
     dense = summary["dense_fedavg"]["accuracy"] if summary["dense_fedavg"] else None
@@ -177,7 +182,8 @@ def write_plot(summary: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title("digits, 64-32-10 MLP, Dirichlet(%g) non-IID" % plan["alpha"])
+    partition = plan["partition"] or ("dirichlet", plan["alpha"])
+    ax.set_title(f"{summary['task']}, {partition_text(partition)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
