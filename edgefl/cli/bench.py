@@ -5,7 +5,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"kernels": "bench_kernels.py", "federated": "bench_federated.py"}
+BENCHMARKS = {"kernels": "bench_kernels.py", "federated": "bench_federated.py",
+              "own-model": "bench_own_model.py"}
 
 
 def run_bench(argv, benchmarks_dir: Path | None = None) -> int:
