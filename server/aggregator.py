@@ -339,10 +339,16 @@ class AggregationServer:
         if client is None:
             return
         try:
-            online = bool(msg.payload) and DeviceStatus.from_json(msg.payload).state == "online"
+            status = DeviceStatus.from_json(msg.payload) if msg.payload else None
         except ProtocolError as exc:
             log.warning("ignoring the status of %s: %s", client, exc)
             return
+        online = status is not None and status.state == "online"
+        # A device that says it has no samples (none fits the model) could only let a round
+        # wait for it until the deadline: it is not selected until it says it has some.
+        if online and status.capabilities.get("samples", 1) == 0:
+            log.info("device %s is online without samples to train on; not selecting it", client)
+            online = False
         with self._lock:
             (self._online.add if online else self._online.discard)(client)
             self.metrics.set_online(len(self._online))

@@ -507,3 +507,16 @@ def test_a_poisoned_minority_moves_fedavg_but_not_the_robust_rules(broker, tmp_p
                                         "topk", density=0.1))))
     assert any("fedmedian with topk" in r.getMessage() and "randomk" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_device_without_samples_is_not_selected(broker, clients, tmp_path):
+    """A device none of whose samples fit the model says so (samples: 0): a round waiting for
+    it could only wait out its deadline."""
+    observer, devices = clients
+    empty = DEVICES[0]
+    devices[empty].publish(TOPICS.status(empty),
+                           DeviceStatus("online", {"samples": 0}).to_json(), retain=True)
+    config = server_config(broker, tmp_path, rounds=1, min_clients=2)
+    with AggregationServer(config, initial_model=build_mlp((8, 4, 3), seed=0)):
+        ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+        assert sorted(ann.selected) == sorted(DEVICES[1:])

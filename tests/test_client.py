@@ -296,6 +296,19 @@ def test_a_device_whose_labels_are_all_out_of_range_says_so(broker, server, tmp_
     assert "not one of its 3 labels is a class of the model (0..9)" in caplog.text
 
 
+def test_the_status_says_when_no_sample_fits_the_model(broker, server, tmp_path, model0):
+    """Samples that waited for the model and are all refused by it: the device announces
+    samples 0, which keeps the server from selecting it; good samples announce it again."""
+    client = make_client(broker, tmp_path)
+    client.add_data(np.zeros((3, 64), np.float32), np.array([10, 11, 12]))
+    with client:
+        assert server.status_of("dev-1").capabilities["samples"] == 3  # not checked yet
+        server.model(model0)
+        assert server.status_of("dev-1").capabilities["samples"] == 0
+        client.add_data(np.zeros((2, 64), np.float32), np.array([1, 2]))
+        assert server.status_of("dev-1").capabilities["samples"] == 2
+
+
 # -- delivery: outbox, receipts, reboots ---------------------------------------------------------
 
 def test_an_unacknowledged_update_is_resent_after_a_reboot(broker, server, tmp_path, model0,

@@ -150,6 +150,7 @@ class EdgeClient:
         self._trainer: LocalTrainer | None = None
         self._pending_data: list[tuple] = []  # (X, y, lines) until the first model arrives
         self._trained_graph = b""  # onnx_sha256 of the graph whose features the trainer holds
+        self._announced_samples: bool | None = None  # whether the last status said samples > 0
         self._announcement: RoundAnnouncement | None = None
         self._job: tuple[RoundAnnouncement, object] | None = None
         self._scheduled_round = -1
@@ -285,6 +286,7 @@ class EdgeClient:
         if len(y):
             with self._train_lock:
                 trainer.add(X, y)
+            self._status_if_samples_changed()
         return len(y)
 
     def _fitting_rows(self, manifest: ModelManifest, X, y, lines):
@@ -384,13 +386,25 @@ class EdgeClient:
         else:
             log.warning("%s: ignoring a message on unexpected topic %s", self.client_id, msg.topic)
 
-    def _on_connected(self, session_present: bool) -> None:
+    def _publish_status(self) -> None:
+        """Say "online" with what the device can do; ``samples: 0`` keeps it out of rounds."""
+        samples = self.num_samples
+        self._announced_samples = samples > 0
         status = DeviceStatus("online", {
-            "edgefl": __version__, "kernels": kernels.BACKEND, "samples": self.num_samples,
+            "edgefl": __version__, "kernels": kernels.BACKEND, "samples": samples,
             "model_version": self.model_version,
             "privacy_remaining": round(self.privacy_remaining, 6),
         })
         self._conn.publish(self.topics.status(self.client_id), status.to_json(), qos=1, retain=True)
+
+    def _status_if_samples_changed(self) -> None:
+        """Announce again when the device gains its first samples or loses its last ones (all of
+        them refused by a model), so the server selects only devices that can train."""
+        if self._conn.connected.is_set() and (self.num_samples > 0) != self._announced_samples:
+            self._publish_status()
+
+    def _on_connected(self, session_present: bool) -> None:
+        self._publish_status()
         # Updates stored by an earlier process (crash, reboot) were never handed to this paho
         # client; those handed over already are resent by paho itself after a reconnect.
         for entry in self._outbox.entries():
@@ -438,6 +452,7 @@ class EdgeClient:
             if current is None:
                 self._predictor = predictor
             self._ensure_trainer(model)
+            self._status_if_samples_changed()
             self._schedule()
             self._check_finished()
         log.info("%s: now serving model version %d", self.client_id, model.version)
