@@ -273,8 +273,9 @@ def _expand_linear_classifiers(graph) -> None:
             raise ImportRefused(
                 f"node {node.name!r} (LinearClassifier) has post_transform {post!r} and "
                 f"{'integer' if labels else 'string'} class labels: edgefl imports a multi-class "
-                "LinearClassifier with integer labels and softmax (LogisticRegression with "
-                "three or more classes); re-export with integer labels")
+                "LinearClassifier with integer labels and softmax or raw scores; train a "
+                "multinomial LogisticRegression (scikit-learn's default for three or more "
+                "classes) on integer labels 0..K-1 and export it again")
         classes = len(labels)
         coef = np.asarray(attrs["coefficients"], np.float32)
         if coef.size % classes:

@@ -215,3 +215,14 @@ def test_weights_in_an_external_data_file_are_loaded_from_next_to_the_model(tmp_
     monkeypatch.chdir(elsewhere)
     np.testing.assert_array_equal(load_model(tmp_path / "model.onnx").weights,
                                   import_onnx(DATA / "torch_mlp.onnx").weights)
+
+
+def test_refuses_a_linear_classifier_it_cannot_rewrite_and_says_which():
+    proto = onnx.load(DATA / "sk_logreg.onnx")
+    node = next(n for n in proto.graph.node if n.op_type == "LinearClassifier")
+    for attribute in node.attribute:
+        if attribute.name == "post_transform":
+            attribute.s = b"LOGISTIC"  # what a one-vs-rest export carries
+    with pytest.raises(ImportRefused, match=r"node 'LinearClassifier' \(LinearClassifier\) has "
+                                            r"post_transform 'LOGISTIC'.*multinomial"):
+        import_onnx(proto)
