@@ -1,66 +1,18 @@
 """Importing real exports (tests/data/*.onnx, made by tests/fixtures/make_onnx_fixtures.py with
-torch.onnx.export, tf2onnx and skl2onnx) and exporting the federated model back."""
-from pathlib import Path
-
+torch.onnx.export, tf2onnx and skl2onnx): the head found, frozen, refused with a reason."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from exported_models import DATA, EXPORTS, Original, as_array, digits_like
 
 from edgefl.device.predictor import Predictor
 from edgefl.wire import decode_model, encode_model
-from edgefl_server.onnx_import import ImportRefused, export_onnx, import_onnx, load_model
-
-DATA = Path(__file__).parent / "data"
-#: fixture -> (the original's output with probabilities, or None for logits; its label output)
-EXPORTS = {
-    "torch_mlp": (None, None),
-    "torch_cnn": (None, None),
-    "keras_mlp": ("probs", None),
-    "sk_mlp": ("output_probability", "output_label"),
-    "sk_logreg": ("probabilities", "label"),
-}
-
-
-def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def as_array(output):
-    """A probability output as a (batch, classes) array (skl2onnx's ZipMap gives dicts)."""
-    if isinstance(output, list):
-        return np.array([[row[c] for c in sorted(row)] for row in output], np.float32)
-    return np.asarray(output)
-
-
-class Original:
-    """The exported file as its own application runs it: stock onnxruntime, its own shapes."""
-
-    def __init__(self, blob):
-        self.session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0]
-        self.names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, x_flat):
-        shape = [len(x_flat)] + [d for d in self.input.shape[1:]]
-        return dict(zip(self.names, self.session.run(None, {self.input.name:
-                                                             x_flat.reshape(shape)})))
-
-    def probabilities(self, x_flat, name):
-        out = self.run(x_flat)
-        return as_array(out[name]) if name else softmax(out["logits"])
-
+from edgefl_server.onnx_import import ImportRefused, import_onnx, load_model
 
 @pytest.fixture(scope="module")
 def samples():
     with np.load(DATA / "onnx_fixtures.npz") as arrays:
         return {k: arrays[k] for k in arrays.files}
-
-
-def digits_like(n, seed):
-    """Inputs in the digits' range [0, 1] (the fixtures were trained on digits / 16)."""
-    return np.random.default_rng(seed).uniform(0, 1, size=(n, 64)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTS))
@@ -93,30 +45,6 @@ def test_imported_model_predicts_what_the_original_file_predicts(name, samples):
     assert model.version == 0 and model.round_id == 0
     if label_name:
         np.testing.assert_array_equal(predictor.predict(x).argmax(1), original.run(x)[label_name])
-
-
-@pytest.mark.parametrize("name", sorted(EXPORTS))
-def test_export_runs_in_plain_onnxruntime_and_equals_the_device(name):
-    """After training moved the weights, the exported file gives what the device predicts."""
-    model = import_onnx(DATA / f"{name}.onnx")
-    rng = np.random.default_rng(2)
-    trained = model.with_weights(model.weights + rng.normal(0, 0.3, model.weights.shape)
-                                 .astype(np.float32), version=7, round_id=7)
-    device = Predictor(trained)
-    exported = Original(export_onnx(trained))
-    original = Original((DATA / f"{name}.onnx").read_bytes())
-    # The application calls it as it called the original: same input (name and shape), outputs.
-    assert exported.input.name == original.input.name
-    assert exported.input.shape[1:] == original.input.shape[1:]
-    assert exported.names == original.names
-    x = digits_like(25, 3)
-    prob_name, label_name = EXPORTS[name]
-    np.testing.assert_allclose(exported.probabilities(x, prob_name), device.predict(x),
-                               rtol=1e-5, atol=1e-6)
-    if label_name:
-        np.testing.assert_array_equal(exported.run(x)[label_name], device.predict(x).argmax(1))
-    # And the weights did change what it predicts (the export is not the original file).
-    assert not np.allclose(original.probabilities(x, prob_name), device.predict(x), atol=1e-3)
 
 
 def test_the_heads_pretrained_weights_are_version_0():
@@ -187,20 +115,6 @@ def test_load_model_tells_envelopes_from_onnx_and_says_what_is_missing(tmp_path)
         load_model(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="not a server state directory"):
         load_model(tmp_path)
-
-
-def test_export_of_a_model_built_by_edgefl_keeps_only_its_probabilities():
-    from edgefl_server.model_builder import build_mlp, dense_extractor
-
-    rng = np.random.default_rng(8)
-    model = build_mlp((12, 5), seed=1, extractor=dense_extractor(
-        rng.normal(0, 0.3, (64, 12)).astype(np.float32), np.zeros(12, np.float32)))
-    trained = model.with_weights(model.weights * 1.5, version=2, round_id=2)
-    exported = Original(export_onnx(trained))
-    assert exported.names == ["probabilities"] and exported.input.name == "x"
-    x = digits_like(6, 9)
-    np.testing.assert_allclose(exported.run(x)["probabilities"], Predictor(trained).predict(x),
-                               rtol=1e-5, atol=1e-6)
 
 
 def test_weights_in_an_external_data_file_are_loaded_from_next_to_the_model(tmp_path,

@@ -1,46 +1,24 @@
 """A user's own exported model through the whole loop over a real Mosquitto: import, devices
 fine-tune its head on their data, the server aggregates, the federated model is exported, and
 plain onnxruntime on the export gives what the devices predict."""
-from pathlib import Path
-
 import numpy as np
-import onnxruntime as ort
 import pytest
+from exported_models import DATA, EXPORTS, Original
 
 from edgefl.device.client import EdgeClient
 from edgefl.simulation.datasets import dirichlet_partition, load_digits
 from edgefl.wire.protocol import TrainingConfig
 from edgefl_server.aggregator import AggregationServer, ServerConfig
-from edgefl_server.onnx_import import export_onnx, import_onnx, load_model
+from edgefl_server.onnx_export import export_onnx
+from edgefl_server.onnx_import import import_onnx, load_model
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).parent / "data"
 ROUNDS = 2
 DEVICES = 2
 
 
-def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def probabilities(session, x_flat):
-    """What an application gets from the exported file, as class probabilities."""
-    inp = session.get_inputs()[0]
-    outputs = dict(zip([o.name for o in session.get_outputs()],
-                       session.run(None, {inp.name: x_flat.reshape([len(x_flat)]
-                                                                   + list(inp.shape[1:]))})))
-    for name in ("probs", "probabilities", "output_probability"):
-        if name in outputs:
-            out = outputs[name]
-            if isinstance(out, list):  # ZipMap
-                return np.array([[row[c] for c in sorted(row)] for row in out], np.float32)
-            return out
-    return softmax(outputs["logits"])
-
-
-@pytest.mark.parametrize("name", ["torch_mlp", "torch_cnn", "keras_mlp", "sk_mlp", "sk_logreg"])
+@pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_a_users_model_trains_over_mosquitto_and_exports(name, broker, tmp_path):
     model0 = import_onnx(DATA / f"{name}.onnx", trainable_layers=1 if name == "torch_cnn" else None)
     X_train, y_train, X_test, _ = load_digits(0)
@@ -68,6 +46,6 @@ def test_a_users_model_trains_over_mosquitto_and_exports(name, broker, tmp_path)
     assert [r.accepted for r in server.history] == [DEVICES] * ROUNDS
     final = load_model(tmp_path / "server")  # the state directory, as `edgefl model export` reads it
     assert final.version == ROUNDS and not np.array_equal(final.weights, model0.weights)
-    exported = ort.InferenceSession(export_onnx(final), providers=["CPUExecutionProvider"])
-    device = clients[0].predict(X_test)
-    np.testing.assert_allclose(probabilities(exported, X_test), device, rtol=1e-5, atol=1e-6)
+    exported = Original(export_onnx(final))  # as the application runs it: plain onnxruntime
+    np.testing.assert_allclose(exported.probabilities(X_test, EXPORTS[name][0]),
+                               clients[0].predict(X_test), rtol=1e-5, atol=1e-6)

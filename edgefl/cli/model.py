@@ -21,7 +21,8 @@ from edgefl.trust.errors import TrustError
 from edgefl.trust.keys import signing_public_key
 from edgefl.trust.signing import MAGIC, open_signed, parse_signed
 from edgefl.wire import encode_model
-from edgefl_server.onnx_import import describe, export_onnx, load_model
+from edgefl_server.onnx_export import describe, export_onnx
+from edgefl_server.onnx_import import load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
