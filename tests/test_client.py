@@ -19,7 +19,7 @@ from edgefl.wire.protocol import (
     TrainingConfig,
 )
 from edgefl.wire import decode_update, encode_model
-from edgefl_server.model_builder import build_mlp
+from edgefl_server.model_builder import build_mlp, dense_extractor
 
 pytestmark = pytest.mark.integration
 
@@ -307,6 +307,35 @@ def test_the_status_says_when_no_sample_fits_the_model(broker, server, tmp_path,
         assert server.status_of("dev-1").capabilities["samples"] == 0
         client.add_data(np.zeros((2, 64), np.float32), np.array([1, 2]))
         assert server.status_of("dev-1").capabilities["samples"] == 2
+
+
+def test_a_new_extractor_recomputes_the_cached_features_of_every_sample(broker, server,
+                                                                        tmp_path):
+    """The features of stored samples are computed once; a model whose frozen extractor changed
+    (same head, another graph) must not leave the old extractor's features behind."""
+    rng = np.random.default_rng(3)
+
+    def with_extractor(version):
+        model = build_mlp((16, 10), seed=0, extractor=dense_extractor(
+            rng.normal(0, 0.3, (64, 16)).astype(np.float32), np.zeros(16, np.float32)))
+        return model.with_weights(model.weights, version=version, round_id=version)
+
+    first, second = with_extractor(0), with_extractor(1)
+    assert first.manifest == second.manifest and first.onnx_sha256 != second.onnx_sha256
+    X = rng.uniform(0, 1, (20, 64)).astype(np.float32)
+    client = make_client(broker, tmp_path)
+    client.add_data(X, np.arange(20) % 10)
+    server.model(first)
+    with client:
+        assert wait_for(lambda: client.model_version == 0)
+        cached = client._trainer._X[:20].copy()
+        np.testing.assert_allclose(cached, client.predictor.features(X), rtol=1e-6, atol=1e-6)
+        server.model(second)
+        assert wait_for(lambda: client.model_version == 1)
+        assert wait_for(lambda: not np.allclose(client._trainer._X[:20], cached))
+        np.testing.assert_allclose(client._trainer._X[:20], client.predictor.features(X),
+                                   rtol=1e-6, atol=1e-6)
+        assert client.num_samples == 20
 
 
 # -- delivery: outbox, receipts, reboots ---------------------------------------------------------
