@@ -291,7 +291,7 @@ def test_a_device_whose_labels_are_all_out_of_range_says_so(broker, server, tmp_
                                                             caplog):
     server.model(model0)
     with make_client(broker, tmp_path) as client:
-        assert wait_for(lambda: client.model_version == 0)
+        assert wait_for(lambda: client._trainer is not None)  # the model is known: checked now
         assert client.add_data(np.zeros((3, 64), np.float32), np.array([10, 11, 12])) == 0
     assert "not one of its 3 labels is a class of the model (0..9)" in caplog.text
 
@@ -327,7 +327,8 @@ def test_a_new_extractor_recomputes_the_cached_features_of_every_sample(broker, 
     client.add_data(X, np.arange(20) % 10)
     server.model(first)
     with client:
-        assert wait_for(lambda: client.model_version == 0)
+        # The trainer comes right after the model goes live, on the dispatcher thread.
+        assert wait_for(lambda: client._trainer is not None and client._trainer.num_samples == 20)
         cached = client._trainer._X[:20].copy()
         np.testing.assert_allclose(cached, client.predictor.features(X), rtol=1e-6, atol=1e-6)
         server.model(second)
