@@ -177,7 +177,7 @@ class UpdateIngestor:
         if r.phase != OPEN:
             raise _Rejected("round_not_open", f"round {r.round_id} is not open for updates "
                                               f"({r.announcement().state})")
-        if update.client_id not in r.selected:
+        if update.client_id not in r.selected_set:
             raise _Rejected("not_selected", f"client {update.client_id!r} is not selected for "
                                             f"round {r.round_id}")
         if update.base_version != r.model_version:
@@ -189,10 +189,8 @@ class UpdateIngestor:
         if update.num_samples <= 0:
             raise _Rejected("no_samples", "the update reports 0 training samples and would carry "
                                           "no weight")
-        values = update.values
-        if not np.isfinite(values).all():
-            raise _Rejected("malformed", "the update contains NaN or Inf values")
         if self.max_update_norm is not None:
+            values = update.values  # finite: decode_update refuses NaN and Inf
             norm = float(np.sqrt(np.dot(values.astype(np.float64), values.astype(np.float64))))
             if norm > self.max_update_norm:
                 raise _Rejected("norm_bound", f"L2 norm {norm:.4g} exceeds the server's bound "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -53,6 +54,12 @@ class RoundState:
     randomk_seed: int = 0
     config: TrainingConfig = field(default_factory=TrainingConfig)
     extended: bool = False
+
+    @functools.cached_property
+    def selected_set(self) -> frozenset[str]:
+        """``selected`` as a set: membership is checked for every update, in a fleet of
+        thousands a scan of the tuple would cost more than decoding the update."""
+        return frozenset(self.selected)
 
     def announcement(self) -> RoundAnnouncement:
         """What the retained round topic says in this state ("closed" while waiting)."""

@@ -5,6 +5,9 @@ and survives ``kill -9`` or a power cut; every change that must be all-or-nothin
 new model + optimizer state + next round + the round's history record) is one transaction. An
 update is written here *before* the server acknowledges it to the broker, so an acknowledged
 update is never lost, and the primary key (round, client) makes a redelivered duplicate a no-op.
+Which (round, client) pairs hold an update is also kept in memory for the rounds asked about
+lately (read from the database once per round, so it is rebuilt after a restart): judging an
+update costs a dictionary lookup, not a query.
 
 Arrays are stored as raw little-endian bytes (weights) or ``.npy`` bytes loaded with
 ``allow_pickle=False`` (optimizer state): nothing in the state directory can execute code.
@@ -16,6 +19,7 @@ import io
 import json
 import sqlite3
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,6 +33,9 @@ from .rounds import RoundState
 #: Bumped when the tables change incompatibly; an older server refuses a newer state directory.
 SCHEMA_VERSION = 1
 DB_NAME = "server.sqlite"
+#: Rounds whose accepted (client -> update id) keys stay in memory: the open one, the previous
+#: one (late duplicates) and a few asked about by stale or hostile updates.
+KEY_INDEX_ROUNDS = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -120,6 +127,7 @@ class ServerStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._keys: OrderedDict[int, dict[str, int]] = OrderedDict()  # round -> client -> update id
         self._claim(fleet=fleet, strategy=strategy, schema=str(SCHEMA_VERSION))
 
     def _claim(self, **expected: str) -> None:
@@ -147,10 +155,11 @@ class ServerStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (e.g. a full disk) may leave it open
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # -- model, round, strategy state ------------------------------------------------------------
 
@@ -220,10 +229,20 @@ class ServerStore:
     def find_update(self, round_id: int, client_id: str) -> int | None:
         """The id of ``client_id``'s accepted update in ``round_id``, or None."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT update_id FROM updates WHERE round_id = ? AND client_id = ?",
-                (round_id, client_id)).fetchone()
-        return None if row is None else int(row[0])
+            return self._round_keys(round_id).get(client_id)
+
+    def _round_keys(self, round_id: int) -> dict[str, int]:
+        """The in-memory index of a round's accepted updates (caller holds the lock)."""
+        keys = self._keys.get(round_id)
+        if keys is None:
+            keys = {c: int(u) for c, u in self._db.execute(
+                "SELECT client_id, update_id FROM updates WHERE round_id = ?", (round_id,))}
+            self._keys[round_id] = keys
+            if len(self._keys) > KEY_INDEX_ROUNDS:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(round_id)
+        return keys
 
     def add_updates(self, rows: list[dict]) -> None:
         """Store accepted updates durably, all in one transaction (group commit).
@@ -237,6 +256,14 @@ class ServerStore:
                 "INSERT OR IGNORE INTO updates VALUES (:round_id, :client_id, :update_id, "
                 ":base_version, :num_samples, :nbytes, :received_at, :payload)",
                 [{**r, "update_id": str(r["update_id"]), "nbytes": len(r["payload"])} for r in rows])
+        # Only after the commit returned: an update the index knows is on disk (a failed commit
+        # must leave it unknown, or its retry would be judged a duplicate and acknowledged).
+        # The first update of a (round, client) stays, as in the table.
+        with self._lock:
+            for r in rows:
+                keys = self._keys.get(r["round_id"])
+                if keys is not None:
+                    keys.setdefault(r["client_id"], int(r["update_id"]))
 
     def round_updates(self, round_id: int) -> list[StoredUpdate]:
         """The accepted updates of an open round, in arrival order."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,56 @@ def test_updates_are_idempotent_per_round_and_client(tmp_path, model):
     assert [(u.client_id, u.update_id, u.payload) for u in again.round_updates(1)] == [
         ("a", 2**64 - 1, b"first"), ("b", 7, b"second")]
     assert again.find_update(1, "a") == 2**64 - 1 and again.find_update(2, "a") is None
+
+
+def test_accepted_keys_are_indexed_in_memory_and_agree_with_the_table(tmp_path, model):
+    from edgefl_server.store import KEY_INDEX_ROUNDS
+
+    store = open_store(tmp_path)
+    store.initialize(model, RoundState(1, 0, OPEN))
+    rounds = range(1, KEY_INDEX_ROUNDS + 3)  # more rounds than the index keeps
+    for r in rounds:
+        assert store.find_update(r, "a") is None  # indexes the round while it is empty
+        store.add_updates([dict(round_id=r, client_id="a", update_id=10 + r, base_version=0,
+                                num_samples=1, payload=b"u", received_at=1.0)])
+        store.add_updates([dict(round_id=r, client_id="a", update_id=99, base_version=0,
+                                num_samples=1, payload=b"v", received_at=2.0)])  # ignored
+    assert [store.find_update(r, "a") for r in rounds] == [10 + r for r in rounds]
+    store.close()
+    again = open_store(tmp_path)  # rebuilt from the table after a restart
+    assert [again.find_update(r, "a") for r in rounds] == [10 + r for r in rounds]
+    assert again.find_update(1, "b") is None
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails, as on a full disk."""
+
+    def __init__(self, db):
+        self.db, self.fail = db, True
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_an_update_whose_commit_failed_stays_unknown(tmp_path, model):
+    store = open_store(tmp_path)
+    store.initialize(model, RoundState(1, 0, OPEN))
+    assert store.find_update(1, "a") is None
+    row = dict(round_id=1, client_id="a", update_id=3, base_version=0, num_samples=1,
+               payload=b"u", received_at=1.0)
+    store._db = _FailingCommit(store._db)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.add_updates([row])
+    # rolled back, and a retry must be stored, not judged a duplicate of what never reached disk
+    assert store.find_update(1, "a") is None and store.round_updates(1) == []
+    store.add_updates([row])
+    assert store.find_update(1, "a") == 3 and len(store.round_updates(1)) == 1
 
 
 def test_commit_round_is_atomic_and_keeps_duplicate_keys(tmp_path, model):
