@@ -112,23 +112,55 @@ class UpdateIngestor:
         is not bounded by the disk's sync latency. The outcomes are the same as ingesting the
         messages one by one; nothing may be acknowledged before this returns.
         """
-        batch: dict[tuple[int, str], int] = {}  # (round, client) -> update id accepted in this batch
-        outcomes, rows = [], []
-        for topic, payload in messages:
-            outcome = self._judge(topic, payload, round_state, batch)
-            if outcome.status == ACCEPTED:
-                u = outcome.update
-                batch[(u.round_id, u.client_id)] = u.update_id
-                rows.append(dict(round_id=u.round_id, client_id=u.client_id, update_id=u.update_id,
-                                 base_version=u.base_version, num_samples=u.num_samples,
-                                 payload=bytes(payload), received_at=now))
-            outcomes.append(outcome)
+        decoded = [self._decode(topic, payload) for topic, payload in messages]
+        outcomes, rows = self._judge_all(decoded, round_state, self.store.find_update, now)
         if rows:
             self.store.add_updates(rows)
         return outcomes
 
-    def _judge(self, topic: str, payload: bytes, round_state: RoundState,
-               batch: dict[tuple[int, str], int]) -> Outcome:
+    def ingest_batch_shared(self, messages, *, now: float) -> tuple[list[Outcome], RoundState]:
+        """:meth:`ingest_batch` for one of several ingestion workers sharing the store.
+
+        Returns the outcomes and the stored round they were judged against.
+
+        Payloads are decoded first, outside any lock; then, in one write transaction of the
+        store, the batch is judged against the round *as stored* (the coordinator may have
+        closed it since) and the updates other workers accepted, and the accepted ones are
+        stored. An update is thereby either stored before the coordinator freezes the round
+        (:meth:`ServerStore.closing_round`) or judged against the next round: never both.
+        """
+        decoded = [self._decode(topic, payload) for topic, payload in messages]
+        with self.store.shared_ingest() as tx:
+            rounds: dict[int, set[str]] = {}
+            for d in decoded:
+                if isinstance(d, tuple):
+                    rounds.setdefault(d[0].round_id, set()).add(d[1])
+            known = {r: tx.stored(r, clients) for r, clients in rounds.items()}
+            outcomes, rows = self._judge_all(decoded, tx.round,
+                                             lambda r, c: known[r].get(c), now)
+            tx.add(rows)
+        return outcomes, tx.round
+
+    def _judge_all(self, decoded, round_state, find, now):
+        batch: dict[tuple[int, str], int] = {}  # (round, client) -> update id accepted in this batch
+        outcomes, rows = [], []
+        for d in decoded:
+            if isinstance(d, Outcome):  # dropped before it could be judged
+                outcomes.append(d)
+                continue
+            update, topic_client, payload = d
+            outcome = self._judge(update, topic_client, round_state, batch, find)
+            if outcome.status == ACCEPTED:
+                batch[(update.round_id, update.client_id)] = update.update_id
+                rows.append(dict(round_id=update.round_id, client_id=update.client_id,
+                                 update_id=update.update_id, base_version=update.base_version,
+                                 num_samples=update.num_samples, payload=bytes(payload),
+                                 received_at=now))
+            outcomes.append(outcome)
+        return outcomes, rows
+
+    def _decode(self, topic: str, payload: bytes):
+        """``(update, topic client, payload)``, or the :class:`Outcome` of a dropped message."""
         topic_client = self.topics.client_of(topic)
         if len(payload) > self.max_update_bytes:
             return Outcome(DROPPED, "oversized",
@@ -143,6 +175,10 @@ class UpdateIngestor:
                                    max_bytes=self.max_update_bytes)
         except UpdateDecodeError as exc:
             return Outcome(DROPPED, "malformed", f"undecodable update: {exc}", topic_client)
+        return update, topic_client, payload
+
+    def _judge(self, update: Update, topic_client: str, round_state: RoundState,
+               batch: dict[tuple[int, str], int], find) -> Outcome:
         try:
             if update.client_id != topic_client:
                 raise _Rejected("client_mismatch",
@@ -150,7 +186,7 @@ class UpdateIngestor:
                                 f"on {topic_client!r}'s topic; a device may only send its own updates")
             stored_id = batch.get((update.round_id, topic_client))
             if stored_id is None:
-                stored_id = self.store.find_update(update.round_id, topic_client)
+                stored_id = find(update.round_id, topic_client)
             if stored_id == update.update_id:
                 return Outcome(DUPLICATE, "", "", topic_client, _receipt(update, "accepted"))
             if stored_id is not None:
@@ -199,3 +235,43 @@ class UpdateIngestor:
 
 def _receipt(update: Update, status: str, reason: str = "") -> Receipt:
     return Receipt(update.round_id, update.update_id, status, reason)
+
+
+def answer_batch(conn, topics: Topics, messages, outcomes: list[Outcome], payload_sizes, *,
+                 metrics, confirm: bool = False, publish_timeout: float = 10.0) -> int:
+    """Acknowledge a judged batch to the broker and send its receipts; return the bytes sent.
+
+    Called only after :meth:`UpdateIngestor.ingest_batch` returned: an acknowledged update is
+    on disk. Receipts go at QoS 0, which saves the PUBACK the server would handle for every
+    update: a receipt only lets the device forget what the server already stored, so a lost one
+    loses no update. The device keeps that update in its outbox a little longer: until the
+    next round's announcement drops the round's entries, or, after a restart of the device,
+    until its resend is judged a duplicate and answered with the same receipt. With ``confirm`` (the batch ends the run: devices may stop listening once
+    "finished" is announced) they go at QoS 1 and this waits until the broker confirmed them
+    (one connection's messages are handled in order, so the last PUBACK confirms them all).
+    """
+    sent = 0
+    last = max((i for i, o in enumerate(outcomes) if o.receipt is not None), default=-1)
+    for i, (msg, outcome, size) in enumerate(zip(messages, outcomes, payload_sizes)):
+        conn.ack(msg)
+        metrics.count_update(size, None if outcome.status in (ACCEPTED, DUPLICATE) else outcome.code)
+        if outcome.status == DROPPED:
+            log.warning("dropped an update on %s (%s): %s", msg.topic, outcome.code, outcome.reason)
+        elif outcome.status == DUPLICATE:
+            log.info("duplicate update %d of %s for round %d: already counted",
+                     outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id)
+        elif outcome.status != ACCEPTED:
+            log.warning("rejected update %d of %s for round %d (%s): %s",
+                        outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id,
+                        outcome.code, outcome.reason)
+        if outcome.receipt is not None:
+            payload = outcome.receipt.to_json()
+            wait = confirm and i == last
+            ok = conn.publish(topics.receipt(outcome.client_id), payload, qos=1 if confirm else 0,
+                              timeout=publish_timeout if wait else None)
+            sent += len(payload)
+            if wait and not ok:
+                log.warning("the broker did not confirm the last receipts in %gs; paho resends "
+                            "them after reconnecting", publish_timeout)
+    metrics.count_published(sent)
+    return sent

@@ -33,6 +33,8 @@ from .rounds import RoundState
 #: Bumped when the tables change incompatibly; an older server refuses a newer state directory.
 SCHEMA_VERSION = 1
 DB_NAME = "server.sqlite"
+#: Seconds a write waits for another process's transaction before it fails.
+BUSY_TIMEOUT = 60.0
 #: Rounds whose accepted (client -> update id) keys stay in memory: the open one, the previous
 #: one (late duplicates) and a few asked about by stale or hostile updates.
 KEY_INDEX_ROUNDS = 4
@@ -123,11 +125,15 @@ class ServerStore:
         self.path = Path(state_dir) / DB_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Ingestion workers (other processes) share the database: a writer waits for the others'
+        # transactions rather than failing.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._keys: OrderedDict[int, dict[str, int]] = OrderedDict()  # round -> client -> update id
+        self._round_text: tuple[str, RoundState] | None = None  # the stored round, parsed
         self._claim(fleet=fleet, strategy=strategy, schema=str(SCHEMA_VERSION))
 
     def _claim(self, **expected: str) -> None:
@@ -203,20 +209,47 @@ class ServerStore:
             If ``model`` is older than the stored one: versions only ever increase.
         """
         with self._transaction() as db:
-            (current,) = db.execute("SELECT MAX(version) FROM model").fetchone()
-            if model.version < current:
-                raise StateError(f"model version {model.version} is older than the stored "
-                                 f"version {current}; versions only increase")
-            if model.version > current:
-                _put_model(db, model)
-                db.execute("DELETE FROM model WHERE version < ?", (model.version,))
-            db.execute("DELETE FROM strategy_state")
-            db.executemany("INSERT INTO strategy_state VALUES (?, ?)",
-                           [(k, _dump_array(v)) for k, v in strategy_state.items()])
-            _put_round(db, next_round)
-            db.execute("INSERT OR REPLACE INTO history VALUES (?, ?)",
-                       (closed_round, json.dumps(record, allow_nan=False)))
-            db.execute("UPDATE updates SET payload = NULL WHERE round_id = ?", (closed_round,))
+            _commit_round(db, closed_round=closed_round, model=model, next_round=next_round,
+                          strategy_state=strategy_state, record=record)
+
+    @contextlib.contextmanager
+    def closing_round(self, round_id: int):
+        """Close a round that ingestion workers (other processes) feed, in one transaction.
+
+        Yields a :class:`ClosingRound`: its ``updates`` are every accepted update of the round,
+        and none can be added until the block ends, because workers store updates in write
+        transactions that check the round is still open (:meth:`shared_ingest`). Call its
+        ``commit`` (same arguments as :meth:`commit_round`) inside the block; leaving the block
+        by an exception writes nothing. The block holds the store's lock: call no other method
+        of the store inside it.
+        """
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT client_id, update_id, payload FROM updates WHERE round_id = ? "
+                "AND payload IS NOT NULL ORDER BY client_id", (round_id,)).fetchall()
+            yield ClosingRound(db, round_id, [StoredUpdate(c, int(u), bytes(p)) for c, u, p in rows])
+
+    @contextlib.contextmanager
+    def shared_ingest(self):
+        """A write transaction for one ingestion worker's batch, judged against the stored round.
+
+        Yields a :class:`SharedIngest`: ``round`` is the round as stored right now (the
+        coordinator may have closed it since the worker last looked), ``stored`` finds updates
+        already accepted (by any worker), ``add`` stores accepted ones. Committed when the block
+        ends, so the batch is judged and stored without another process writing in between.
+        """
+        with self._transaction() as db:
+            (text,) = db.execute("SELECT value FROM meta WHERE key = 'round'").fetchone()
+            if self._round_text is None or self._round_text[0] != text:
+                self._round_text = (text, RoundState.from_dict(json.loads(text)))
+            yield SharedIngest(db, self._round_text[1])
+
+    def count_updates(self, round_id: int) -> int:
+        """How many updates of ``round_id`` are stored for aggregation."""
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM updates WHERE round_id = ? AND payload "
+                                    "IS NOT NULL", (round_id,)).fetchone()
+        return int(n)
 
     def save_record(self, round_id: int, record: dict) -> None:
         """Replace the history record of a closed round (to add its evaluation metrics)."""
@@ -252,10 +285,7 @@ class ServerStore:
         makes a redelivered duplicate a no-op.
         """
         with self._transaction() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO updates VALUES (:round_id, :client_id, :update_id, "
-                ":base_version, :num_samples, :nbytes, :received_at, :payload)",
-                [{**r, "update_id": str(r["update_id"]), "nbytes": len(r["payload"])} for r in rows])
+            _insert_updates(db, rows)
         # Only after the commit returned: an update the index knows is on disk (a failed commit
         # must leave it unknown, or its retry would be judged a duplicate and acknowledged).
         # The first update of a (round, client) stays, as in the table.
@@ -272,6 +302,67 @@ class ServerStore:
                 "SELECT client_id, update_id, payload FROM updates WHERE round_id = ? "
                 "AND payload IS NOT NULL ORDER BY received_at, client_id", (round_id,)).fetchall()
         return [StoredUpdate(c, int(u), bytes(p)) for c, u, p in rows]
+
+
+class ClosingRound:
+    """A round being closed by :meth:`ServerStore.closing_round`: its updates, frozen."""
+
+    def __init__(self, db, round_id: int, updates: list[StoredUpdate]):
+        self._db, self.round_id, self.updates = db, round_id, updates
+
+    def commit(self, *, model: Model, next_round: RoundState,
+               strategy_state: dict[str, np.ndarray], record: dict) -> None:
+        """Write what :meth:`ServerStore.commit_round` writes, in the closing transaction."""
+        _commit_round(self._db, closed_round=self.round_id, model=model, next_round=next_round,
+                      strategy_state=strategy_state, record=record)
+
+
+class SharedIngest:
+    """One ingestion worker's write transaction (:meth:`ServerStore.shared_ingest`)."""
+
+    def __init__(self, db, round_state: RoundState):
+        self._db, self.round = db, round_state
+
+    def stored(self, round_id: int, client_ids) -> dict[str, int]:
+        """The stored update ids of these clients in ``round_id`` (one query for the batch)."""
+        ids = sorted(set(client_ids))
+        found = {}
+        for start in range(0, len(ids), 500):  # SQLite bounds the number of parameters
+            part = ids[start:start + 500]
+            found.update((c, int(u)) for c, u in self._db.execute(
+                f"SELECT client_id, update_id FROM updates WHERE round_id = ? AND client_id IN "
+                f"({','.join('?' * len(part))})", (round_id, *part)))
+        return found
+
+    def add(self, rows: list[dict]) -> None:
+        """Store accepted updates (see :meth:`ServerStore.add_updates`)."""
+        if rows:
+            _insert_updates(self._db, rows)
+
+
+def _insert_updates(db, rows: list[dict]) -> None:
+    db.executemany(
+        "INSERT OR IGNORE INTO updates VALUES (:round_id, :client_id, :update_id, "
+        ":base_version, :num_samples, :nbytes, :received_at, :payload)",
+        [{**r, "update_id": str(r["update_id"]), "nbytes": len(r["payload"])} for r in rows])
+
+
+def _commit_round(db, *, closed_round: int, model: Model, next_round: RoundState,
+                  strategy_state: dict[str, np.ndarray], record: dict) -> None:
+    (current,) = db.execute("SELECT MAX(version) FROM model").fetchone()
+    if model.version < current:
+        raise StateError(f"model version {model.version} is older than the stored "
+                         f"version {current}; versions only increase")
+    if model.version > current:
+        _put_model(db, model)
+        db.execute("DELETE FROM model WHERE version < ?", (model.version,))
+    db.execute("DELETE FROM strategy_state")
+    db.executemany("INSERT INTO strategy_state VALUES (?, ?)",
+                   [(k, _dump_array(v)) for k, v in strategy_state.items()])
+    _put_round(db, next_round)
+    db.execute("INSERT OR REPLACE INTO history VALUES (?, ?)",
+               (closed_round, json.dumps(record, allow_nan=False)))
+    db.execute("UPDATE updates SET payload = NULL WHERE round_id = ?", (closed_round,))
 
 
 def _put_model(db, model: Model) -> None:

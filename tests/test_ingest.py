@@ -159,3 +159,39 @@ def test_a_batch_judges_like_one_by_one(ingestor, store):
         (ACCEPTED, ""), (DUPLICATE, ""), (REJECTED, "conflict"), (ACCEPTED, ""),
         (DROPPED, "malformed")]
     assert [(u.client_id, u.update_id) for u in store.round_updates(3)] == [("d1", 1), ("d2", 11)]
+
+
+def test_workers_sharing_a_store_judge_against_the_stored_round_and_each_other(tmp_path, store):
+    """Two ingestors on one state directory (two worker processes): what one accepted, the
+    other sees as a duplicate or conflict; the round is read from the store, not remembered."""
+    other_store = ServerStore(tmp_path, fleet="f1", strategy="fedavg")
+    first = UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=4096)
+    second = UpdateIngestor(other_store, TOPICS, num_params=N, max_update_bytes=4096)
+    try:
+        out, judged = first.ingest_batch_shared([(TOPICS.update("d1"), payload(uid=11)),
+                                                 (TOPICS.update("d2"), payload("d2", uid=5)),
+                                                 (TOPICS.update("d2"), b"garbage")], now=1.0)
+        assert judged == ROUND
+        assert [(o.status, o.code) for o in out] == [(ACCEPTED, ""), (ACCEPTED, ""),
+                                                     (DROPPED, "malformed")]
+        out, _ = second.ingest_batch_shared([(TOPICS.update("d1"), payload(uid=11)),
+                                             (TOPICS.update("d2"), payload("d2", uid=6)),
+                                             (TOPICS.update("d3"), payload("d3", uid=7))], now=2.0)
+        assert [(o.status, o.code) for o in out] == [(DUPLICATE, ""), (REJECTED, "conflict"),
+                                                     (ACCEPTED, "")]
+        assert other_store.count_updates(3) == 3
+        # the coordinator closes the round: a worker's next batch is judged against the next one
+        model = store.load().model
+        with store.closing_round(3) as closing:
+            assert [u.client_id for u in closing.updates] == ["d1", "d2", "d3"]
+            closing.commit(model=model, next_round=RoundState(4, 2, WAITING),
+                           strategy_state={}, record={})
+        out, judged = second.ingest_batch_shared([(TOPICS.update("d1"), payload(uid=11)),
+                                                  (TOPICS.update("d1"), payload(uid=12))], now=3.0)
+        assert judged.round_id == 4
+        assert [(o.status, o.code) for o in out] == [(DUPLICATE, ""), (REJECTED, "conflict")]
+        out, _ = second.ingest_batch_shared([(TOPICS.update("d4"), payload("d4", uid=1))], now=4.0)
+        assert (out[0].status, out[0].code) == (REJECTED, "late")
+        assert store.count_updates(3) == 0 and store.round_updates(3) == []
+    finally:
+        other_store.close()
