@@ -93,7 +93,7 @@ def forget_session(client_id: str, broker_port: int) -> None:
 
 def publisher(broker_port: int, index: int, names: list[str], commands, done) -> None:
     """Encode one update per device once, then publish them all at QoS 1 on every "go"."""
-    from edgefl.protocol import Topics
+    from edgefl.wire.protocol import Topics
     from edgefl.wire import Update, encode_update
 
     topics = Topics(FLEET)
@@ -142,8 +142,8 @@ def server_process(broker_url: str, state_dir: str, devices: int, workers: int, 
     """Run one round of the aggregator; report when it decided to close (all updates stored)."""
     import signal
     import subprocess
-    from edgefl_server.app import AggregationServer, ServerConfig
-    from edgefl_server.models import build_mlp
+    from edgefl_server.aggregator import AggregationServer, ServerConfig
+    from edgefl_server.model_builder import build_mlp
 
     closed = threading.Event()
     outcome = {}
@@ -214,7 +214,7 @@ class Publishers:
 
 def publish_online(broker_port: int, names: list[str]) -> None:
     """Every device's retained "online" status, so the round selects all of them."""
-    from edgefl.protocol import DeviceStatus, Topics
+    from edgefl.wire.protocol import DeviceStatus, Topics
 
     topics = Topics(FLEET)
     client = _client("bench-status", broker_port, clean=True)
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
                              "(collapsed stacks; it slows the server down)")
     args = parser.parse_args(argv)
 
-    from edgefl_server.broker import MosquittoBroker
+    from edgefl_server.mosquitto import MosquittoBroker
 
     ctx = mp.get_context("spawn")
     names = [f"dev-{i:05d}" for i in range(args.devices)]

@@ -36,8 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgefl.protocol import Topics
-from edgefl.transport import BrokerUnreachable, MqttConnection
+from edgefl.wire.protocol import Topics
+from edgefl.transport.mqtt import BrokerUnreachable, MqttConnection
 
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .store import ServerStore

@@ -278,6 +278,52 @@ def test_manual_ack_redelivers_a_message_that_was_not_acknowledged(broker):
     stop_raw(peer)
 
 
+def test_intake_takes_messages_on_the_network_thread_with_their_v5_properties(broker):
+    """Properties decoded with paho's tables shared between packets are still each packet's own."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    import paho.mqtt._packet
+    from edgefl.transport.mqtt import _SharedTableProperties
+
+    assert paho.mqtt._packet.Properties is _SharedTableProperties
+    taken, handled = queue.Queue(), queue.Queue()
+
+    def intake(msg):
+        if msg.topic == "t/boom":
+            raise RuntimeError("a bug in the intake")
+        if msg.topic.startswith("t/take"):
+            taken.put((threading.current_thread().name, msg))
+            return True
+        return False
+
+    conn = MqttConnection("intake", broker.url, subscriptions=[("t/#", 1)], intake=intake,
+                          on_message=lambda m: handled.put(m.topic)).start()
+    peer = raw_client(broker, "peer")
+    try:
+        first = Properties(PacketTypes.PUBLISH)
+        first.MessageExpiryInterval = 300
+        first.UserProperty = [("k", "v1")]
+        second = Properties(PacketTypes.PUBLISH)
+        second.ContentType = "application/octet-stream"
+        for topic, props in (("t/take/1", first), ("t/take/2", second), ("t/other", None),
+                             ("t/boom", None)):
+            peer.publish(topic, b"x", qos=1, properties=props).wait_for_publish(5)
+        (thread1, m1), (thread2, m2) = taken.get(timeout=10), taken.get(timeout=10)
+        assert not thread1.startswith("edgefl-mqtt")  # not the dispatcher: paho's own thread
+        assert (m1.topic, m1.properties.UserProperty) == ("t/take/1", [("k", "v1")])
+        assert 0 < m1.properties.MessageExpiryInterval <= 300
+        assert not hasattr(m1.properties, "ContentType")
+        assert m2.properties.ContentType == "application/octet-stream"
+        assert not hasattr(m2.properties, "UserProperty")
+        # declined, and failing, intakes hand the message to the dispatcher
+        assert {handled.get(timeout=10), handled.get(timeout=10)} == {"t/other", "t/boom"}
+        assert handled.empty() and taken.empty()
+    finally:
+        stop_raw(peer)
+        conn.stop()
+
+
 def test_rejects_an_empty_client_id():
     with pytest.raises(ValueError, match="client id"):
         MqttConnection("", "mqtt://127.0.0.1:1883")

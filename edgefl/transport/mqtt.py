@@ -12,7 +12,11 @@ Built on paho-mqtt 2.x the way the protocol needs it (``docs/protocol.md``, Sess
 * paho's callbacks only put events on a queue. One dispatcher thread runs the user's message
   handler and the connect hooks, never paho's network thread, so slow handlers cannot stall
   keep-alives, and an exception from a handler is logged and never reaches paho (an exception in a
-  paho callback kills its network thread).
+  paho callback kills its network thread). A receiver of many messages (the server's ingestion)
+  may instead pass an ``intake`` that only queues a message, and skip that hand-off.
+* paho 2.2 builds its MQTT v5 property tables (dozens of dicts and lists) for every packet it
+  receives, which cost more than the rest of receiving an update: :class:`_SharedTableProperties`
+  builds them once per process.
 """
 from __future__ import annotations
 
@@ -24,11 +28,49 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
+import paho.mqtt
+import paho.mqtt._packet
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
+
+class _SharedTableProperties(Properties):
+    """paho's MQTT v5 ``Properties``, with its constant tables shared by every instance.
+
+    ``Properties.__init__`` rebuilds the same name, type and packet-type tables each time, and
+    paho creates one instance for every PUBLISH and PUBACK it decodes. The tables are never
+    changed after they are built, so one set serves all; the behaviour is paho's own.
+    """
+
+    _tables: dict | None = None
+    _private = frozenset(("packetType", "types", "names", "properties"))
+
+    def __init__(self, packetType):
+        tables = _SharedTableProperties._tables
+        if tables is None:
+            super().__init__(packetType)
+            _SharedTableProperties._tables = {"types": self.types, "names": self.names,
+                                              "properties": self.properties}
+        else:
+            self.__dict__.update(tables)
+            self.__dict__["packetType"] = packetType
+
+    def clear(self):
+        # paho checks each of its ~27 names; only what was set can be deleted
+        for name in [n for n in self.__dict__ if n not in self._private]:
+            delattr(self, name)
+
+
+def _share_property_tables() -> None:
+    """Make paho's packet decoder build :class:`_SharedTableProperties` (paho 2.x only)."""
+    if paho.mqtt.__version__.split(".")[0] == "2" and \
+            getattr(paho.mqtt._packet, "Properties", None) is Properties:
+        paho.mqtt._packet.Properties = _SharedTableProperties
+
+
+_share_property_tables()
 
 #: A message as paho delivers it (``.topic``, ``.payload``, ``.qos``, ``.retain``, ``.mid``).
 Message = mqtt.MQTTMessage
@@ -116,6 +158,11 @@ class MqttConnection:
         Renewed on every connect. ``qos`` may also be a paho ``SubscribeOptions``.
     on_message : callable(Message), optional
         Runs on the dispatcher thread for every incoming message; exceptions are logged.
+    intake : callable(Message) -> bool, optional
+        Runs first, on paho's network thread, for every incoming message: it must only queue
+        the message for a thread of its own and return True, or return False to pass it to
+        ``on_message``. Saves the hand-off through the dispatcher for a stream of messages;
+        an exception is logged and the message goes to ``on_message``.
     manual_ack : bool
         If True, a QoS 1 message is acknowledged only when :meth:`ack` is called (after the
         handler stored it durably); a message never acknowledged is redelivered by the broker on
@@ -146,6 +193,7 @@ class MqttConnection:
         will: tuple | None = None,
         subscriptions=(),
         on_message: Callable[[Message], None] | None = None,
+        intake: Callable[[Message], bool] | None = None,
         manual_ack: bool = False,
         reconnect_delay: tuple[float, float] = (0.5, 30),
     ):
@@ -157,6 +205,7 @@ class MqttConnection:
         self.keepalive = int(keepalive)
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
+        self.intake = intake
         self.manual_ack = manual_ack
         self.connected = threading.Event()
         self.on_connect_hooks: list[Callable[[bool], None]] = []
@@ -343,6 +392,13 @@ class MqttConnection:
 
     def _on_message(self, client, userdata, msg):
         try:
+            if self.intake is not None:
+                try:
+                    if self.intake(msg):
+                        return
+                except Exception:  # noqa: BLE001 - the dispatcher still gets the message
+                    log.exception("%s: intake of a message on %s failed", self.client_id,
+                                  msg.topic)
             self._events.put((_MESSAGE, msg))
         except Exception:  # noqa: BLE001
             pass

@@ -257,17 +257,12 @@ def decode_update(payload, *, expected_params: int | None = None,
             indices = _INDEX_CODECS[coding][1](index_blob, num_params, k)
         except ValueError as exc:  # the kernels name what is wrong (truncated, unsorted, ...)
             raise UpdateDecodeError(f"{coding} indices: {exc}") from None
-        # The codecs validate too; this O(k) pass keeps the format's promise on its own.
-        if indices.shape != (k,) or (k and (int(indices[-1]) >= num_params or np.any(
-                np.diff(indices.astype(np.int64)) <= 0))):
-            raise UpdateDecodeError(f"{coding} indices are not {k} strictly increasing "
-                                    f"coordinates below {num_params}")
-    if encoding in ("f32", "f16"):  # the only codes that can carry NaN/Inf bit patterns
-        raw = np.frombuffer(value_blob, "<f4" if encoding == "f32" else "<f2")
-        bad = np.flatnonzero(~np.isfinite(raw))
-        if bad.size:
-            raise UpdateDecodeError(f"values contain NaN or Inf ({bad.size} of {k}, first at "
-                                    f"position {int(bad[0])})")
+        # No second pass over them: every index codec (compiled and twin) returns exactly k
+        # strictly increasing indices below num_params or raises (gap coding makes them
+        # increasing by construction, and the kernels' tests hold both to it).
+    # The value decoders refuse non-finite results themselves: f32/f16 bit patterns of NaN and
+    # Inf, an int8 scale whose 127 multiple overflows; ternary and sign values are +-scale with
+    # a finite scale (checked above).
     try:
         if not k:
             values = np.zeros(0, np.float32)
@@ -277,7 +272,5 @@ def decode_update(payload, *, expected_params: int | None = None,
             values = kernels.dequantize(value_blob, encoding, k, scale)
     except ValueError as exc:
         raise UpdateDecodeError(f"{encoding} values: {exc}") from None
-    if not np.isfinite(values).all():  # e.g. 127 * a huge int8 scale overflows float32
-        raise UpdateDecodeError(f"values overflow to infinity with scale {scale:g}")
     return Update(client_id, round_id, base_version, update_id, num_samples, num_params,
                   indices, values, "ternary" if encoding == "signs" else encoding)
