@@ -28,7 +28,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,8 +42,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefl.wire import Update, encode_update
+from edgefl.wire.protocol import DeviceStatus, Topics
+from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.model_builder import build_mlp
+from edgefl_server.mosquitto import MosquittoBroker
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 FLEET = "bench"
 LAYERS = (64, 256, 256, 10)  # 85,002 parameters
@@ -93,8 +100,6 @@ def forget_session(client_id: str, broker_port: int) -> None:
 
 def publisher(broker_port: int, index: int, names: list[str], commands, done) -> None:
     """Encode one update per device once, then publish them all at QoS 1 on every "go"."""
-    from edgefl.wire.protocol import Topics
-    from edgefl.wire import Update, encode_update
 
     topics = Topics(FLEET)
     num_params = _num_params()
@@ -140,10 +145,6 @@ def raw_subscriber(broker_port: int, expected: int, result) -> None:
 def server_process(broker_url: str, state_dir: str, devices: int, workers: int, server_id: str,
                    result, profile: str | None) -> None:
     """Run one round of the aggregator; report when it decided to close (all updates stored)."""
-    import signal
-    import subprocess
-    from edgefl_server.aggregator import AggregationServer, ServerConfig
-    from edgefl_server.model_builder import build_mlp
 
     closed = threading.Event()
     outcome = {}
@@ -214,7 +215,6 @@ class Publishers:
 
 def publish_online(broker_port: int, names: list[str]) -> None:
     """Every device's retained "online" status, so the round selects all of them."""
-    from edgefl.wire.protocol import DeviceStatus, Topics
 
     topics = Topics(FLEET)
     client = _client("bench-status", broker_port, clean=True)
@@ -275,7 +275,6 @@ def main(argv=None) -> int:
                              "(collapsed stacks; it slows the server down)")
     args = parser.parse_args(argv)
 
-    from edgefl_server.mosquitto import MosquittoBroker
 
     ctx = mp.get_context("spawn")
     names = [f"dev-{i:05d}" for i in range(args.devices)]

@@ -2,15 +2,22 @@
 
 Threads and ownership:
 
-* the MQTT dispatcher thread (:class:`edgefl.transport.mqtt.MqttConnection`, never paho's network
-  thread) runs :meth:`AggregationServer._on_message`: it tracks device status and queues updates;
+* paho's network thread only queues update messages (the connection's ``intake``); the MQTT
+  dispatcher thread (:class:`edgefl.transport.mqtt.MqttConnection`) runs
+  :meth:`AggregationServer._on_message` for the rest: it tracks device status;
 * the ingestion thread takes every queued update (up to :data:`MAX_BATCH`), decodes and validates
   each, stores the accepted ones in one transaction (group commit: one fsync per batch, not per
-  update), and only then acknowledges them (PUBACK) and publishes their receipts;
+  update), and only then acknowledges them (PUBACK) and publishes their receipts
+  (:func:`edgefl_server.ingest.answer_batch`);
 * the round thread runs the state machine of :mod:`edgefl_server.rounds`: wait for devices, open
   a round, wait for answers or the deadline, aggregate, commit, publish;
 * one lock guards the round state and the round's accepted updates, so an update is either in the
-  round being aggregated or rejected as late, never both.
+  round being aggregated or rejected as late, never both;
+* with ``ingest_workers`` > 1, worker processes take the updates instead
+  (:mod:`edgefl_server.workers`), and the store's transactions do what the lock does.
+
+A round aggregates its updates in client-id order, whatever order they arrived in and whichever
+process stored them: the model of a round is the same, bit for bit, with any number of workers.
 
 Every state change is committed to the store (:mod:`edgefl_server.store`) before it is published,
 so a server killed at any point restarts into the same round with the same accepted updates, and
@@ -37,7 +44,7 @@ from edgefl.wire.protocol import DeviceStatus, ProtocolError, TrainingConfig, To
 from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.wire import decode_update, encode_model
 
-from .ingest import ACCEPTED, DROPPED, DUPLICATE, UpdateIngestor
+from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .metrics import MetricsHttpServer, ServerMetrics
 from .rounds import (
     FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, randomk_seed,
@@ -45,6 +52,7 @@ from .rounds import (
 )
 from .store import ServerStore
 from .strategies import make_strategy
+from .workers import BatchReport, IngestWorkers
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,11 @@ class ServerConfig:
     training : TrainingConfig
         The local training config to announce (a strategy may adjust it, e.g. FedProx's mu).
     metrics_port : int, optional
-        Serve Prometheus metrics on this loopback port (0 = a free one); None disables.
+        Serve Prometheus metrics on this port (0 = a free one); None disables. The endpoint
+        stays up after :meth:`AggregationServer.stop`, until :meth:`AggregationServer.close`
+        or the end of the process.
+    metrics_host : str
+        The interface metrics are served on: loopback by default, ``0.0.0.0`` for all.
     max_update_bytes : int
         Update payloads above this are dropped unread.
     max_update_norm : float, optional
@@ -93,6 +105,9 @@ class ServerConfig:
         The server's fixed MQTT client id; ``edgefl-server-<fleet>`` by default.
     username, password, tls, ca_certs
         Passed to the MQTT connection.
+    ingest_workers : int
+        1: this process ingests updates. N >= 2: N worker processes share them through an MQTT
+        shared subscription and this process coordinates (:mod:`edgefl_server.workers`).
     """
 
     broker_url: str
@@ -107,6 +122,7 @@ class ServerConfig:
     quorum: int | None = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     max_update_bytes: int = 16 << 20
     max_update_norm: float | None = None
     seed: int = 0
@@ -115,13 +131,15 @@ class ServerConfig:
     password: str | None = None
     tls: bool | None = None
     ca_certs: str | None = None
+    ingest_workers: int = 1
 
     def __post_init__(self):
         check_name("fleet", self.fleet)
         if self.server_id is None:
             self.server_id = f"edgefl-server-{self.fleet}"
         check_name("server id", self.server_id)
-        for name, lo in (("rounds", 1), ("min_clients", 1), ("max_update_bytes", 64)):
+        for name, lo in (("rounds", 1), ("min_clients", 1), ("max_update_bytes", 64),
+                         ("ingest_workers", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -150,7 +168,7 @@ class AggregationServer:
         Called after each round (progress bars, tests).
 
     Use :meth:`run` to block until every round is done, or :meth:`start` / :meth:`wait` /
-    :meth:`stop`.
+    :meth:`stop`; :meth:`close` (or leaving a ``with`` block) also ends the metrics endpoint.
     """
 
     def __init__(self, config: ServerConfig, *, initial_model: Model | None = None,
@@ -178,7 +196,9 @@ class AggregationServer:
         self._metrics_http: MetricsHttpServer | None = None
         self._store: ServerStore | None = None
         self._online: set[str] = set()
-        self._updates: list = []  # decoded accepted updates of the open round
+        self._privacy_left: dict[str, float] = {}  # epsilon left, as online devices report it
+        self._workers: IngestWorkers | None = None
+        self._updates: list = []  # decoded accepted updates of the open round (one process)
         self._round_rejected: Counter[str] = Counter()
         self._round_uplink = 0
         self._last_arrival = time.time()  # when the newest accepted update reached the server
@@ -187,6 +207,9 @@ class AggregationServer:
         self.history: list[RoundResult] = []
         self.model: Model | None = None
         self._round: RoundState | None = None
+        self.metrics.backlog = self._inbox.qsize
+        self.metrics.connected = lambda: self.connected
+        self.metrics.privacy_left = self._privacy_budgets
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -199,6 +222,11 @@ class AggregationServer:
     def connected(self) -> bool:
         """Whether both MQTT connections are up right now (they reconnect on their own)."""
         return all(c is not None and c.connected.is_set() for c in (self._conn, self._control))
+
+    @property
+    def workers(self) -> IngestWorkers | None:
+        """The ingestion worker processes, with ``ingest_workers`` > 1."""
+        return self._workers
 
     @property
     def metrics_port(self) -> int | None:
@@ -221,7 +249,9 @@ class AggregationServer:
             self.model, self._round = saved.model, saved.round
             self.strategy.load_state_dict(saved.strategy_state)
             self.history = [RoundResult.from_dict(r) for r in saved.history]
-            for stored in self._store.round_updates(self._round.round_id):
+            stored_updates = [] if cfg.ingest_workers > 1 else \
+                self._store.round_updates(self._round.round_id)
+            for stored in stored_updates:
                 # Accepted under the same size bound, whatever the default of decode_update.
                 self._updates.append(decode_update(
                     stored.payload, expected_params=self.model.manifest.num_params,
@@ -239,13 +269,22 @@ class AggregationServer:
                                         max_update_norm=cfg.max_update_norm)
         self._model_payload = encode_model(self.model)
         self.metrics.set_position(round_id=self._round.round_id, model_version=self.model.version)
-        if cfg.metrics_port is not None:
-            self._metrics_http = MetricsHttpServer(self.metrics, cfg.metrics_port).start()
+        if self._round.phase == OPEN:
+            self.metrics.round_opened(round_id=self._round.round_id,
+                                      selected=len(self._round.selected),
+                                      opened_at=self._round.opened_at, deadline=self._round.deadline)
+        if cfg.metrics_port is not None and self._metrics_http is None:
+            self._metrics_http = MetricsHttpServer(self.metrics, cfg.metrics_port,
+                                                   cfg.metrics_host).start()
+        # With workers, updates come through their shared subscription; an update subscription
+        # left in this session by an earlier single-process run still delivers here, and those
+        # are judged like a worker's.
+        subscriptions = [(self.topics.all_status, 1)] if cfg.ingest_workers > 1 else \
+            [(self.topics.all_updates, 1), (self.topics.all_status, 1)]
         self._conn = MqttConnection(
             cfg.server_id, cfg.broker_url, username=cfg.username, password=cfg.password,
-            tls=cfg.tls, ca_certs=cfg.ca_certs, manual_ack=True,
-            subscriptions=[(self.topics.all_updates, 1), (self.topics.all_status, 1)],
-            on_message=self._on_message,
+            tls=cfg.tls, ca_certs=cfg.ca_certs, manual_ack=True, subscriptions=subscriptions,
+            on_message=self._on_message, intake=self._take_update,
         )
         # A second connection for models and announcements: the client library sends a
         # connection's QoS 1 messages through one bounded in-flight window, and a burst of
@@ -254,6 +293,10 @@ class AggregationServer:
             f"{cfg.server_id}.control", cfg.broker_url, username=cfg.username,
             password=cfg.password, tls=cfg.tls, ca_certs=cfg.ca_certs)
         try:
+            if cfg.ingest_workers > 1:
+                self._workers = IngestWorkers(cfg, cfg.ingest_workers,
+                                              self.model.manifest.num_params, self._on_report)
+                self._workers.start(timeout=timeout)
             self._control.start(timeout=timeout)
             self._conn.start(timeout=timeout)
             # Retained messages survive in the broker, but a restarted or replaced broker may have
@@ -289,7 +332,10 @@ class AggregationServer:
         return self.history
 
     def stop(self) -> None:
-        """Stop the round thread and disconnect; the state directory keeps everything."""
+        """Stop the round thread and disconnect; the state directory keeps everything.
+
+        The metrics endpoint stays up (its last values readable) until :meth:`close`.
+        """
         self._stopping.set()
         self._wake.set()
         self._inbox.put(None)
@@ -299,14 +345,21 @@ class AggregationServer:
         self._thread = self._ingest_thread = None
         self._shutdown_io()
 
+    def close(self) -> None:
+        """:meth:`stop`, and end the metrics endpoint."""
+        self.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
+
     def _shutdown_io(self) -> None:
+        if self._workers is not None:
+            self._workers.stop()
+            self._workers = None
         for conn in (self._conn, self._control):
             if conn is not None:
                 conn.stop()
         self._conn = self._control = None
-        if self._metrics_http is not None:
-            self._metrics_http.stop()
-            self._metrics_http = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -315,14 +368,18 @@ class AggregationServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
 
     # -- messages (dispatcher thread) ------------------------------------------------------------
 
-    def _on_message(self, msg: Message) -> None:
+    def _take_update(self, msg: Message) -> bool:
+        """paho's network thread: queue an update for the ingestion thread, nothing more."""
         if msg.topic.endswith("/update"):
             self._inbox.put((msg, time.time()))  # acknowledged by the ingestion thread once stored
-            return
+            return True
+        return False
+
+    def _on_message(self, msg: Message) -> None:
         # Every QoS 1 message must be acknowledged once handled, status messages too, whatever
         # happens while handling it: the broker stops delivering to a client whose in-flight
         # window (e.g. Mosquitto's 20) is full of unacknowledged messages.
@@ -344,6 +401,7 @@ class AggregationServer:
             log.warning("ignoring the status of %s: %s", client, exc)
             return
         online = status is not None and status.state == "online"
+        left = status.capabilities.get("privacy_remaining") if online else None
         # A device that says it has no samples (none fits the model) could only let a round
         # wait for it until the deadline: it is not selected until it says it has some.
         if online and status.capabilities.get("samples", 1) == 0:
@@ -351,6 +409,10 @@ class AggregationServer:
             online = False
         with self._lock:
             (self._online.add if online else self._online.discard)(client)
+            if isinstance(left, (int, float)) and not isinstance(left, bool):
+                self._privacy_left[client] = float(left)
+            else:
+                self._privacy_left.pop(client, None)
             self.metrics.set_online(len(self._online))
         self._wake.set()
 
@@ -379,47 +441,58 @@ class AggregationServer:
             if stopping:
                 return
 
+    def _privacy_budgets(self) -> list[float]:
+        with self._lock:
+            return [self._privacy_left[c] for c in self._online if c in self._privacy_left]
+
+    def _answered(self) -> int:
+        """Updates accepted in the open round."""
+        if self._workers is not None:
+            return self._store.count_updates(self._round.round_id)
+        return len(self._updates)
+
+    def _on_report(self, report: BatchReport) -> None:
+        """A worker stored and answered a batch (runs on the workers' report thread)."""
+        self.metrics.count_updates(report.accepted, report.rejected, report.uplink_bytes)
+        self.metrics.count_published(report.downlink_bytes)
+        with self._lock:
+            if report.round_id == self._round.round_id:
+                self._round_uplink += report.uplink_bytes
+                self._round_downlink += report.downlink_bytes
+                self._round_rejected.update(report.rejected)
+                if report.accepted:
+                    self._last_arrival = max(self._last_arrival, report.last_arrival)
+        self._wake.set()
+
     def _ingest(self, batch: list[tuple[Message, float]]) -> None:
         arrivals = [t for _, t in batch]
         batch = [m for m, _ in batch]
         payloads = [bytes(m.payload) for m in batch]
+        messages = [(m.topic, p) for m, p in zip(batch, payloads)]
         with self._lock:
-            outcomes = self._ingestor.ingest_batch(
-                [(m.topic, p) for m, p in zip(batch, payloads)], self._round, now=time.time())
+            if self._workers is not None:  # judged like a worker's batch, against the store
+                outcomes, _ = self._ingestor.ingest_batch_shared(messages, now=time.time())
+            else:
+                outcomes = self._ingestor.ingest_batch(messages, self._round, now=time.time())
             for outcome, payload, arrival in zip(outcomes, payloads, arrivals):
                 self._round_uplink += len(payload)
                 if outcome.status == ACCEPTED:
-                    self._updates.append(outcome.update)
+                    if self._workers is None:
+                        self._updates.append(outcome.update)
                     self._last_arrival = arrival
                 elif outcome.status != DUPLICATE:
                     self._round_rejected[outcome.code] += 1
-            answered = len(self._updates) >= len(self._round.selected) > 0
+            answered = self._answered() >= len(self._round.selected) > 0
             finishing = answered and self._round.round_id >= self.config.rounds
         # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
-        last_receipt = max((i for i, o in enumerate(outcomes) if o.receipt is not None),
-                           default=-1)
-        for i, (msg, outcome, payload) in enumerate(zip(batch, outcomes, payloads)):
-            self._conn.ack(msg)
-            self.metrics.count_update(len(payload), None if outcome.status in (ACCEPTED, DUPLICATE)
-                                      else outcome.code)
-            if outcome.status == DROPPED:
-                log.warning("dropped an update on %s (%s): %s", msg.topic, outcome.code,
-                            outcome.reason)
-            elif outcome.status == DUPLICATE:
-                log.info("duplicate update %d of %s for round %d: already counted",
-                         outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id)
-            elif outcome.status != ACCEPTED:
-                log.warning("rejected update %d of %s for round %d (%s): %s",
-                            outcome.receipt.update_id, outcome.client_id,
-                            outcome.receipt.round_id, outcome.code, outcome.reason)
-            if outcome.receipt is not None:
-                # When this batch completes the last round, its receipts must reach the broker
-                # before "finished" is announced: a device may stop listening then. (Between
-                # rounds devices stay connected, and waiting would delay the next model by the
-                # time the receipt burst takes to drain.) One connection's messages are handled
-                # in order, so the last receipt's PUBACK confirms them all.
-                self._publish(self.topics.receipt(outcome.client_id), outcome.receipt.to_json(),
-                              wait=finishing and i == last_receipt, via=self._conn)
+        # When this batch completes the last round, its receipts must reach the broker before
+        # "finished" is announced: a device may stop listening then. (Between rounds devices
+        # stay connected, and waiting would delay the next model by the receipts' round trip.)
+        sent = answer_batch(self._conn, self.topics, batch, outcomes, [len(p) for p in payloads],
+                            metrics=self.metrics, confirm=finishing,
+                            publish_timeout=PUBLISH_TIMEOUT)
+        with self._lock:
+            self._round_downlink += sent
         if answered:
             self._wake.set()
 
@@ -452,7 +525,7 @@ class AggregationServer:
                         self._wake.wait(0.5)
                     continue
                 with self._lock:
-                    answered = len(self._updates)
+                    answered = self._answered()
                 quorum = self.config.quorum or self.config.min_clients
                 decision = decide(r, answered, now=time.time(), quorum=quorum)
                 if decision is Decision.WAIT:
@@ -472,13 +545,16 @@ class AggregationServer:
             return False
         cfg = self.config
         selected = select_clients(online, cfg.clients_per_round, seed=cfg.seed, round_id=r.round_id)
+        now = time.time()
         opened = dataclasses.replace(
-            r, phase=OPEN, deadline=time.time() + cfg.round_timeout, selected=selected,
+            r, phase=OPEN, deadline=now + cfg.round_timeout, selected=selected,
             randomk_seed=randomk_seed(cfg.seed, r.round_id),
-            config=self.strategy.configure_training(cfg.training), extended=False)
+            config=self.strategy.configure_training(cfg.training), extended=False, opened_at=now)
         self._store.save_round(opened)
         with self._lock:
             self._round = opened
+        self.metrics.round_opened(round_id=r.round_id, selected=len(selected), opened_at=now,
+                                  deadline=opened.deadline)
         self._publish(self.topics.round, opened.announcement().to_json(), retain=True)
         log.info("round %d open: model version %d, %d of %d online device(s) selected, deadline "
                  "in %gs", r.round_id, opened.model_version, len(selected), len(online),
@@ -491,42 +567,34 @@ class AggregationServer:
         self._store.save_round(extended)
         with self._lock:
             self._round = extended
+        self.metrics.round_extended(extended.deadline)
         self._publish(self.topics.round, extended.announcement().to_json(), retain=True)
         log.warning("round %d: no quorum at the deadline (%d of %d needed); extended once by %gs",
-                    r.round_id, len(self._updates), self.config.quorum or self.config.min_clients,
+                    r.round_id, self._answered(), self.config.quorum or self.config.min_clients,
                     self.config.round_timeout)
 
     def _close(self, decision: Decision) -> None:
         t0 = time.perf_counter()
         with self._lock:
             r = self._round
-            updates = list(self._updates)
-            model = self.model
             last_arrival = self._last_arrival
-            new_weights = self.strategy.aggregate(model.weights, updates) if updates else None
-            if new_weights is not None and not np.isfinite(new_weights).all():
-                # Huge (but finite) updates can overflow the sum: keep the model rather than
-                # publish one that no device could use (and crash on every restart).
-                log.error("round %d: the aggregate of %d update(s) is not finite; keeping model "
-                          "version %d (set --max-update-norm to bound updates)", r.round_id,
-                          len(updates), model.version)
-                new_weights = None
-            if new_weights is not None:
-                model = model.with_weights(new_weights, version=model.version + 1,
-                                           round_id=r.round_id)
-            last = r.round_id >= self.config.rounds
-            nxt = (RoundState(r.round_id, model.version, FINISHED) if last
-                   else RoundState(r.round_id + 1, model.version, WAITING))
-            answered = {u.client_id for u in updates}
-            result = RoundResult(
-                round_id=r.round_id, model_version=model.version, accepted=len(updates),
-                rejected=dict(self._round_rejected), uplink_bytes=self._round_uplink,
-                downlink_bytes=0, aggregation_seconds=0.0, metrics={}, selected=r.selected,
-                stragglers=tuple(c for c in r.selected if c not in answered),
-                close_reason=decision.value)
-            self._store.commit_round(closed_round=r.round_id, model=model, next_round=nxt,
-                                     strategy_state=self.strategy.state_dict(),
-                                     record=result.to_dict())
+            if self._workers is None:
+                updates = sorted(self._updates, key=lambda u: u.client_id)
+                model, nxt, result, new_weights = self._aggregate(r, updates, decision)
+                self._store.commit_round(closed_round=r.round_id, model=model, next_round=nxt,
+                                         strategy_state=self.strategy.state_dict(),
+                                         record=result.to_dict())
+            else:
+                # The workers' updates, frozen: none can be added until the commit below.
+                with self._store.closing_round(r.round_id) as closing:
+                    updates = [decode_update(u.payload, expected_params=self.model.manifest.num_params,
+                                             max_bytes=max(self.config.max_update_bytes,
+                                                           len(u.payload)))
+                               for u in closing.updates]  # in client-id order
+                    model, nxt, result, new_weights = self._aggregate(r, updates, decision)
+                    closing.commit(model=model, next_round=nxt,
+                                   strategy_state=self.strategy.state_dict(),
+                                   record=result.to_dict())
             self.model, self._round = model, nxt
             self._updates = []
             self._round_rejected = Counter()
@@ -546,7 +614,12 @@ class AggregationServer:
                                      last_update_to_model_seconds=since_last_update,
                                      metrics=self._evaluate_model(model))
         self._store.save_record(r.round_id, result.to_dict())
-        self.metrics.count_round(seconds, nxt.round_id, model.version)
+        self.metrics.count_round(seconds, nxt.round_id, model.version,
+                                 duration=time.time() - r.opened_at if r.opened_at else None,
+                                 stragglers=len(result.stragglers),
+                                 quorum=decision is not Decision.CLOSE_NO_QUORUM)
+        if result.metrics:
+            self.metrics.set_evaluation(result.metrics)
         self.history.append(result)
         shown = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
         rejected = ", ".join(f"{code}={n}" for code, n in sorted(result.rejected.items()))
@@ -561,6 +634,33 @@ class AggregationServer:
                 self._on_round(result)
             except Exception:  # noqa: BLE001 - an observer's bug must not stop the rounds
                 log.exception("on_round callback failed")
+
+    def _aggregate(self, r: RoundState, updates: list, decision: Decision):
+        """The new model, next round and result of closing ``r`` with ``updates`` (client-id
+        order: the same sums in the same order, however the updates arrived)."""
+        model = self.model
+        new_weights = self.strategy.aggregate(model.weights, updates) if updates else None
+        if new_weights is not None and not np.isfinite(new_weights).all():
+            # Huge (but finite) updates can overflow the sum: keep the model rather than
+            # publish one that no device could use (and crash on every restart).
+            log.error("round %d: the aggregate of %d update(s) is not finite; keeping model "
+                      "version %d (set --max-update-norm to bound updates)", r.round_id,
+                      len(updates), model.version)
+            new_weights = None
+        if new_weights is not None:
+            model = model.with_weights(new_weights, version=model.version + 1,
+                                       round_id=r.round_id)
+        last = r.round_id >= self.config.rounds
+        nxt = (RoundState(r.round_id, model.version, FINISHED) if last
+               else RoundState(r.round_id + 1, model.version, WAITING))
+        answered = {u.client_id for u in updates}
+        result = RoundResult(
+            round_id=r.round_id, model_version=model.version, accepted=len(updates),
+            rejected=dict(self._round_rejected), uplink_bytes=self._round_uplink,
+            downlink_bytes=0, aggregation_seconds=0.0, metrics={}, selected=r.selected,
+            stragglers=tuple(c for c in r.selected if c not in answered),
+            close_reason=decision.value)
+        return model, nxt, result, new_weights
 
     def _evaluate_model(self, model: Model) -> dict:
         if self._evaluate is None:

@@ -19,6 +19,7 @@
     updates_accepted_total               counter  updates stored for aggregation
     updates_rejected_total{reason}       counter  rejected or dropped updates, by reason code
     ingest_backlog                       gauge    update messages received, not yet judged
+    ingest_worker_restarts_total         counter  ingestion worker processes restarted
     uplink_bytes_total                   counter  update payload bytes received
     downlink_bytes_total                 counter  bytes the server published (models, rounds, receipts)
     aggregation_seconds                  summary  from closing a round to its new model published
@@ -43,6 +44,9 @@ import threading
 from collections import Counter
 from typing import Callable
 
+import edgefl
+from edgefl import kernels
+
 PREFIX = "edgefl_server_"
 
 
@@ -63,13 +67,9 @@ class ServerMetrics:
     def __init__(self, build: dict[str, str] | None = None):
         self._lock = threading.Lock()
         if build is None:
-            import edgefl
-            from edgefl import kernels
-
             build = {"version": edgefl.__version__, "python": platform.python_version(),
                      "kernels": kernels.BACKEND}
         self.build = dict(build)
-        self.connected = False
         self.rounds = 0
         self.round_id = 0
         self.model_version = 0
@@ -90,10 +90,14 @@ class ServerMetrics:
         self.aggregation_count = 0
         self.aggregation_sum = 0.0
         self.evaluation: dict[str, float] = {}
-        self.privacy_exhausted = 0
-        self.privacy_remaining_min: float | None = None
-        #: Called at each scrape for the ingestion backlog (the server sets it to its queue's size).
+        self.worker_restarts = 0
+        # Read at each scrape, from the server's own state (set by the server):
+        #: update messages waiting to be judged;
         self.backlog: Callable[[], int] = lambda: 0
+        #: whether the MQTT connections are up;
+        self.connected: Callable[[], bool] = lambda: False
+        #: the local privacy budgets (epsilon left) online devices report.
+        self.privacy_left: Callable[[], list[float]] = list
 
     def count_update(self, nbytes: int, rejected_reason: str | None = None) -> None:
         """One update message received; ``rejected_reason`` is its rejection code, if any."""
@@ -103,6 +107,17 @@ class ServerMetrics:
                 self.accepted += 1
             else:
                 self.rejected[rejected_reason] += 1
+
+    def count_updates(self, accepted: int, rejected: dict[str, int], nbytes: int) -> None:
+        """A batch of update messages judged elsewhere (by an ingestion worker)."""
+        with self._lock:
+            self.uplink_bytes += nbytes
+            self.accepted += accepted
+            self.rejected.update(rejected)
+
+    def count_worker_restart(self) -> None:
+        with self._lock:
+            self.worker_restarts += 1
 
     def count_published(self, nbytes: int) -> None:
         with self._lock:
@@ -154,21 +169,11 @@ class ServerMetrics:
         with self._lock:
             self.devices_online = count
 
-    def set_connected(self, connected: bool) -> None:
-        with self._lock:
-            self.connected = bool(connected)
-
-    def set_privacy(self, *, exhausted: int, remaining_min: float | None) -> None:
-        """What online devices report of their local privacy budgets."""
-        with self._lock:
-            self.privacy_exhausted, self.privacy_remaining_min = exhausted, remaining_min
-
     def render(self) -> str:
         """The Prometheus text exposition of every metric."""
-        try:
-            backlog = int(self.backlog())
-        except Exception:  # noqa: BLE001 - a scrape must not fail for one gauge
-            backlog = 0
+        backlog, connected, privacy_left = _read(self.backlog, 0), _read(self.connected, False), \
+            _read(self.privacy_left, [])
+        exhausted = sum(1 for e in privacy_left if e <= 0)
         with self._lock:
             lines = []
 
@@ -184,7 +189,7 @@ class ServerMetrics:
             build = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(self.build.items()))
             metric("build_info", "gauge", "The running edgefl build.", [("", f"{{{build}}}", 1)])
             one("broker_connected", "gauge", "1 while the server's MQTT connections are up.",
-                int(self.connected))
+                int(bool(connected)))
             one("rounds_total", "counter", "Rounds closed.", self.rounds)
             one("round_id", "gauge", "Current round id.", self.round_id)
             one("model_version", "gauge", "Current global model version.", self.model_version)
@@ -210,6 +215,8 @@ class ServerMetrics:
                     for o in ("closed_without_quorum", "extended")])
             one("updates_accepted_total", "counter", "Updates stored for aggregation.",
                 self.accepted)
+            one("ingest_worker_restarts_total", "counter",
+                "Ingestion worker processes restarted after they died.", self.worker_restarts)
             metric("updates_rejected_total", "counter", "Updates rejected or dropped, by reason.",
                    [("", f'{{reason="{_label(r)}"}}', n) for r, n in sorted(self.rejected.items())])
             one("ingest_backlog", "gauge", "Update messages received and not yet judged.",
@@ -226,12 +233,19 @@ class ServerMetrics:
                    [("", f'{{metric="{_label(k)}"}}', repr(v))
                     for k, v in sorted(self.evaluation.items())])
             one("devices_privacy_exhausted", "gauge",
-                "Online devices reporting no local privacy budget left.", self.privacy_exhausted)
-            if self.privacy_remaining_min is not None:
+                "Online devices reporting no local privacy budget left.", exhausted)
+            if privacy_left:
                 one("devices_privacy_remaining_min", "gauge",
                     "Smallest local privacy budget (epsilon) left that an online device reports.",
-                    repr(self.privacy_remaining_min))
+                    repr(float(min(privacy_left))))
             return "\n".join(lines) + "\n"
+
+
+def _read(source, default):
+    try:
+        return source()
+    except Exception:  # noqa: BLE001 - a scrape must not fail for one gauge
+        return default
 
 
 class MetricsHttpServer:

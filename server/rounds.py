@@ -43,7 +43,7 @@ class RoundState:
 
     ``selected`` lists the devices expected to answer (always explicit: "every online device" is
     resolved when the round opens, so the server knows whom it waits for). ``extended`` records
-    that the one deadline extension was used.
+    that the one deadline extension was used, ``opened_at`` when the round opened (Unix time).
     """
 
     round_id: int
@@ -54,6 +54,7 @@ class RoundState:
     randomk_seed: int = 0
     config: TrainingConfig = field(default_factory=TrainingConfig)
     extended: bool = False
+    opened_at: float = 0.0
 
     @functools.cached_property
     def selected_set(self) -> frozenset[str]:

@@ -27,11 +27,13 @@ def test_metrics_text_and_http():
     m.count_update(10, "late")
     m.count_published(1234)
     m.set_online(7)
-    m.set_connected(True)
+    m.connected = lambda: True
     m.round_opened(round_id=2, selected=5, opened_at=100.0, deadline=160.0)
     m.round_extended(220.0)
     m.backlog = lambda: 3
-    m.set_privacy(exhausted=2, remaining_min=0.0)
+    m.privacy_left = lambda: [0.0, 3.5, -0.0]
+    m.count_updates(2, {"late": 1}, 50)
+    m.count_worker_restart()
     open_samples = samples_of(m.render())
     assert open_samples["edgefl_server_round_open"] == "1"
     assert open_samples["edgefl_server_round_opened_timestamp_seconds"] == "100.0"
@@ -58,11 +60,12 @@ def test_metrics_text_and_http():
         "edgefl_server_round_stragglers": "4", "edgefl_server_stragglers_total": "4",
         'edgefl_server_quorum_failures_total{outcome="closed_without_quorum"}': "1",
         'edgefl_server_quorum_failures_total{outcome="extended"}': "1",
-        "edgefl_server_updates_accepted_total": "1",
-        'edgefl_server_updates_rejected_total{reason="late"}': "2",
+        "edgefl_server_updates_accepted_total": "3",
+        "edgefl_server_ingest_worker_restarts_total": "1",
+        'edgefl_server_updates_rejected_total{reason="late"}': "3",
         'edgefl_server_updates_rejected_total{reason="malformed"}': "1",
         "edgefl_server_ingest_backlog": "3",
-        "edgefl_server_uplink_bytes_total": "210", "edgefl_server_downlink_bytes_total": "1234",
+        "edgefl_server_uplink_bytes_total": "260", "edgefl_server_downlink_bytes_total": "1234",
         "edgefl_server_aggregation_seconds_count": "1", "edgefl_server_aggregation_seconds_sum": "0.25",
         'edgefl_server_model_evaluation{metric="accuracy"}': "0.875",
         "edgefl_server_devices_privacy_exhausted": "2",
