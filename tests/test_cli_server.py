@@ -2,16 +2,20 @@
 embedded Mosquitto when no --broker is given, options from the environment, the initial model."""
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from edgefl.cli import server
 from edgefl.wire import encode_model
+from edgefl.wire.protocol import DeviceStatus, Topics
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.store import ServerStore
 
@@ -89,3 +93,43 @@ def test_an_unusable_onnx_model_is_refused_before_anything_starts(tmp_path, caps
     err = capsys.readouterr().err
     assert "torch_conv_tail.onnx" in err and "node 'node_conv2d' (Conv)" in err
     assert not (tmp_path / "state").exists()  # no embedded broker, no state directory
+
+
+def test_metrics_stay_up_after_the_last_round_until_the_process_exits(broker, tmp_path):
+    """--metrics-linger: the finished run's metrics can still be scraped; SIGTERM ends it."""
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="status", protocol=mqtt.MQTTv5)
+    peer.connect(broker.host, broker.port)
+    peer.loop_start()
+    peer.publish(Topics(FLEET).status("d1"), DeviceStatus("online").to_json(), qos=1,
+                 retain=True).wait_for_publish(10)
+    peer.disconnect()
+    peer.loop_stop()
+    # d1 is online but never answers: the round is extended once, then closes without quorum
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "server", "--broker", broker.url, "--fleet", FLEET,
+         "--state-dir", str(tmp_path), "--rounds", "1", "--round-timeout", "0.5",
+         "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--metrics-linger", "120"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        port, lines = None, []
+        for line in proc.stderr:
+            lines.append(line)
+            found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+            port = int(found.group(1)) if found else port
+            if "serving the final metrics" in line:
+                break
+        assert port and "all 1 rounds done" in "".join(lines), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert "edgefl_server_rounds_total 1" in text
+        assert 'edgefl_server_quorum_failures_total{outcome="extended"} 1' in text
+        assert 'edgefl_server_quorum_failures_total{outcome="closed_without_quorum"} 1' in text
+        assert "edgefl_server_round_stragglers 1" in text
+        assert "edgefl_server_round_duration_seconds_count 1" in text
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -79,8 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="reject updates with a larger L2 norm")
     env_option(run, "--evaluate", env="EDGEFL_EVALUATE", choices=["none", "digits"],
                default="none", help="report held-out accuracy of each model (digits task)")
-    env_option(run, "--metrics-port", env="EDGEFL_METRICS_PORT", type=int, metavar="PORT",
-               help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
+    env_option(run, "--ingest-workers", env="EDGEFL_INGEST_WORKERS", type=int, default=1,
+               metavar="N", help="ingestion processes: 1 (default) ingests in this process; N "
+               ">= 2 starts N workers sharing the updates through an MQTT shared subscription "
+               "(same results; see docs/operations.md)")
+    ops = parser.add_argument_group("operations")
+    env_option(ops, "--metrics-port", env="EDGEFL_METRICS_PORT", type=int, metavar="PORT",
+               help="serve Prometheus metrics on http://HOST:PORT/metrics until the process "
+                    "exits (docs/operations.md)")
+    env_option(ops, "--metrics-host", env="EDGEFL_METRICS_HOST", default="127.0.0.1",
+               metavar="HOST", help="interface of the metrics endpoint (default 127.0.0.1; "
+                                    "0.0.0.0 for a Prometheus on another machine)")
+    env_option(ops, "--metrics-linger", env="EDGEFL_METRICS_LINGER", type=float, default=0.0,
+               metavar="S", help="after the last round, keep serving metrics S seconds before "
+                                 "exiting (longer than the scrape interval, so the final "
+                                 "values are scraped)")
 
     add_training_arguments(parser, "local training announced to devices", TrainingConfig())
     add_logging_option(parser)
@@ -122,6 +135,7 @@ def config_from_args(args, broker_url: str):
         rounds=args.rounds, min_clients=args.min_clients,
         clients_per_round=args.clients_per_round, quorum=args.quorum,
         round_timeout=args.round_timeout, training=training, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, ingest_workers=args.ingest_workers,
         max_update_bytes=args.max_update_bytes, max_update_norm=args.max_update_norm,
         seed=args.seed, server_id=args.server_id, username=args.username,
         password=args.password, tls=args.tls or None, ca_certs=args.ca_certs,
@@ -169,16 +183,20 @@ def _serve(args, stop: threading.Event) -> int:
         return 1
 
     if server.metrics_port is not None:
-        log.info("metrics on http://127.0.0.1:%d/metrics", server.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
     try:
         while not stop.is_set() and not server.wait(0.2):
             pass
     finally:
-        server.stop()
+        server.stop()  # the metrics endpoint stays up until close()
         if broker is not None:
             broker.stop()
     if server.wait(0):
         log.info("all %d rounds done; final model version %d", config.rounds, server.model.version)
+        if server.metrics_port is not None and args.metrics_linger > 0:
+            log.info("serving the final metrics for %gs (--metrics-linger)", args.metrics_linger)
+            stop.wait(args.metrics_linger)
     else:
         log.info("stopped; rerun with --state-dir %s to resume", config.state_dir)
+    server.close()
     return 0
