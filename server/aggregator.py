@@ -295,7 +295,8 @@ class AggregationServer:
         try:
             if cfg.ingest_workers > 1:
                 self._workers = IngestWorkers(cfg, cfg.ingest_workers,
-                                              self.model.manifest.num_params, self._on_report)
+                                              self.model.manifest.num_params, self._on_report,
+                                              self.metrics.count_worker_restart)
                 self._workers.start(timeout=timeout)
             self._control.start(timeout=timeout)
             self._conn.start(timeout=timeout)
@@ -459,7 +460,6 @@ class AggregationServer:
             if report.round_id == self._round.round_id:
                 self._round_uplink += report.uplink_bytes
                 self._round_downlink += report.downlink_bytes
-                self._round_rejected.update(report.rejected)
                 if report.accepted:
                     self._last_arrival = max(self._last_arrival, report.last_arrival)
         self._wake.set()
@@ -480,8 +480,8 @@ class AggregationServer:
                     if self._workers is None:
                         self._updates.append(outcome.update)
                     self._last_arrival = arrival
-                elif outcome.status != DUPLICATE:
-                    self._round_rejected[outcome.code] += 1
+                elif outcome.status != DUPLICATE and self._workers is None:
+                    self._round_rejected[outcome.code] += 1  # with workers: in the store
             answered = self._answered() >= len(self._round.selected) > 0
             finishing = answered and self._round.round_id >= self.config.rounds
         # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
@@ -580,7 +580,8 @@ class AggregationServer:
             last_arrival = self._last_arrival
             if self._workers is None:
                 updates = sorted(self._updates, key=lambda u: u.client_id)
-                model, nxt, result, new_weights = self._aggregate(r, updates, decision)
+                model, nxt, result, new_weights = self._aggregate(
+                    r, updates, decision, dict(self._round_rejected))
                 self._store.commit_round(closed_round=r.round_id, model=model, next_round=nxt,
                                          strategy_state=self.strategy.state_dict(),
                                          record=result.to_dict())
@@ -591,7 +592,8 @@ class AggregationServer:
                                              max_bytes=max(self.config.max_update_bytes,
                                                            len(u.payload)))
                                for u in closing.updates]  # in client-id order
-                    model, nxt, result, new_weights = self._aggregate(r, updates, decision)
+                    model, nxt, result, new_weights = self._aggregate(r, updates, decision,
+                                                                      closing.rejected)
                     closing.commit(model=model, next_round=nxt,
                                    strategy_state=self.strategy.state_dict(),
                                    record=result.to_dict())
@@ -635,7 +637,8 @@ class AggregationServer:
             except Exception:  # noqa: BLE001 - an observer's bug must not stop the rounds
                 log.exception("on_round callback failed")
 
-    def _aggregate(self, r: RoundState, updates: list, decision: Decision):
+    def _aggregate(self, r: RoundState, updates: list, decision: Decision,
+                   rejected: dict[str, int]):
         """The new model, next round and result of closing ``r`` with ``updates`` (client-id
         order: the same sums in the same order, however the updates arrived)."""
         model = self.model
@@ -656,7 +659,7 @@ class AggregationServer:
         answered = {u.client_id for u in updates}
         result = RoundResult(
             round_id=r.round_id, model_version=model.version, accepted=len(updates),
-            rejected=dict(self._round_rejected), uplink_bytes=self._round_uplink,
+            rejected=rejected, uplink_bytes=self._round_uplink,
             downlink_bytes=0, aggregation_seconds=0.0, metrics={}, selected=r.selected,
             stragglers=tuple(c for c in r.selected if c not in answered),
             close_reason=decision.value)

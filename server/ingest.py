@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,6 +140,9 @@ class UpdateIngestor:
             outcomes, rows = self._judge_all(decoded, tx.round,
                                              lambda r, c: known[r].get(c), now)
             tx.add(rows)
+            rejected = Counter(o.code for o in outcomes if o.status in (REJECTED, DROPPED))
+            if rejected:  # in the round's record however the round closes
+                tx.count_rejected(rejected)
         return outcomes, tx.round
 
     def _judge_all(self, decoded, round_state, find, now):

@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS updates (
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, nbytes INTEGER NOT NULL,
     received_at REAL NOT NULL, payload BLOB, PRIMARY KEY (round_id, client_id));
 CREATE TABLE IF NOT EXISTS history (round_id INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rejections (
+    round_id INTEGER NOT NULL, code TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (round_id, code));
 """
 
 
@@ -227,7 +230,10 @@ class ServerStore:
             rows = db.execute(
                 "SELECT client_id, update_id, payload FROM updates WHERE round_id = ? "
                 "AND payload IS NOT NULL ORDER BY client_id", (round_id,)).fetchall()
-            yield ClosingRound(db, round_id, [StoredUpdate(c, int(u), bytes(p)) for c, u, p in rows])
+            rejected = dict(db.execute("SELECT code, count FROM rejections WHERE round_id = ?",
+                                       (round_id,)).fetchall())
+            yield ClosingRound(db, round_id, [StoredUpdate(c, int(u), bytes(p)) for c, u, p in rows],
+                               rejected)
 
     @contextlib.contextmanager
     def shared_ingest(self):
@@ -305,10 +311,11 @@ class ServerStore:
 
 
 class ClosingRound:
-    """A round being closed by :meth:`ServerStore.closing_round`: its updates, frozen."""
+    """A round being closed by :meth:`ServerStore.closing_round`: its updates, frozen, in
+    client-id order, and the workers' rejections while it was current (by reason code)."""
 
-    def __init__(self, db, round_id: int, updates: list[StoredUpdate]):
-        self._db, self.round_id, self.updates = db, round_id, updates
+    def __init__(self, db, round_id: int, updates: list[StoredUpdate], rejected: dict[str, int]):
+        self._db, self.round_id, self.updates, self.rejected = db, round_id, updates, rejected
 
     def commit(self, *, model: Model, next_round: RoundState,
                strategy_state: dict[str, np.ndarray], record: dict) -> None:
@@ -338,6 +345,13 @@ class SharedIngest:
         """Store accepted updates (see :meth:`ServerStore.add_updates`)."""
         if rows:
             _insert_updates(self._db, rows)
+
+    def count_rejected(self, codes: dict[str, int]) -> None:
+        """Add rejections (reason code -> count) to the stored round's record."""
+        self._db.executemany(
+            "INSERT INTO rejections VALUES (?, ?, ?) ON CONFLICT (round_id, code) "
+            "DO UPDATE SET count = count + excluded.count",
+            [(self.round.round_id, code, n) for code, n in codes.items()])
 
 
 def _insert_updates(db, rows: list[dict]) -> None:

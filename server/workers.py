@@ -178,12 +178,15 @@ class IngestWorkers:
         Parameters of the fleet's model.
     on_report : callable(BatchReport)
         Runs on a thread of the coordinator for every batch a worker stored.
+    on_restart : callable(), optional
+        Runs when a dead worker was restarted.
     """
 
     def __init__(self, config, count: int, num_params: int,
-                 on_report: Callable[[BatchReport], None]):
+                 on_report: Callable[[BatchReport], None],
+                 on_restart: Callable[[], None] | None = None):
         self.config, self.count, self.num_params = config, count, num_params
-        self.on_report = on_report
+        self.on_report, self.on_restart = on_report, on_restart
         self.restarts = 0
         self._ctx = mp.get_context("spawn")  # no fork of a process that runs threads
         self._reports = self._ctx.Queue()
@@ -259,6 +262,8 @@ class IngestWorkers:
                                 "acknowledged", index, proc.exitcode)
                     self.restarts += 1
                     self._spawn(index)
+                    if self.on_restart is not None:
+                        self.on_restart()
 
     def pids(self) -> list[int]:
         """The process ids of the running workers (for operators and tests)."""
