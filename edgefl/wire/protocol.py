@@ -248,7 +248,10 @@ class Receipt:
     reason: str = ""
 
     def to_json(self) -> bytes:
-        return _dumps(asdict(self))
+        # One per update the server ingests: the fields by hand, not dataclasses.asdict (which
+        # copies recursively, and cost a fifth of the server's time per update).
+        return _dumps({"round_id": self.round_id, "update_id": self.update_id,
+                       "status": self.status, "reason": self.reason})
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> "Receipt":
