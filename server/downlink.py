@@ -12,7 +12,7 @@ what ``C`` left out in a residual that joins the next round's step (error feedba
 
 :class:`DownlinkCompressor` holds the residual (persisted with the server's state) and makes one
 refresh per new version. Applying a delta is one IEEE binary32 addition per kept coordinate
-(:func:`apply_refresh`), which device and server compute identically.
+(:func:`edgefl.wire.refresh.apply_refresh`), which device and server compute identically.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefl import kernels
+from edgefl.wire.model import Model
+from edgefl.wire.refresh import build_refresh
 
 #: Value encodings a refresh can carry (the update format's, ``docs/wire-format.md``).
 REFRESH_VALUES = ("f32", "f16", "int8", "ternary")
@@ -61,17 +63,6 @@ class DownlinkConfig:
         return min(num_params, max(1, math.ceil(self.density * num_params)))
 
 
-def apply_refresh(weights: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``weights`` with ``values`` added at ``indices`` in binary32 (a new array).
-
-    The one arithmetic rule of a refresh: ``w[i] = fl32(w[i] + v)``, round to nearest even, the
-    same on every IEEE machine, so a device reconstructs the server's weights exactly.
-    """
-    out = np.array(weights, dtype=np.float32, copy=True)
-    out[indices] = out[indices] + np.asarray(values, dtype=np.float32)
-    return out
-
-
 class DownlinkCompressor:
     """Top-k with error feedback on the server's model steps (the downlink half of STC).
 
@@ -97,49 +88,44 @@ class DownlinkCompressor:
                              "belongs to another model")
         self.residual = residual
 
-    def refresh(self, published: np.ndarray, target: np.ndarray):
-        """The delta that moves ``published`` towards ``target``, and where it lands.
+    def refresh(self, model: Model, target: np.ndarray, *, round_id: int):
+        """Version ``model.version + 1`` as a refresh that moves ``model`` towards ``target``.
 
         Parameters
         ----------
-        published : numpy.ndarray
-            The model every device holds (float32).
+        model : Model
+            The model every device holds (the server's current model).
         target : numpy.ndarray
-            The strategy's new weights (float32), computed from ``published``: ``target -
-            published`` is this round's step, to which the residual of earlier rounds is added.
+            The strategy's new weights (float32), computed from ``model.weights``: ``target -
+            model.weights`` is this round's step, to which the residual of earlier rounds is
+            added.
+        round_id : int
+            The round that produced the new version.
 
         Returns
         -------
-        indices : numpy.ndarray
-            Sorted uint32 coordinates, ``k`` of them.
-        values : numpy.ndarray
-            float32 values, exactly what the value encoding carries.
-        weights : numpy.ndarray
-            ``apply_refresh(published, indices, values)``: the new global model.
+        payload : bytes
+            The refresh message (``docs/wire-format.md``).
+        new_model : Model
+            The new global model: exactly what a device rebuilds from ``payload``.
 
         The residual is updated in place only when this returns (a non-finite step raises
         ``ValueError`` and leaves it as it was).
         """
-        published = np.ascontiguousarray(published, dtype=np.float32)
+        published = model.weights
         step = (np.asarray(target, np.float64) - published).astype(np.float32)
         residual = self.residual.copy()
         indices, kept = kernels.topk_ef_(residual, step, self.config.k(self.num_params))
-        values = _quantized(kept, self.config.values)
-        weights = apply_refresh(published, indices, values)
+        if self.config.values == "f16":
+            # Clip below half precision's overflow instead of failing: error feedback carries
+            # the excess into the next refresh.
+            kept = np.clip(kept, -65504.0, 65504.0)
+        payload, refresh = build_refresh(
+            published, indices, kept, self.config.values, base_version=model.version,
+            version=model.version + 1, round_id=round_id, onnx_sha256=model.onnx_sha256)
+        weights = refresh.apply(published)
         # Error feedback of everything the wire and the float32 addition did not carry.
         applied = weights[indices].astype(np.float64) - published[indices]
         residual[indices] += (kept.astype(np.float64) - applied).astype(np.float32)
         self.residual = residual
-        return indices, values, weights
-
-
-def _quantized(values: np.ndarray, encoding: str) -> np.ndarray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if encoding == "f32" or values.size == 0:
-        return values
-    if encoding == "f16":
-        # Clip below half precision's overflow instead of failing: error feedback carries the
-        # excess into the next refresh.
-        values = np.clip(values, -65504.0, 65504.0)
-    blob, scale = kernels.quantize(values, encoding)
-    return kernels.dequantize(blob, encoding, values.size, scale)
+        return payload, model.with_weights(weights, version=refresh.version, round_id=round_id)

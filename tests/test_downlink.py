@@ -1,60 +1,73 @@
-"""The server's compressed model refreshes: error feedback keeps the published model the sum of
-the refreshes, and nothing of the strategy's steps is lost, only delayed."""
+"""The server's compressed model refreshes: the published model is exactly what a device rebuilds
+from the refreshes, and error feedback loses nothing of the strategy's steps, only delays it."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefl_server.downlink import DownlinkCompressor, DownlinkConfig, apply_refresh
+from edgefl.wire import decode_refresh, weights_sha256
+from edgefl_server.downlink import DownlinkCompressor, DownlinkConfig
+from edgefl_server.model_builder import build_mlp
+
+
+@functools.lru_cache(maxsize=None)
+def model_of(width: int, classes: int):
+    return build_mlp((width, classes), seed=width)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 300), st.sampled_from([0.01, 0.1, 0.5, 1.0]),
+@given(st.integers(1, 40), st.integers(2, 5), st.sampled_from([0.01, 0.1, 0.5, 1.0]),
        st.sampled_from(["f32", "f16", "int8", "ternary"]), st.integers(0, 2**31))
-def test_published_is_the_sum_of_refreshes_and_the_residual_holds_the_rest(n, density, values,
-                                                                            seed):
+def test_devices_rebuild_the_published_model_and_the_residual_holds_the_rest(
+        width, classes, density, values, seed):
     rng = np.random.default_rng(seed)
+    model = model_of(width, classes)
+    n = model.manifest.num_params
     compressor = DownlinkCompressor(DownlinkConfig(density=density, values=values), n)
-    published = rng.normal(0, 1, n).astype(np.float32)
-    device = published.copy()
-    ideal = published.astype(np.float64)  # where uncompressed refreshes would have led
-    for _ in range(5):
+    device = model.weights.copy()
+    ideal = model.weights.astype(np.float64)  # where uncompressed refreshes would have led
+    for round_id in range(1, 6):
         # the strategy's new weights, computed (as on the server) from the published model
-        target = (published + rng.normal(0, 0.1, n)).astype(np.float32)
-        ideal += target.astype(np.float64) - published
-        indices, sent, published_next = compressor.refresh(published, target)
-        assert indices.size == compressor.config.k(n)
-        device = apply_refresh(device, indices, sent)
-        # the device that applied every refresh holds the server's model bit for bit
-        assert device.tobytes() == published_next.tobytes()
-        published = published_next
+        target = (model.weights + rng.normal(0, 0.1, n)).astype(np.float32)
+        ideal += target.astype(np.float64) - model.weights
+        payload, new = compressor.refresh(model, target, round_id=round_id)
+        refresh = decode_refresh(payload)
+        assert (refresh.base_version, refresh.version) == (model.version, model.version + 1)
+        assert refresh.k == compressor.config.k(n) and refresh.onnx_sha256 == model.onnx_sha256
+        device = refresh.apply(device)  # checks the hash: raises on any difference
+        assert device.tobytes() == new.weights.tobytes()
+        assert weights_sha256(new.weights) == refresh.weights_sha256
+        model = new
         # error feedback: the strategy's steps = what was published + what is held back
-        np.testing.assert_allclose(published.astype(np.float64) + compressor.residual, ideal,
+        np.testing.assert_allclose(model.weights.astype(np.float64) + compressor.residual, ideal,
                                    rtol=0, atol=1e-5)
 
 
 def test_dense_f32_refresh_is_the_strategy_step():
+    model = build_mlp((1, 2), seed=0)  # 4 parameters
     compressor = DownlinkCompressor(DownlinkConfig(density=1.0, values="f32"), 4)
-    published = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
-    target = np.array([1.5, 2.0, 2.0, 4.25], np.float32)
-    _, _, weights = compressor.refresh(published, target)
-    np.testing.assert_array_equal(weights, target)
+    target = (model.weights + np.array([0.5, 0.0, -1.0, 0.25], np.float32)).astype(np.float32)
+    _, new = compressor.refresh(model, target, round_id=1)
+    np.testing.assert_array_equal(new.weights, target)
     np.testing.assert_array_equal(compressor.residual, 0.0)
+    assert (new.version, new.round_id, new.onnx) == (1, 1, model.onnx)
 
 
 def test_a_coordinate_held_back_is_sent_once_it_has_grown():
-    compressor = DownlinkCompressor(DownlinkConfig(density=0.5, values="f32"), 2)
-    published = np.zeros(2, np.float32)
-    # coordinate 1 moves less each step and loses to coordinate 0, until its backlog is larger
+    model = build_mlp((1, 2), seed=0)
+    model = model.with_weights(np.zeros(4, np.float32), version=0, round_id=0)
+    compressor = DownlinkCompressor(DownlinkConfig(density=0.25, values="f32"), 4)
     sent_at = []
     for step in range(4):
-        target = published + np.array([1.0 if step == 0 else 0.0, 0.4], np.float32)
-        indices, _, published = compressor.refresh(published, target)
-        sent_at.append(int(indices[0]))
+        target = model.weights + np.array([1.0 if step == 0 else 0.0, 0.4, 0, 0], np.float32)
+        payload, model = compressor.refresh(model, target, round_id=step + 1)
+        sent_at.append(int(decode_refresh(payload).indices[0]))
     assert sent_at == [0, 1, 1, 1]  # step 2 sends the backlog 0.8 of coordinate 1
-    np.testing.assert_allclose(published, [1.0, 1.6], rtol=1e-6)  # nothing lost
+    np.testing.assert_allclose(model.weights, [1.0, 1.6, 0, 0], rtol=1e-6)  # nothing lost
     np.testing.assert_array_equal(compressor.residual, 0.0)
 
 
@@ -67,9 +80,10 @@ def test_bad_config_and_foreign_residual_are_refused():
 
 
 def test_a_non_finite_step_leaves_the_residual_unchanged():
-    compressor = DownlinkCompressor(DownlinkConfig(density=0.5), 2)
-    compressor.refresh(np.zeros(2, np.float32), np.array([1.0, 0.5], np.float32))
+    model = build_mlp((1, 2), seed=0)
+    compressor = DownlinkCompressor(DownlinkConfig(density=0.5), 4)
+    compressor.refresh(model, model.weights + 1.0, round_id=1)
     before = compressor.residual.copy()
     with pytest.raises(ValueError):
-        compressor.refresh(np.zeros(2, np.float32), np.array([np.inf, 0.0], np.float32))
+        compressor.refresh(model, np.full(4, np.inf, np.float32), round_id=2)
     np.testing.assert_array_equal(compressor.residual, before)

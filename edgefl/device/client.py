@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import tempfile
 import threading
 import time
 from collections import deque
@@ -49,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefl import __version__, kernels
+from edgefl.durable import write_durably
 from edgefl.device.compression import Compressor
 from edgefl.device.local_data import all_labels_out_of_range, check_samples, describe_skipped
 from edgefl.wire.model import ModelManifest
@@ -339,7 +338,7 @@ class EdgeClient:
     def write_stats(self, extra: dict | None = None) -> Path:
         """Write :meth:`stats` (plus ``extra``) to ``state_dir/stats.json`` atomically."""
         path = self.state_dir / "stats.json"
-        _write_atomically(path, json.dumps({**self.stats(), **(extra or {})}, indent=1).encode())
+        write_durably(path, json.dumps({**self.stats(), **(extra or {})}, indent=1).encode())
         return path
 
     # -- persistence -----------------------------------------------------------------------------
@@ -444,7 +443,7 @@ class EdgeClient:
         self.swaps.append((started, time.perf_counter()))
         self.counters["models_installed"] += 1
         try:
-            _write_atomically(self.state_dir / "model.bin", payload)
+            write_durably(self.state_dir / "model.bin", payload)
         except OSError as exc:
             log.warning("%s: could not save model version %d (%s); it serves it anyway",
                         self.client_id, model.version, exc)
@@ -622,7 +621,7 @@ class EdgeClient:
             return
         self._outbox.put(a.round_id, update.update_id, payload)
         self._last_round = a.round_id
-        _write_atomically(self.state_dir / "state.json",
+        write_durably(self.state_dir / "state.json",
                           json.dumps({"last_round": a.round_id}).encode())
         self._send(a.round_id, update.update_id, payload)
         log.info("%s: round %d: sent update %d (%d bytes, %d of %d values, loss %.4f)",
@@ -640,16 +639,3 @@ class EdgeClient:
         self.counters["updates_sent"] += 1
         self.counters["bytes_up"] += len(payload)
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

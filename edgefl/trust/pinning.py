@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from ._durable import write_durably
+from edgefl.durable import write_durably
 from .errors import KeyFileError, ReplayedMessage, SignatureInvalid
 from .keys import key_id, raw_public, sealing_public_key, signing_public_key
 from .sealing import seal

@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ._durable import write_durably
+from edgefl.durable import write_durably
 from .errors import MessageMisbound, SignatureInvalid
 from .keys import KEY_ID_BYTES, key_id
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefl import kernels
+from edgefl.wire.coordinates import (
+    F16_OVERFLOW, VALUE_ENCODINGS, check_codes, decode_coordinates, encode_coordinates,
+)
 from edgefl.wire.framing import CHECKSUM_BYTES, FORMAT_VERSION, checksum
 from edgefl.wire.protocol import ProtocolError, check_name
 
@@ -25,53 +27,10 @@ UPDATE_MAGIC = b"EFLU"
 #: Largest update a decoder accepts unless told otherwise (4M dense float32 parameters).
 DEFAULT_MAX_UPDATE_BYTES = 16 << 20
 
-VALUE_ENCODINGS = ("f32", "f16", "int8", "ternary")
-#: Value codes on the wire: the four encodings, then "signs", the packing of a ternary update
-#: with no zero value (one sign bit per value instead of two bits), chosen by the encoder.
-WIRE_VALUE_CODES = VALUE_ENCODINGS + ("signs",)
-#: Magnitudes from here on round to infinity in IEEE half precision (65504 is the largest half).
-F16_OVERFLOW = 65520.0
-INDEX_CODINGS = ("dense", "varint", "rice", "bitmap")
-
 _UPDATE_HEADER = struct.Struct("<4sBBBBIIQIIIfII")
-
-_INDEX_CODECS = {
-    "varint": (kernels.encode_indices, kernels.decode_indices),
-    "rice": (kernels.encode_indices_rice, kernels.decode_indices_rice),
-    "bitmap": (kernels.encode_indices_bitmap, kernels.decode_indices_bitmap),
-}
-
 
 class UpdateDecodeError(ValueError):
     """A payload that is not a valid update; the message says what is wrong."""
-
-
-def value_bytes(encoding: str, k: int) -> int:
-    """Exact size of ``k`` values for a wire value code: 4, 2, 1 bytes, 2 bits (ternary) or one
-    bit (signs) each."""
-    if encoding == "ternary":
-        return (k + 3) // 4
-    if encoding == "signs":
-        return (k + 7) // 8
-    return k * {"f32": 4, "f16": 2, "int8": 1}[encoding]
-
-
-def _encode_values(values: np.ndarray, encoding: str) -> tuple[str, bytes, float]:
-    """(wire value code, bytes, scale) for ``values``; ternary without zeros goes as signs."""
-    if not values.size:
-        return encoding, b"", 0.0
-    blob, scale = kernels.quantize(values, encoding)
-    if encoding == "ternary" and np.all(values != 0):
-        # Every value is +-scale: its sign bit alone says which (halves the value bytes).
-        return "signs", np.packbits(np.signbit(values), bitorder="little").tobytes(), scale
-    return encoding, bytes(blob), scale
-
-
-def _decode_signs(blob: bytes, k: int, scale: float) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(blob, np.uint8), bitorder="little")
-    if bits[k:].any():
-        raise ValueError("nonzero padding bits after the last sign")
-    return np.where(bits[:k].astype(bool), np.float32(-scale), np.float32(scale))
 
 
 @dataclass(frozen=True)
@@ -156,26 +115,13 @@ def encode_update(update: Update) -> bytes:
         If the update is invalid (ids out of range, unsorted indices, NaN/Inf values, ...).
     """
     indices, values = _check_update(update)
-    if indices is None:
-        coding, index_blob = "dense", b""
-    else:
-        # Delta-varint suits clustered indices, Rice near-uniform gaps, a bitmap high density:
-        # keep the shortest (ties go to the first in this order). A bitmap's size is known
-        # without building it (ceil(n / 8)), so it is only built when it would win.
-        blobs = {name: bytes(_INDEX_CODECS[name][0](indices, update.num_params))
-                 for name in ("varint", "rice")}
-        if (update.num_params + 7) // 8 < min(len(b) for b in blobs.values()):
-            blobs["bitmap"] = bytes(kernels.encode_indices_bitmap(indices, update.num_params))
-        coding = min(blobs, key=lambda name: len(blobs[name]))
-        index_blob = blobs[coding]
-    value_code, value_blob, scale = _encode_values(values, update.value_encoding)
+    coded = encode_coordinates(indices, values, update.value_encoding, update.num_params)
     cid = update.client_id.encode("ascii")
     header = _UPDATE_HEADER.pack(
-        UPDATE_MAGIC, FORMAT_VERSION, WIRE_VALUE_CODES.index(value_code),
-        INDEX_CODINGS.index(coding), len(cid), update.round_id, update.base_version,
-        update.update_id, update.num_samples, update.num_params, values.size, scale,
-        len(index_blob), len(value_blob))
-    body = b"".join((header, cid, index_blob, value_blob))
+        UPDATE_MAGIC, FORMAT_VERSION, coded.value_code, coded.index_code, len(cid),
+        update.round_id, update.base_version, update.update_id, update.num_samples,
+        update.num_params, values.size, coded.scale, len(coded.indices), len(coded.values))
+    body = b"".join((header, cid, coded.indices, coded.values))
     return body + checksum(body)
 
 
@@ -219,28 +165,19 @@ def decode_update(payload, *, expected_params: int | None = None,
     body_len = size - CHECKSUM_BYTES
     if bytes(data[body_len:]) != checksum(data[:body_len]):
         raise UpdateDecodeError("checksum mismatch: the update was corrupted or truncated")
-    if enc >= len(WIRE_VALUE_CODES):
-        raise UpdateDecodeError(f"unknown value encoding {enc}")
-    if coding >= len(INDEX_CODINGS):
-        raise UpdateDecodeError(f"unknown index coding {coding}")
-    encoding, coding = WIRE_VALUE_CODES[enc], INDEX_CODINGS[coding]
     if num_params < 1:
         raise UpdateDecodeError("num_params is 0")
     if expected_params is not None and num_params != expected_params:
         raise UpdateDecodeError(f"shape mismatch: the update has {num_params} parameters, the "
                                 f"model has {expected_params}")
-    if k > num_params or (coding == "dense" and k != num_params):
-        raise UpdateDecodeError(f"k={k} is inconsistent with {num_params} parameters and "
-                                f"{coding} indices")
-    if value_len != value_bytes(encoding, k):
-        raise UpdateDecodeError(f"{k} {encoding} values take {value_bytes(encoding, k)} bytes, the "
-                                f"header says {value_len}")
+    try:
+        encoding, coding = check_codes(enc, coding, num_params, k, value_len)
+    except ValueError as exc:
+        raise UpdateDecodeError(str(exc)) from None
     if _UPDATE_HEADER.size + cid_len + index_len + value_len != body_len:
         raise UpdateDecodeError(
             f"lengths do not add up: header {_UPDATE_HEADER.size} + client id {cid_len} + indices "
             f"{index_len} + values {value_len} != {body_len} bytes before the checksum")
-    if coding == "dense" and index_len:
-        raise UpdateDecodeError("a dense update carries no index bytes")
     if not math.isfinite(scale) or scale < 0:
         raise UpdateDecodeError(f"value scale {scale} is not a finite number >= 0")
     pos = _UPDATE_HEADER.size
@@ -249,28 +186,11 @@ def decode_update(payload, *, expected_params: int | None = None,
     except (UnicodeDecodeError, ProtocolError):
         raise UpdateDecodeError("client id is not 1-64 characters of A-Z a-z 0-9 _ . -") from None
     pos += cid_len
-    index_blob = bytes(data[pos:pos + index_len])
-    value_blob = bytes(data[pos + index_len:body_len])
-    indices = None
-    if coding != "dense":
-        try:
-            indices = _INDEX_CODECS[coding][1](index_blob, num_params, k)
-        except ValueError as exc:  # the kernels name what is wrong (truncated, unsorted, ...)
-            raise UpdateDecodeError(f"{coding} indices: {exc}") from None
-        # No second pass over them: every index codec (compiled and twin) returns exactly k
-        # strictly increasing indices below num_params or raises (gap coding makes them
-        # increasing by construction, and the kernels' tests hold both to it).
-    # The value decoders refuse non-finite results themselves: f32/f16 bit patterns of NaN and
-    # Inf, an int8 scale whose 127 multiple overflows; ternary and sign values are +-scale with
-    # a finite scale (checked above).
     try:
-        if not k:
-            values = np.zeros(0, np.float32)
-        elif encoding == "signs":
-            values = _decode_signs(value_blob, k, scale)
-        else:
-            values = kernels.dequantize(value_blob, encoding, k, scale)
+        indices, values = decode_coordinates(coding, encoding, num_params, k, scale,
+                                             bytes(data[pos:pos + index_len]),
+                                             bytes(data[pos + index_len:body_len]))
     except ValueError as exc:
-        raise UpdateDecodeError(f"{encoding} values: {exc}") from None
+        raise UpdateDecodeError(str(exc)) from None
     return Update(client_id, round_id, base_version, update_id, num_samples, num_params,
                   indices, values, "ternary" if encoding == "signs" else encoding)

@@ -1,4 +1,4 @@
-"""Replace a file so that a crash leaves either the old or the new content."""
+"""One durable write: replace a file so that a crash leaves either the old or the new content."""
 from __future__ import annotations
 
 import os
