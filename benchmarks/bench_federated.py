@@ -13,10 +13,12 @@ updates), in memory with the device's trainer and compressor and the server's st
 
 * ``poisoning``: FedAvg, FedMedian, FedTrimmedAvg and multi-Krum with 20% of the devices sending
   their honest delta x -10, dense, random-k 10% and top-k 10% (``results/federated_poisoning.*``);
+* ``downlink``: downlink bytes and accuracy, full float32 envelopes against compressed model
+  refreshes (``results/federated_downlink.*``);
 * ``fedbuff``: FedBuff against synchronous FedAvg for the same number of accepted updates, with
   devices that go offline part of the time (``results/federated_fedbuff.*``).
 
-Run: ``nice python benchmarks/bench_federated.py --suites accuracy,poisoning,fedbuff``
+Run: ``nice python benchmarks/bench_federated.py --suites accuracy,poisoning,downlink,fedbuff``
 (``--rounds 5 --devices 5`` for a short smoke run).
 """
 from __future__ import annotations
@@ -39,10 +41,11 @@ from edgefl.simulation.federation import run_federation
 from edgefl.simulation.plan import SimulationPlan
 from edgefl.simulation.report import headless_pyplot, rounds_to
 from edgefl.simulation.task import make_task
-from edgefl.wire import Update
+from edgefl.wire import Update, decode_model, decode_refresh, encode_model
 from edgefl.wire.model import mlp_logits
 from edgefl.wire.protocol import CompressionConfig, TrainingConfig
 from edgefl_server.buffer import BufferConfig, scaled_by_staleness
+from edgefl_server.downlink import DownlinkCompressor, DownlinkConfig
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.mosquitto import MosquittoBroker
 from edgefl_server.rounds import randomk_seed
@@ -374,7 +377,84 @@ def chart_fedbuff(result, path: Path, args) -> None:
     plt.close(fig)
 
 
-SUITES = ("accuracy", "poisoning", "fedbuff")
+
+def run_downlink(args, downlink) -> dict:
+    """FedAvg with top-k 10% f16 uplink; the model reaches the devices as full envelopes
+    (``downlink`` None) or as refreshes, each decoded and applied (hash-checked) by a device."""
+    fleet = MemoryFleet(args, compression=CompressionConfig("topk", density=0.1, values="f16"))
+    strategy = make_strategy("fedavg")
+    model = fleet.model
+    compressor = None if downlink is None else DownlinkCompressor(downlink, fleet.num_params)
+    device_weights = model.weights.copy()  # what a device following the refreshes holds
+    curve, sizes = [], []
+    for round_id in range(1, args.rounds + 1):
+        updates = [u for u in (fleet.update(d, model.weights, round_id, model.version)
+                               for d in range(args.devices)) if u is not None]
+        target = strategy.aggregate(model.weights, updates)
+        if compressor is None:
+            model = model.with_weights(target, version=model.version + 1, round_id=round_id)
+            payload = encode_model(model)
+            device_weights = decode_model(payload).weights
+        else:
+            payload, model = compressor.refresh(model, target, round_id=round_id)
+            device_weights = decode_refresh(payload).apply(device_weights)  # raises on drift
+        sizes.append(len(payload))
+        curve.append(fleet.accuracy(device_weights))
+    label = "full f32 envelope" if downlink is None else \
+        f"refresh top-{100 * downlink.density:g}% {downlink.values}"
+    return {"downlink": label, "bytes_per_device_per_round": int(np.median(sizes)),
+            "downlink_bytes": int(sum(sizes)) * args.devices, "accuracy": curve,
+            "final_accuracy": curve[-1], "best_accuracy": max(curve),
+            "device_equals_server": bool(device_weights.tobytes() == model.weights.tobytes())}
+
+
+def suite_downlink(args, out: Path) -> None:
+    """Downlink bytes and accuracy: full envelopes against compressed refreshes."""
+    configs = [None, DownlinkConfig(density=0.1, values="int8"),
+               DownlinkConfig(density=0.05, values="f16"),
+               DownlinkConfig(density=0.05, values="int8"),
+               DownlinkConfig(density=0.02, values="f16")]
+    runs = []
+    for downlink in configs:
+        started = time.perf_counter()
+        run = run_downlink(args, downlink)
+        run["seconds"] = round(time.perf_counter() - started, 1)
+        runs.append(run)
+    full = runs[0]
+    for run in runs:
+        run["fewer_bytes_than_full"] = round(full["downlink_bytes"] / run["downlink_bytes"], 1)
+        run["accuracy_loss_points"] = round(100 * (full["final_accuracy"] - run["final_accuracy"]), 2)
+        print(f"downlink   {run['downlink']:24s} {run['bytes_per_device_per_round']:7d} B per "
+              f"device and round ({run['fewer_bytes_than_full']}x fewer), final "
+              f"{100 * run['final_accuracy']:5.1f}% ({run['accuracy_loss_points']:+.2f} pt "
+              f"below full), device = server: {run['device_equals_server']}  "
+              f"({run['seconds']} s)", flush=True)
+    _write(out, "federated_downlink", args, {"uplink": "topk 10% f16, FedAvg", "runs": runs},
+           chart_downlink)
+
+
+def chart_downlink(result, path: Path, args) -> None:
+    plt = headless_pyplot()
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in result["runs"]:
+        curves.plot(range(1, len(r["accuracy"]) + 1), r["accuracy"], label=r["downlink"])
+    curves.set_xlabel("round")
+    curves.set_ylabel("held-out accuracy (device's model)")
+    curves.set_ylim(0.5, 1.0)
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=7, loc="lower right")
+    labels = [r["downlink"] for r in result["runs"]]
+    bars.barh(labels, [r["downlink_bytes"] / 2**20 for r in result["runs"]])
+    bars.set_xscale("log")
+    bars.set_xlabel(f"downlink MiB, {args.devices} devices x {args.rounds} rounds (log)")
+    bars.tick_params(axis="y", labelsize=7)
+    fig.suptitle("model refreshes vs full envelopes, 64-256-256-10 MLP", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SUITES = ("accuracy", "poisoning", "downlink", "fedbuff")
 
 
 def main(argv=None):

@@ -44,6 +44,7 @@ from edgefl.wire.protocol import DeviceStatus, ProtocolError, TrainingConfig, To
 from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.wire import decode_update, encode_model
 
+from .downlink import DownlinkCompressor, DownlinkConfig
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .metrics import MetricsHttpServer, ServerMetrics
 from .rounds import (
@@ -101,6 +102,10 @@ class ServerConfig:
         Reject updates with a larger L2 norm.
     seed : int
         Seeds client selection and the rounds' random-k seeds.
+    downlink : DownlinkConfig, optional
+        Publish each new version also as a compressed refresh on ``edgefl/<fleet>/refresh``
+        (:mod:`edgefl_server.downlink`); the global model is then the sum of the refreshes.
+        None publishes full envelopes only.
     server_id : str, optional
         The server's fixed MQTT client id; ``edgefl-server-<fleet>`` by default.
     username, password, tls, ca_certs
@@ -126,6 +131,7 @@ class ServerConfig:
     max_update_bytes: int = 16 << 20
     max_update_norm: float | None = None
     seed: int = 0
+    downlink: DownlinkConfig | None = None
     server_id: str | None = None
     username: str | None = None
     password: str | None = None
@@ -248,6 +254,7 @@ class AggregationServer:
         else:
             self.model, self._round = saved.model, saved.round
             self.strategy.load_state_dict(saved.strategy_state)
+            residual = saved.downlink_state.get("residual")
             self.history = [RoundResult.from_dict(r) for r in saved.history]
             stored_updates = [] if cfg.ingest_workers > 1 else \
                 self._store.round_updates(self._round.round_id)
@@ -268,6 +275,9 @@ class AggregationServer:
                                         max_update_bytes=cfg.max_update_bytes,
                                         max_update_norm=cfg.max_update_norm)
         self._model_payload = encode_model(self.model)
+        self._downlink = None if cfg.downlink is None else DownlinkCompressor(
+            cfg.downlink, self.model.manifest.num_params,
+            residual=residual if saved is not None else None)
         self.metrics.set_position(round_id=self._round.round_id, model_version=self.model.version)
         if self._round.phase == OPEN:
             self.metrics.round_opened(round_id=self._round.round_id,
@@ -580,11 +590,12 @@ class AggregationServer:
             last_arrival = self._last_arrival
             if self._workers is None:
                 updates = sorted(self._updates, key=lambda u: u.client_id)
-                model, nxt, result, new_weights = self._aggregate(
+                model, nxt, result, new_weights, refresh = self._aggregate(
                     r, updates, decision, dict(self._round_rejected))
                 self._store.commit_round(closed_round=r.round_id, model=model, next_round=nxt,
                                          strategy_state=self.strategy.state_dict(),
-                                         record=result.to_dict())
+                                         record=result.to_dict(),
+                                         downlink_state=self._downlink_state())
             else:
                 # The workers' updates, frozen: none can be added until the commit below.
                 with self._store.closing_round(r.round_id) as closing:
@@ -592,11 +603,12 @@ class AggregationServer:
                                              max_bytes=max(self.config.max_update_bytes,
                                                            len(u.payload)))
                                for u in closing.updates]  # in client-id order
-                    model, nxt, result, new_weights = self._aggregate(r, updates, decision,
-                                                                      closing.rejected)
+                    model, nxt, result, new_weights, refresh = self._aggregate(
+                        r, updates, decision, closing.rejected)
                     closing.commit(model=model, next_round=nxt,
                                    strategy_state=self.strategy.state_dict(),
-                                   record=result.to_dict())
+                                   record=result.to_dict(),
+                                   downlink_state=self._downlink_state())
             self.model, self._round = model, nxt
             self._updates = []
             self._round_rejected = Counter()
@@ -607,6 +619,10 @@ class AggregationServer:
             # Not waiting here: the broker handles one connection's messages in order, so the
             # announcement's PUBACK below also confirms the model, one round trip instead of two.
             self._publish(self.topics.model, self._model_payload, retain=True, wait=False)
+        if refresh is not None:
+            # Before the announcement: a device that sees an announcement of a version it does
+            # not hold after this has missed the refresh and takes the full envelope.
+            self._publish(self.topics.refresh, refresh, wait=False)
         self._publish(self.topics.round, nxt.announcement().to_json(), retain=True)
         seconds = time.perf_counter() - t0
         since_last_update = time.time() - last_arrival
@@ -650,7 +666,11 @@ class AggregationServer:
                       "version %d (set --max-update-norm to bound updates)", r.round_id,
                       len(updates), model.version)
             new_weights = None
-        if new_weights is not None:
+        refresh = None
+        if new_weights is not None and self._downlink is not None:
+            # The published model is what the refresh rebuilds on every device (STC).
+            refresh, model = self._downlink.refresh(model, new_weights, round_id=r.round_id)
+        elif new_weights is not None:
             model = model.with_weights(new_weights, version=model.version + 1,
                                        round_id=r.round_id)
         last = r.round_id >= self.config.rounds
@@ -663,7 +683,10 @@ class AggregationServer:
             downlink_bytes=0, aggregation_seconds=0.0, metrics={}, selected=r.selected,
             stragglers=tuple(c for c in r.selected if c not in answered),
             close_reason=decision.value)
-        return model, nxt, result, new_weights
+        return model, nxt, result, new_weights, refresh
+
+    def _downlink_state(self) -> dict | None:
+        return None if self._downlink is None else {"residual": self._downlink.residual}
 
     def _evaluate_model(self, model: Model) -> dict:
         if self._evaluate is None:

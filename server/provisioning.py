@@ -88,7 +88,7 @@ def acl_text(fleet: str) -> str:
     """The Mosquitto ACL of a fleet: least privilege for each principal.
 
     A device (user name = client id, ``%u``) may publish only its own ``update`` and ``status``
-    and read only ``model``, ``round``, ``key`` and its own ``receipt``; only the server's two
+    and read only ``model``, ``refresh``, ``round``, ``key`` and its own ``receipt``; only the server's two
     principals write models, announcements, key notices and receipts and read updates.
     """
     t = Topics(fleet)
@@ -102,16 +102,19 @@ def acl_text(fleet: str) -> str:
         "",
         f"user {control_principal(fleet)}",
         f"topic write {t.model}",
+        f"topic write {t.refresh}",
         f"topic write {t.round}",
         f"topic write {t.prefix}/key",
         "",
         f"user {observer_principal(fleet)}",
         f"topic read {t.model}",
+        f"topic read {t.refresh}",
         f"topic read {t.round}",
         f"topic read {client}/+/status",
         "",
         "# every device, by its login",
         f"pattern read {t.model}",
+        f"pattern read {t.refresh}",
         f"pattern read {t.round}",
         f"pattern read {t.prefix}/key",
         f"pattern write {client}/%u/update",

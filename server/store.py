@@ -1,4 +1,5 @@
-"""Durable server state in one SQLite database: model, round, strategy state, accepted updates.
+"""Durable server state in one SQLite database: model, round, strategy and downlink state,
+accepted updates.
 
 The database runs in WAL mode with ``synchronous=FULL``, so a transaction that returned is on disk
 and survives ``kill -9`` or a power cut; every change that must be all-or-nothing (closing a round:
@@ -15,6 +16,7 @@ Arrays are stored as raw little-endian bytes (weights) or ``.npy`` bytes loaded 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sqlite3
@@ -50,6 +52,7 @@ CREATE TABLE IF NOT EXISTS updates (
     base_version INTEGER NOT NULL, num_samples INTEGER NOT NULL, nbytes INTEGER NOT NULL,
     received_at REAL NOT NULL, payload BLOB, PRIMARY KEY (round_id, client_id));
 CREATE TABLE IF NOT EXISTS history (round_id INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS downlink_state (name TEXT PRIMARY KEY, array BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rejections (
     round_id INTEGER NOT NULL, code TEXT NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (round_id, code));
@@ -76,6 +79,7 @@ class SavedState:
     round: RoundState
     strategy_state: dict[str, np.ndarray]
     history: list[dict]
+    downlink_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _model_from_row(row) -> Model:
@@ -184,7 +188,10 @@ class ServerStore:
                      for name, blob in db.execute("SELECT name, array FROM strategy_state")}
             history = [json.loads(r) for (r,) in
                        db.execute("SELECT record FROM history ORDER BY round_id")]
-        return SavedState(model, RoundState.from_dict(json.loads(round_json)), state, history)
+            downlink = {name: _load_array(blob)
+                        for name, blob in db.execute("SELECT name, array FROM downlink_state")}
+        return SavedState(model, RoundState.from_dict(json.loads(round_json)), state, history,
+                          downlink)
 
     def initialize(self, model: Model, round_state: RoundState) -> None:
         """Record the first model and round of a new state directory."""
@@ -200,8 +207,10 @@ class ServerStore:
             _put_round(db, round_state)
 
     def commit_round(self, *, closed_round: int, model: Model, next_round: RoundState,
-                     strategy_state: dict[str, np.ndarray], record: dict) -> None:
-        """Close ``closed_round`` atomically: new model, optimizer state, next round, history.
+                     strategy_state: dict[str, np.ndarray], record: dict,
+                     downlink_state: dict[str, np.ndarray] | None = None) -> None:
+        """Close ``closed_round`` atomically: new model, optimizer state, next round, history
+        (and the downlink error-feedback residual, when refreshes are compressed).
 
         The closed round's payloads are dropped (they are in the model now) but their keys stay,
         so a late QoS 1 duplicate of a counted update is recognised and never counted again.
@@ -213,7 +222,8 @@ class ServerStore:
         """
         with self._transaction() as db:
             _commit_round(db, closed_round=closed_round, model=model, next_round=next_round,
-                          strategy_state=strategy_state, record=record)
+                          strategy_state=strategy_state, record=record,
+                          downlink_state=downlink_state)
 
     @contextlib.contextmanager
     def closing_round(self, round_id: int):
@@ -318,10 +328,12 @@ class ClosingRound:
         self._db, self.round_id, self.updates, self.rejected = db, round_id, updates, rejected
 
     def commit(self, *, model: Model, next_round: RoundState,
-               strategy_state: dict[str, np.ndarray], record: dict) -> None:
+               strategy_state: dict[str, np.ndarray], record: dict,
+               downlink_state: dict[str, np.ndarray] | None = None) -> None:
         """Write what :meth:`ServerStore.commit_round` writes, in the closing transaction."""
         _commit_round(self._db, closed_round=self.round_id, model=model, next_round=next_round,
-                      strategy_state=strategy_state, record=record)
+                      strategy_state=strategy_state, record=record,
+                      downlink_state=downlink_state)
 
 
 class SharedIngest:
@@ -362,7 +374,8 @@ def _insert_updates(db, rows: list[dict]) -> None:
 
 
 def _commit_round(db, *, closed_round: int, model: Model, next_round: RoundState,
-                  strategy_state: dict[str, np.ndarray], record: dict) -> None:
+                  strategy_state: dict[str, np.ndarray], record: dict,
+                  downlink_state: dict[str, np.ndarray] | None = None) -> None:
     (current,) = db.execute("SELECT MAX(version) FROM model").fetchone()
     if model.version < current:
         raise StateError(f"model version {model.version} is older than the stored "
@@ -373,6 +386,10 @@ def _commit_round(db, *, closed_round: int, model: Model, next_round: RoundState
     db.execute("DELETE FROM strategy_state")
     db.executemany("INSERT INTO strategy_state VALUES (?, ?)",
                    [(k, _dump_array(v)) for k, v in strategy_state.items()])
+    if downlink_state is not None:
+        db.execute("DELETE FROM downlink_state")
+        db.executemany("INSERT INTO downlink_state VALUES (?, ?)",
+                       [(k, _dump_array(v)) for k, v in downlink_state.items()])
     _put_round(db, next_round)
     db.execute("INSERT OR REPLACE INTO history VALUES (?, ?)",
                (closed_round, json.dumps(record, allow_nan=False)))

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgefl.wire.protocol import DeviceStatus, Receipt, RoundAnnouncement, Topics
-from edgefl.wire import Update, decode_model, encode_update
+from edgefl.wire import Update, decode_model, encode_model, encode_update
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.model_builder import build_mlp
 
@@ -520,3 +520,79 @@ def test_a_device_without_samples_is_not_selected(broker, clients, tmp_path):
     with AggregationServer(config, initial_model=build_mlp((8, 4, 3), seed=0)):
         ann = observer.wait_for(TOPICS.round, announcement("open", 1))
         assert sorted(ann.selected) == sorted(DEVICES[1:])
+
+
+def wait_for_counter(client, name, value, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while client.counters[name] != value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return client.counters[name] == value
+
+
+@pytest.mark.parametrize("session_kept", [True, False])
+def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients, tmp_path,
+                                                                session_kept):
+    """The server publishes each version as a refresh (top-5% f16 with error feedback) and as
+    the retained envelope. A device away for three versions catches up on its return, through
+    the refreshes its session kept or the full envelope, to the server's weights bit for bit."""
+    from edgefl.device.client import EdgeClient
+    from edgefl.wire import decode_refresh
+    from edgefl_server.downlink import DownlinkConfig
+
+    observer, devices = clients
+    refreshes = Paho(broker, "refresh-observer", [TOPICS.refresh])
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    expiry = 3600 if session_kept else 0
+    # "away" holds version 0 from an earlier run and was last online before the server started
+    from edgefl.device.saved_model import SavedModel
+    (tmp_path / "away").mkdir()
+    SavedModel(tmp_path / "away").save_full(encode_model(initial))
+    status = Paho(broker, "status-observer", [TOPICS.status("away")])
+
+    def state(expected):
+        return lambda payload: DeviceStatus.from_json(payload).state == expected
+
+    with EdgeClient("away", FLEET, broker.url, tmp_path / "away", reconnect_delay=(0.1, 0.5),
+                    session_expiry=expiry) as away:
+        assert away.model_version == 0
+        status.wait_for(TOPICS.status("away"), state("online"))
+    status.wait_for(TOPICS.status("away"), state("offline"))
+    status.close()
+    config = server_config(broker, tmp_path, rounds=3, min_clients=3,
+                           downlink=DownlinkConfig(density=0.05, values="f16"))
+    try:
+        with AggregationServer(config, initial_model=initial) as server:
+            # three rounds of the other three devices while "away" is offline
+            rebuilt = initial.weights
+            for round_id in (1, 2, 3):
+                ann = observer.wait_for(TOPICS.round, announcement("open", round_id))
+                assert "away" not in ann.selected
+                for c, dev in devices.items():
+                    dev.send(good_update(c, round_id, ann.model_version, n, update_id=round_id))
+                    assert dev.receipt().status == "accepted"
+                refresh = decode_refresh(refreshes.next(TOPICS.refresh, timeout=20))
+                assert (refresh.base_version, refresh.version) == (round_id - 1, round_id)
+                assert refresh.k == int(np.ceil(0.05 * n))
+                rebuilt = refresh.apply(rebuilt)  # checks the hash
+                full = observer.wait_for(TOPICS.model, model_version(round_id))
+                assert full.weights.tobytes() == rebuilt.tobytes()  # the envelope = the refreshes
+            assert server.wait(20)
+            final = server.model
+        assert final.weights.tobytes() == rebuilt.tobytes()
+        # the device comes back after the run
+        back = EdgeClient("away", FLEET, broker.url, tmp_path / "away",
+                          reconnect_delay=(0.1, 0.5), session_expiry=expiry)
+        with back:
+            assert back.finished.wait(20)
+            assert back.model_version == 3
+            assert back.predictor.model.weights.tobytes() == final.weights.tobytes()
+            assert wait_for_counter(back, "refreshes_applied", 3 if session_kept else 0)
+            assert back.counters["refresh_fallbacks"] == (0 if session_kept else 1)
+        # the residual survives a restart: a resumed server holds the same state
+        from edgefl_server.store import ServerStore
+        saved = ServerStore(tmp_path / "state", fleet=FLEET, strategy="fedavg").load()
+        assert saved.downlink_state["residual"].shape == (n,)
+        assert np.abs(saved.downlink_state["residual"]).max() > 0
+    finally:
+        refreshes.close()

@@ -167,7 +167,7 @@ def test_graph_optimization_reaches_the_predictor_and_a_bad_one_fails_at_once(
 
 
 def test_hot_swaps_newer_models_and_ignores_older_or_tampered_ones(broker, server, tmp_path, model0):
-    with make_client(broker, tmp_path) as client:
+    with make_client(broker, tmp_path, model_refresh=False) as client:
         server.model(next_version(model0, 2))
         assert wait_for(lambda: client.model_version == 2)
         server.model(next_version(model0, 1))  # older: a device never goes back
@@ -466,3 +466,99 @@ def test_the_privacy_budget_outlives_a_fresh_state_directory(broker, server, tmp
     again = make_client(broker, tmp_path / "run2", local_data, privacy_budget=1.5,
                         privacy_file=budget_file)
     assert again.privacy_spent == pytest.approx(1.0)
+
+
+# -- compressed model refreshes -------------------------------------------------------------------
+
+def refreshed(model, seed, density=0.05, encoding="f16"):
+    """(refresh payload, next model) as the server makes them: the next version is exactly what
+    the refresh rebuilds."""
+    from edgefl.wire.refresh import build_refresh
+    rng = np.random.default_rng(seed)
+    n = model.manifest.num_params
+    indices = np.sort(rng.choice(n, int(density * n), replace=False)).astype(np.uint32)
+    payload, refresh = build_refresh(
+        model.weights, indices, rng.normal(0, 0.01, indices.size).astype(np.float32), encoding,
+        base_version=model.version, version=model.version + 1, round_id=model.version + 1,
+        onnx_sha256=model.onnx_sha256)
+    return payload, model.with_weights(refresh.apply(model.weights), version=refresh.version,
+                                       round_id=refresh.round_id)
+
+
+def saved(tmp_path, model, name="dev-1"):
+    """A device state directory that already holds ``model`` (as after an earlier run), so the
+    device starts on refreshes without reading the retained envelope at all."""
+    from edgefl.device.saved_model import SavedModel
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    SavedModel(tmp_path / name).save_full(encode_model(model))
+
+
+def publish_version(server, payload, model, *, refresh_too=True):
+    """What the aggregation server publishes for a new version, in its order."""
+    server.model(model)  # retained full envelope for newcomers
+    if refresh_too:
+        server.publish(TOPICS.refresh, payload, retain=False)
+    server.round(model.version + 1, model.version, state="closed")
+
+
+def test_follows_refreshes_exactly_without_reading_full_envelopes(broker, server, tmp_path,
+                                                                   model0):
+    server.model(model0)
+    saved(tmp_path, model0)
+    with make_client(broker, tmp_path) as client:
+        assert wait_for(lambda: client.connected.is_set())
+        after_first = client.counters["bytes_down"]
+        model = model0
+        for seed in (1, 2, 3):
+            payload, model = refreshed(model, seed)
+            publish_version(server, payload, model)
+        assert wait_for(lambda: client.counters["refreshes_applied"] == 3)
+        assert client.model_version == 3
+        assert client.predictor.model.weights.tobytes() == model.weights.tobytes()
+        assert client.counters["refresh_fallbacks"] == 0
+        # three refreshes and announcements, and none of the three full envelopes
+        assert client.counters["bytes_down"] - after_first < len(encode_model(model))
+    # a reboot rebuilds version 3 from the saved full model and refreshes, hash-checked
+    rebooted = make_client(broker, tmp_path)
+    assert rebooted.model_version == 3
+    assert rebooted.predictor.model.weights.tobytes() == model.weights.tobytes()
+
+
+def test_a_refresh_that_does_not_rebuild_the_model_falls_back_to_the_full_envelope(
+        broker, server, tmp_path, model0):
+    server.model(model0)
+    saved(tmp_path, model0)
+    with make_client(broker, tmp_path) as client:
+        assert wait_for(lambda: client.connected.is_set())
+        # a refresh built on other weights: its hash cannot match what this device rebuilds
+        other = model0.with_weights(model0.weights + np.float32(1e-3), version=0, round_id=0)
+        payload, _ = refreshed(other, 1)
+        _, model1 = refreshed(model0, 1)
+        publish_version(server, payload, model1)
+        assert wait_for(lambda: client.model_version == 1)
+        assert client.predictor.model.weights.tobytes() == model1.weights.tobytes()
+        assert client.counters["refresh_fallbacks"] == 1
+        assert client.counters["refreshes_applied"] == 0
+
+
+@pytest.mark.parametrize("session_kept", [True, False])
+def test_a_device_that_missed_versions_catches_up_exactly(broker, server, tmp_path, model0,
+                                                          session_kept):
+    """Away for three versions: with its persistent session the broker delivers the refreshes it
+    missed, in order; with the session gone it sees the announcement of a newer version and
+    takes the full envelope. Either way it ends on the server's weights, bit for bit."""
+    server.model(model0)
+    saved(tmp_path, model0)
+    expiry = 3600 if session_kept else 0
+    with make_client(broker, tmp_path, session_expiry=expiry) as client:
+        assert wait_for(lambda: client.connected.is_set()) and client.model_version == 0
+    model = model0
+    for seed in (1, 2, 3):
+        payload, model = refreshed(model, seed)
+        publish_version(server, payload, model)
+    with make_client(broker, tmp_path, session_expiry=expiry) as client:
+        assert wait_for(lambda: client.model_version == 3)
+        assert client.predictor.model.weights.tobytes() == model.weights.tobytes()
+        # counted just after the swap: waited for, not read at once
+        assert wait_for(lambda: client.counters["refreshes_applied"] == (3 if session_kept else 0))
+        assert client.counters["refresh_fallbacks"] == (0 if session_kept else 1)

@@ -60,6 +60,10 @@ def add_client_arguments(parser) -> None:
                metavar="N", help="most local training samples kept (the oldest are dropped)")
     env_option(state, "--seed", env="EDGEFL_SEED", type=int, default=0,
                help="seed of local training (minibatch order)")
+    env_option(state, "--full-models", env="EDGEFL_FULL_MODELS", action="store_true",
+               help="read every new model as a full envelope instead of following the server's "
+                    "compressed refreshes (which fall back to the full envelope on their own "
+                    "when a version was missed)")
     env_option(state, "--exit-when-finished", env="EDGEFL_EXIT_WHEN_FINISHED", action="store_true",
                help="exit once the server announces the last round is over and the final model "
                     "is live; the device's stats are written to STATE_DIR/stats.json")
@@ -103,7 +107,7 @@ def run_client(args, *, companion=None) -> int:
         username=args.username, password=args.password, tls=args.tls or None,
         ca_certs=args.ca_certs, privacy_budget=args.privacy_budget,
         privacy_file=args.privacy_file, require_privacy=args.require_privacy,
-        capacity=args.capacity, seed=args.seed,
+        capacity=args.capacity, seed=args.seed, model_refresh=not args.full_models,
     )
     client.add_data(samples.X, samples.y, lines=samples.lines)
     extra = companion(client, samples.X) if companion is not None else None

@@ -21,6 +21,7 @@ from edgefl.simulation.datasets import digits_evaluator
 from edgefl.transport.mqtt import BrokerUnreachable
 from edgefl.wire.protocol import TrainingConfig
 from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.downlink import DownlinkConfig
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
 from edgefl_server.onnx_import import load_model
@@ -94,6 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                metavar="S", help="after the last round, keep serving metrics S seconds before "
                                  "exiting (longer than the scrape interval, so the final "
                                  "values are scraped)")
+    down = parser.add_argument_group("model refreshes (downlink compression)")
+    env_option(down, "--downlink-density", env="EDGEFL_DOWNLINK_DENSITY", type=positive_float,
+               metavar="D", help="also publish each new model as a refresh carrying this "
+               "fraction of the coordinates, with error feedback (e.g. 0.05); the global model "
+               "is then the sum of the refreshes; off by default (full envelopes only)")
+    env_option(down, "--downlink-values", env="EDGEFL_DOWNLINK_VALUES", default="int8",
+               choices=["f32", "f16", "int8", "ternary"], help="value encoding of refreshes")
 
     add_training_arguments(parser, "local training announced to devices", TrainingConfig())
     add_logging_option(parser)
@@ -139,6 +147,8 @@ def config_from_args(args, broker_url: str):
         max_update_bytes=args.max_update_bytes, max_update_norm=args.max_update_norm,
         seed=args.seed, server_id=args.server_id, username=args.username,
         password=args.password, tls=args.tls or None, ca_certs=args.ca_certs,
+        downlink=None if args.downlink_density is None else DownlinkConfig(
+            density=args.downlink_density, values=args.downlink_values),
     )
 
 

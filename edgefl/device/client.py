@@ -30,7 +30,15 @@ give its devices fresh state directories. The privacy budget is the device's, no
 fresh state directory must not refill it, so point ``privacy_file`` (``--privacy-file``) at a path
 that outlives state directories.
 
-State directory layout: ``model.bin`` (the last model envelope), ``privacy.json`` (epsilon
+**Model refreshes** (``model_refresh``, on by default): the device reads the server's compressed
+refreshes (:mod:`edgefl.wire.refresh`) and rebuilds each version from the one it holds, checked
+against the weight hash in the refresh; it reads the retained full envelope only when it has no
+model, when it missed a version (a refresh that does not apply, an announcement of a version it
+does not hold), or when a refresh does not rebuild the server's model exactly, and unsubscribes
+again once it is up to date.
+
+State directory layout: ``model.bin`` (the last full model envelope), ``refreshes/`` (the
+refreshes applied on top of it, :mod:`edgefl.device.saved_model`), ``privacy.json`` (epsilon
 spent, unless ``privacy_file`` says elsewhere), ``state.json`` (the last round this device sent an update for), ``outbox/``, and
 ``stats.json`` (written by :meth:`EdgeClient.write_stats`).
 """
@@ -60,12 +68,19 @@ from edgefl.wire.protocol import (
 from edgefl.device.trainer import LocalTrainer
 from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.device.update_pipeline import UpdatePipeline
-from edgefl.wire import DEFAULT_MAX_MODEL_BYTES, Update, decode_model, encode_update
+from edgefl.device.saved_model import MAX_REFRESHES, SavedModel
+from edgefl.wire import (
+    DEFAULT_MAX_MODEL_BYTES, RefreshMismatch, Update, decode_model, decode_refresh, encode_update,
+)
 
 log = logging.getLogger(__name__)
 
 #: How long :meth:`EdgeClient.stop` waits for a running local training to finish.
 STOP_TIMEOUT = 30.0
+#: After resuming a persistent session, how long a device behind the announced version waits
+#: for the refreshes the broker kept for it before it takes the full envelope (the broker may
+#: deliver the retained announcement before the queued refreshes).
+REFRESH_GRACE = 3.0
 
 
 class NoModelYet(RuntimeError):
@@ -111,6 +126,10 @@ class EdgeClient:
         Most updates kept waiting for their receipts.
     reconnect_delay, keepalive, session_expiry
         Passed to the transport.
+    model_refresh : bool
+        Follow the server's compressed refreshes (``edgefl/<fleet>/refresh``) and read the full
+        model envelope only when new, behind, or a refresh did not rebuild the server's model
+        exactly; False reads every full envelope.
 
     Attributes
     ----------
@@ -128,7 +147,8 @@ class EdgeClient:
                  capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
                  graph_optimization: str = "basic",
                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
-                 reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400):
+                 reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400,
+                 model_refresh: bool = True):
         self.client_id = check_name("client id", client_id)
         self.topics = Topics(fleet)
         self.state_dir = Path(state_dir)
@@ -161,7 +181,8 @@ class EdgeClient:
         self._worker: threading.Thread | None = None
         self.swaps: deque[tuple[float, float]] = deque(maxlen=1024)  # perf_counter (start, end)
         self.counters = dict(updates_sent=0, accepted=0, rejected=0, bytes_up=0, bytes_down=0,
-                             models_installed=0, models_refused=0, rounds_skipped=0)
+                             models_installed=0, models_refused=0, rounds_skipped=0,
+                             refreshes_applied=0, refresh_fallbacks=0)
         self.last_loss: float | None = None
         self.rejections: list[str] = []
 
@@ -172,14 +193,21 @@ class EdgeClient:
         self._noise_rng = np.random.default_rng()  # fresh OS entropy, never the user's seed
         self._outbox = Outbox(self.state_dir / "outbox", max_entries=outbox_entries)
         self._last_round = self._load_state().get("last_round", -1)
+        self.model_refresh = bool(model_refresh)
+        self._saved = SavedModel(self.state_dir)
         self._load_saved_model()
+        # Following refreshes, the full envelope is read only while this is True.
+        self._wants_full = not self.model_refresh or self._predictor is None
+        self._session_resumed_at: float | None = None  # monotonic time of the last resume
+        self._catch_up_timer: threading.Timer | None = None
 
         self._conn = MqttConnection(
             self.client_id, broker_url, username=username, password=password, tls=tls,
             ca_certs=ca_certs, session_expiry=session_expiry, keepalive=keepalive,
             will=(self.topics.status(self.client_id), DeviceStatus("offline").to_json(), 1, True),
-            subscriptions=[(self.topics.model, 1), (self.topics.round, 1),
-                           (self.topics.receipt(self.client_id), 1)],
+            subscriptions=([(self.topics.model, 1)] if self._wants_full else [])
+            + ([(self.topics.refresh, 1)] if self.model_refresh else [])
+            + [(self.topics.round, 1), (self.topics.receipt(self.client_id), 1)],
             on_message=self._on_message, reconnect_delay=reconnect_delay,
         )
         self._conn.on_connect_hooks.append(self._on_connected)
@@ -214,6 +242,9 @@ class EdgeClient:
         with self._lock:
             self._stopping = True
             self._work.notify_all()
+            if self._catch_up_timer is not None:
+                self._catch_up_timer.cancel()
+                self._catch_up_timer = None
         if self._worker is not None:
             self._worker.join(STOP_TIMEOUT)
             self._worker = None
@@ -357,15 +388,16 @@ class EdgeClient:
             return {}
 
     def _load_saved_model(self) -> None:
-        path = self.state_dir / "model.bin"
-        if not path.exists():
-            return
         try:
-            model = decode_model(path.read_bytes(), max_bytes=self.max_model_bytes)
+            model = self._saved.load(
+                lambda data: decode_model(data, max_bytes=self.max_model_bytes), decode_refresh)
+            if model is None:
+                return
             predictor = Predictor(model, intra_op_threads=self.intra_op_threads,
                                   graph_optimization=self.graph_optimization)
         except (OSError, ValueError) as exc:  # ModelDecodeError, ModelRejected are ValueErrors
-            log.warning("the saved model %s is unusable (%s); waiting for the server's", path, exc)
+            log.warning("the saved model %s is unusable (%s); waiting for the server's",
+                        self._saved.path, exc)
             return
         self._predictor = predictor
         self._ensure_trainer(model)
@@ -378,6 +410,8 @@ class EdgeClient:
         self.counters["bytes_down"] += len(payload)
         if msg.topic == self.topics.model:
             self._on_model(payload)
+        elif msg.topic == self.topics.refresh:
+            self._on_refresh(payload)
         elif msg.topic == self.topics.round:
             self._on_round(payload)
         elif msg.topic == self.topics.receipt(self.client_id):
@@ -403,6 +437,7 @@ class EdgeClient:
             self._publish_status()
 
     def _on_connected(self, session_present: bool) -> None:
+        self._session_resumed_at = time.monotonic() if session_present else None
         self._publish_status()
         # Updates stored by an earlier process (crash, reboot) were never handed to this paho
         # client; those handed over already are resent by paho itself after a reconnect.
@@ -416,19 +451,125 @@ class EdgeClient:
                          self.client_id, entry.update_id, entry.round_id)
                 self._send(entry.round_id, entry.update_id, payload)
 
-    def _on_model(self, payload: bytes) -> None:
+    def _decoded(self, decode, payload: bytes, what: str):
+        """``decode(payload)``, or None (counted and logged) for a malformed message."""
         try:
-            model = decode_model(payload, max_bytes=self.max_model_bytes)
+            return decode(payload)
         except ValueError as exc:
             self.counters["models_refused"] += 1
-            log.warning("%s: ignoring a model message of %d bytes: %s", self.client_id,
-                        len(payload), exc)
+            log.warning("%s: ignoring a %s of %d bytes: %s", self.client_id, what, len(payload),
+                        exc)
+            return None
+
+    def _on_model(self, payload: bytes) -> None:
+        model = self._decoded(lambda data: decode_model(data, max_bytes=self.max_model_bytes),
+                              payload, "model message")
+        if model is None:
             return
         current = self._predictor
         if current is not None and model.version <= current.version:
             log.debug("%s: model version %d is not newer than %d", self.client_id, model.version,
                       current.version)
+            if model.version == current.version and \
+                    model.weights.tobytes() == current.model.weights.tobytes():
+                try:  # the same model as a full envelope: the saved refreshes can go
+                    self._saved.save_full(payload)
+                except OSError as exc:
+                    log.warning("%s: could not save model version %d (%s)", self.client_id,
+                                model.version, exc)
+            self._full_received()
             return
+        if self._install(model, lambda: self._saved.save_full(payload)):
+            self._full_received()
+
+    def _full_received(self) -> None:
+        """Following refreshes, stop reading full envelopes once the device holds the version
+        the newest announcement names (the retained envelope arrives on every subscription)."""
+        with self._lock:
+            if not (self.model_refresh and self._wants_full):
+                return
+            current, announced = self._predictor, self._announcement
+            if current is None or (announced is not None
+                                   and current.version < announced.model_version):
+                return  # the model named by the announcement has not arrived yet
+            self._wants_full = False
+        self._conn.unsubscribe(self.topics.model)
+
+    def _want_full(self, reason: str) -> None:
+        """Read the retained full model envelope (once), because of ``reason``."""
+        with self._lock:
+            if self._wants_full:
+                return
+            self._wants_full = True
+        self.counters["refresh_fallbacks"] += 1
+        log.info("%s: %s; taking the full model envelope", self.client_id, reason)
+        self._conn.subscribe(self.topics.model)
+
+    def _check_behind(self, *, waited: bool = False) -> None:
+        """Take the full envelope if the announced version is newer than the one held.
+
+        The server publishes a version's refresh before the announcement that names it, so
+        being behind means a refresh was missed, unless the device has just resumed its
+        session: then the broker may still be delivering the refreshes it kept, and the device
+        gives them :data:`REFRESH_GRACE` seconds first.
+        """
+        with self._lock:
+            current, announced = self._predictor, self._announcement
+            if not self.model_refresh or current is None or announced is None \
+                    or announced.model_version <= current.version:
+                return
+            resumed = self._session_resumed_at
+            if not waited and resumed is not None \
+                    and time.monotonic() - resumed < REFRESH_GRACE:
+                if self._catch_up_timer is None:
+                    self._catch_up_timer = threading.Timer(REFRESH_GRACE, self._catch_up_later)
+                    self._catch_up_timer.daemon = True
+                    self._catch_up_timer.start()
+                return
+            self._want_full(f"the server is at version {announced.model_version}, this device "
+                            f"at {current.version}")
+
+    def _catch_up_later(self) -> None:
+        try:
+            with self._lock:
+                self._catch_up_timer = None
+            self._check_behind(waited=True)
+        except Exception:  # noqa: BLE001 - a timer thread must not die silently
+            log.exception("%s: checking for missed model versions failed", self.client_id)
+
+    def _on_refresh(self, payload: bytes) -> None:
+        refresh = self._decoded(decode_refresh, payload, "model refresh")
+        if refresh is None:
+            return
+        current = self._predictor
+        if current is None or refresh.version <= current.version:
+            return  # no base to apply it to (the full envelope is on its way), or not newer
+        if refresh.base_version != current.version:
+            self._want_full(f"refresh {refresh.base_version} -> {refresh.version} does not apply "
+                            f"to version {current.version} (versions were missed)")
+            return
+        model = current.model
+        try:
+            if refresh.onnx_sha256 != model.onnx_sha256:
+                raise RefreshMismatch("the refresh is for another graph")
+            weights = refresh.apply(model.weights)
+        except RefreshMismatch as exc:
+            self._want_full(f"refresh to version {refresh.version} refused: {exc}")
+            return
+        model = model.with_weights(weights, version=refresh.version, round_id=refresh.round_id)
+
+        def save():
+            if self._saved.refresh_count >= MAX_REFRESHES:
+                # Re-anchor on a full envelope now and then, which bounds what start-up rebuilds.
+                self._want_full(f"{MAX_REFRESHES} refreshes since the last full model")
+            self._saved.save_refresh(refresh.version, payload)
+
+        if self._install(model, save):
+            self.counters["refreshes_applied"] += 1
+
+    def _install(self, model, save) -> bool:
+        """Swap ``model`` in (the first one builds the predictor), ``save()`` it, schedule."""
+        current = self._predictor
         started = time.perf_counter()
         try:
             if current is None:
@@ -439,11 +580,11 @@ class EdgeClient:
         except ModelRejected as exc:
             self.counters["models_refused"] += 1
             log.warning("%s: refused model version %d: %s", self.client_id, model.version, exc)
-            return
+            return False
         self.swaps.append((started, time.perf_counter()))
         self.counters["models_installed"] += 1
         try:
-            write_durably(self.state_dir / "model.bin", payload)
+            save()
         except OSError as exc:
             log.warning("%s: could not save model version %d (%s); it serves it anyway",
                         self.client_id, model.version, exc)
@@ -455,6 +596,7 @@ class EdgeClient:
             self._schedule()
             self._check_finished()
         log.info("%s: now serving model version %d", self.client_id, model.version)
+        return True
 
     def _on_round(self, payload: bytes) -> None:
         try:
@@ -467,6 +609,7 @@ class EdgeClient:
             if current is not None and announcement.round_id < current.round_id:
                 return  # an announcement overtaken by a newer one
             self._announcement = announcement
+        self._check_behind()
         for entry in self._outbox.drop_rounds_before(announcement.round_id):
             self._handed.discard((entry.round_id, entry.update_id))
         with self._lock:

@@ -330,6 +330,22 @@ class MqttConnection:
             # Not connected or paho's queue is full: not confirmed.
             return False
 
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add a subscription now (if connected) and to the ones renewed on every reconnect.
+
+        The broker sends the topic's retained message, if any, right after it accepts it.
+        """
+        if any(t == topic for t, _ in self.subscriptions):
+            return
+        # Replaced, not appended to: paho's network thread reads the list on reconnect.
+        self.subscriptions = [*self.subscriptions, (topic, qos)]
+        self._client.subscribe(topic, qos)  # not connected: the reconnect subscribes it
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription, now and from the ones renewed on reconnect."""
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        self._client.unsubscribe(topic)
+
     def ack(self, msg: Message) -> None:
         """Acknowledge ``msg`` (PUBACK) after it has been stored; only with ``manual_ack=True``."""
         if self.manual_ack and msg.qos > 0:

@@ -7,6 +7,7 @@ The full protocol is specified in ``docs/protocol.md``.
 Topics, for a fleet ``F`` and a device ``D``::
 
     edgefl/F/model               retained  current global model (binary envelope)        server -> all
+    edgefl/F/refresh             QoS 1     model refresh (binary delta, v -> v+1)         server -> all
     edgefl/F/round               retained  RoundAnnouncement (JSON)                       server -> all
     edgefl/F/clients/D/update    QoS 1     update (binary)                                device -> server
     edgefl/F/clients/D/status    retained  DeviceStatus (JSON); Last Will "offline"       device -> all
@@ -58,6 +59,11 @@ class Topics:
     @property
     def model(self) -> str:
         return f"{self.prefix}/model"
+
+    @property
+    def refresh(self) -> str:
+        """Model refreshes (QoS 1, not retained): each new version as a delta."""
+        return f"{self.prefix}/refresh"
 
     @property
     def round(self) -> str:
