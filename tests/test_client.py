@@ -323,7 +323,7 @@ def test_a_new_extractor_recomputes_the_cached_features_of_every_sample(broker, 
     first, second = with_extractor(0), with_extractor(1)
     assert first.manifest == second.manifest and first.onnx_sha256 != second.onnx_sha256
     X = rng.uniform(0, 1, (20, 64)).astype(np.float32)
-    client = make_client(broker, tmp_path)
+    client = make_client(broker, tmp_path, model_refresh=False)  # bare envelopes, no rounds
     client.add_data(X, np.arange(20) % 10)
     server.model(first)
     with client:
