@@ -89,7 +89,7 @@ def test_malformed_refreshes_are_refused_with_the_reason():
     b = bytearray(body); b[24:28] = (3).to_bytes(4, "little"); cases["k"] = (
         resign(b), "values take")
     b = bytearray(body); b[-2:] = np.array([np.inf], "<f2").tobytes(); cases["inf"] = (
-        resign(b), "NaN or Inf")
+        resign(b), "not finite")
     b = bytearray(body); b[-5] = 0x07; cases["index"] = (resign(b), "indices")
     cases["trailing"] = (resign(bytearray(body) + b"\0"), "do not add up")
     for name, (payload, reason) in cases.items():
