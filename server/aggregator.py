@@ -44,6 +44,7 @@ from edgefl.wire.protocol import DeviceStatus, ProtocolError, TrainingConfig, To
 from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.wire import decode_update, encode_model
 
+from .buffer import BufferConfig, scaled_by_staleness
 from .downlink import DownlinkCompressor, DownlinkConfig
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .metrics import MetricsHttpServer, ServerMetrics
@@ -106,6 +107,12 @@ class ServerConfig:
         Publish each new version also as a compressed refresh on ``edgefl/<fleet>/refresh``
         (:mod:`edgefl_server.downlink`); the global model is then the sum of the refreshes.
         None publishes full envelopes only.
+    buffer : BufferConfig, optional
+        Buffered asynchronous aggregation (FedBuff, :mod:`edgefl_server.buffer`) instead of
+        synchronous rounds: every device may send at any time, updates on any of the last
+        ``max_staleness + 1`` versions are accepted (scaled by staleness), and every
+        ``buffer_size`` of them make a new version; ``rounds`` counts versions, and no round has
+        a deadline, a selection or a quorum. None runs synchronous rounds.
     server_id : str, optional
         The server's fixed MQTT client id; ``edgefl-server-<fleet>`` by default.
     username, password, tls, ca_certs
@@ -132,6 +139,7 @@ class ServerConfig:
     max_update_norm: float | None = None
     seed: int = 0
     downlink: DownlinkConfig | None = None
+    buffer: BufferConfig | None = None
     server_id: str | None = None
     username: str | None = None
     password: str | None = None
@@ -153,6 +161,9 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if self.buffer is not None and self.ingest_workers > 1:
+            raise ValueError("buffered asynchronous aggregation runs with one ingesting process: "
+                             "drop --ingest-workers or --buffer-size")
         if not (isinstance(self.round_timeout, (int, float)) and 0 < self.round_timeout < 1e7):
             raise ValueError(f"round_timeout must be a positive number of seconds, "
                              f"got {self.round_timeout!r}")
@@ -256,7 +267,9 @@ class AggregationServer:
             self.strategy.load_state_dict(saved.strategy_state)
             residual = saved.downlink_state.get("residual")
             self.history = [RoundResult.from_dict(r) for r in saved.history]
+            # Asynchronous aggregation buffers updates of several rounds: all not yet counted.
             stored_updates = [] if cfg.ingest_workers > 1 else \
+                self._store.pending_updates() if cfg.buffer is not None else \
                 self._store.round_updates(self._round.round_id)
             for stored in stored_updates:
                 # Accepted under the same size bound, whatever the default of decode_update.
@@ -273,7 +286,8 @@ class AggregationServer:
         self._ingestor = UpdateIngestor(self._store, self.topics,
                                         num_params=self.model.manifest.num_params,
                                         max_update_bytes=cfg.max_update_bytes,
-                                        max_update_norm=cfg.max_update_norm)
+                                        max_update_norm=cfg.max_update_norm,
+                                        buffer=cfg.buffer)
         self._model_payload = encode_model(self.model)
         self._downlink = None if cfg.downlink is None else DownlinkCompressor(
             cfg.downlink, self.model.manifest.num_params,
@@ -492,7 +506,10 @@ class AggregationServer:
                     self._last_arrival = arrival
                 elif outcome.status != DUPLICATE and self._workers is None:
                     self._round_rejected[outcome.code] += 1  # with workers: in the store
-            answered = self._answered() >= len(self._round.selected) > 0
+            if self.config.buffer is not None:
+                answered = self._answered() >= self.config.buffer.buffer_size
+            else:
+                answered = self._answered() >= len(self._round.selected) > 0
             finishing = answered and self._round.round_id >= self.config.rounds
         # Stored (or judged) first, acknowledged second: an acknowledged update is on disk.
         # When this batch completes the last round, its receipts must reach the broker before
@@ -536,6 +553,12 @@ class AggregationServer:
                     continue
                 with self._lock:
                     answered = self._answered()
+                if self.config.buffer is not None:
+                    if answered >= self.config.buffer.buffer_size:
+                        self._close(Decision.CLOSE_BUFFER)
+                    else:
+                        self._wake.wait(0.5)
+                    continue
                 quorum = self.config.quorum or self.config.min_clients
                 decision = decide(r, answered, now=time.time(), quorum=quorum)
                 if decision is Decision.WAIT:
@@ -554,12 +577,18 @@ class AggregationServer:
         if len(online) < self.config.min_clients:
             return False
         cfg = self.config
-        selected = select_clients(online, cfg.clients_per_round, seed=cfg.seed, round_id=r.round_id)
         now = time.time()
-        opened = dataclasses.replace(
-            r, phase=OPEN, deadline=now + cfg.round_timeout, selected=selected,
-            randomk_seed=randomk_seed(cfg.seed, r.round_id),
-            config=self.strategy.configure_training(cfg.training), extended=False, opened_at=now)
+        if cfg.buffer is not None:
+            opened = self._open_to_all(r, now)
+            selected = ()
+        else:
+            selected = select_clients(online, cfg.clients_per_round, seed=cfg.seed,
+                                      round_id=r.round_id)
+            opened = dataclasses.replace(
+                r, phase=OPEN, deadline=now + cfg.round_timeout, selected=selected,
+                randomk_seed=randomk_seed(cfg.seed, r.round_id),
+                config=self.strategy.configure_training(cfg.training), extended=False,
+                opened_at=now)
         self._store.save_round(opened)
         with self._lock:
             self._round = opened
@@ -570,6 +599,16 @@ class AggregationServer:
                  "in %gs", r.round_id, opened.model_version, len(selected), len(online),
                  cfg.round_timeout)
         return True
+
+    def _open_to_all(self, r: RoundState, now: float) -> RoundState:
+        """``r`` open to every device, with no deadline (buffered asynchronous aggregation)."""
+        cfg = self.config
+        # The announcement's deadline is when devices stop training for it: far ahead, since a
+        # buffered round ends when enough updates arrived, not at a time.
+        return dataclasses.replace(
+            r, phase=OPEN, deadline=now + 365 * 86400.0, selected=(), open_to_all=True,
+            randomk_seed=randomk_seed(cfg.seed, r.round_id),
+            config=self.strategy.configure_training(cfg.training), extended=False, opened_at=now)
 
     def _extend(self, r: RoundState) -> None:
         extended = dataclasses.replace(r, deadline=time.time() + self.config.round_timeout,
@@ -592,10 +631,12 @@ class AggregationServer:
                 updates = sorted(self._updates, key=lambda u: u.client_id)
                 model, nxt, result, new_weights, refresh = self._aggregate(
                     r, updates, decision, dict(self._round_rejected))
-                self._store.commit_round(closed_round=r.round_id, model=model, next_round=nxt,
-                                         strategy_state=self.strategy.state_dict(),
-                                         record=result.to_dict(),
-                                         downlink_state=self._downlink_state())
+                self._store.commit_round(
+                    closed_round=r.round_id, model=model, next_round=nxt,
+                    strategy_state=self.strategy.state_dict(), record=result.to_dict(),
+                    downlink_state=self._downlink_state(),
+                    counted=None if self.config.buffer is None
+                    else [(u.round_id, u.client_id) for u in updates])
             else:
                 # The workers' updates, frozen: none can be added until the commit below.
                 with self._store.closing_round(r.round_id) as closing:
@@ -658,7 +699,10 @@ class AggregationServer:
         """The new model, next round and result of closing ``r`` with ``updates`` (client-id
         order: the same sums in the same order, however the updates arrived)."""
         model = self.model
-        new_weights = self.strategy.aggregate(model.weights, updates) if updates else None
+        # FedBuff: an update on an older version moves the model less (1 / sqrt(1 + staleness)).
+        weighted = updates if self.config.buffer is None else \
+            scaled_by_staleness(updates, model.version)
+        new_weights = self.strategy.aggregate(model.weights, weighted) if updates else None
         if new_weights is not None and not np.isfinite(new_weights).all():
             # Huge (but finite) updates can overflow the sum: keep the model rather than
             # publish one that no device could use (and crash on every restart).
@@ -676,6 +720,8 @@ class AggregationServer:
         last = r.round_id >= self.config.rounds
         nxt = (RoundState(r.round_id, model.version, FINISHED) if last
                else RoundState(r.round_id + 1, model.version, WAITING))
+        if self.config.buffer is not None and not last:
+            nxt = self._open_to_all(nxt, time.time())  # no waiting between buffered versions
         answered = {u.client_id for u in updates}
         result = RoundResult(
             round_id=r.round_id, model_version=model.version, accepted=len(updates),

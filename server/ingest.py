@@ -23,6 +23,8 @@ Checks, in order, each with its reason code:
 ``round_not_open``            the current round is not open (waiting for devices or finished)
 ``not_selected``              the client is not selected for the round
 ``wrong_model_version``       trained on another model version than the round's
+``too_stale``                 buffered asynchronous mode (FedBuff): trained on a version more than
+                              ``max_staleness`` versions behind (replaces the four checks above)
 ``no_samples``                a sample count of zero (it would carry no weight)
 ``norm_bound``                L2 norm above ``max_update_norm``
 ============================  =====================================================================
@@ -42,6 +44,7 @@ import numpy as np
 from edgefl.wire.protocol import Receipt, Topics
 from edgefl.wire import Update, UpdateDecodeError, decode_update
 
+from .buffer import BufferConfig
 from .rounds import OPEN, RoundState
 from .store import ServerStore
 
@@ -93,7 +96,8 @@ class UpdateIngestor:
     """
 
     def __init__(self, store: ServerStore, topics: Topics, *, num_params: int,
-                 max_update_bytes: int, max_update_norm: float | None = None):
+                 max_update_bytes: int, max_update_norm: float | None = None,
+                 buffer: BufferConfig | None = None):
         if max_update_norm is not None and not (math.isfinite(max_update_norm) and max_update_norm > 0):
             raise ValueError(f"max_update_norm must be a positive number or None, got {max_update_norm!r}")
         self.store = store
@@ -101,6 +105,7 @@ class UpdateIngestor:
         self.num_params = num_params
         self.max_update_bytes = max_update_bytes
         self.max_update_norm = max_update_norm
+        self.buffer = buffer
 
     def ingest(self, topic: str, payload: bytes, round_state: RoundState, *, now: float) -> Outcome:
         """Validate one update message against ``round_state`` and store it if it is accepted."""
@@ -208,6 +213,14 @@ class UpdateIngestor:
         if update.round_id > r.round_id:
             raise _Rejected("unknown_round", f"round {update.round_id} has not started; the "
                                              f"current round is {r.round_id}")
+        if self.buffer is not None:  # FedBuff: any recent version, from any device
+            if r.phase != OPEN:
+                raise _Rejected("round_not_open", f"round {r.round_id} is not open for updates "
+                                                  f"({r.announcement().state})")
+            reason = self.buffer.too_stale(update.base_version, r.model_version)
+            if reason is not None:
+                raise _Rejected("too_stale", reason)
+            return
         if update.round_id == r.round_id - 1 >= 1:  # rounds count from 1
             raise _Rejected("late", f"round {update.round_id} closed before this update arrived; "
                                     f"the current round is {r.round_id}")

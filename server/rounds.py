@@ -44,6 +44,8 @@ class RoundState:
     ``selected`` lists the devices expected to answer (always explicit: "every online device" is
     resolved when the round opens, so the server knows whom it waits for). ``extended`` records
     that the one deadline extension was used, ``opened_at`` when the round opened (Unix time).
+    ``open_to_all`` marks a round of buffered asynchronous aggregation (:mod:`edgefl_server.buffer`):
+    every device may send, nobody is waited for, and the round closes when the buffer is full.
     """
 
     round_id: int
@@ -55,6 +57,7 @@ class RoundState:
     config: TrainingConfig = field(default_factory=TrainingConfig)
     extended: bool = False
     opened_at: float = 0.0
+    open_to_all: bool = False
 
     @functools.cached_property
     def selected_set(self) -> frozenset[str]:
@@ -66,7 +69,8 @@ class RoundState:
         """What the retained round topic says in this state ("closed" while waiting)."""
         state = {OPEN: "open", FINISHED: "finished"}.get(self.phase, "closed")
         return RoundAnnouncement(self.round_id, self.model_version, self.deadline, self.config,
-                                 self.selected, self.randomk_seed, state)
+                                 None if self.open_to_all else self.selected, self.randomk_seed,
+                                 state)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -89,6 +93,7 @@ class Decision(enum.Enum):
     CLOSE_QUORUM = "deadline reached with quorum"
     EXTEND = "deadline reached without quorum: extended once"
     CLOSE_NO_QUORUM = "extended deadline reached without quorum: aggregating what arrived"
+    CLOSE_BUFFER = "the buffer of accepted updates is full"
 
 
 def decide(state: RoundState, answered: int, *, now: float, quorum: int) -> Decision:

@@ -208,9 +208,13 @@ class ServerStore:
 
     def commit_round(self, *, closed_round: int, model: Model, next_round: RoundState,
                      strategy_state: dict[str, np.ndarray], record: dict,
-                     downlink_state: dict[str, np.ndarray] | None = None) -> None:
+                     downlink_state: dict[str, np.ndarray] | None = None,
+                     counted: list[tuple[int, str]] | None = None) -> None:
         """Close ``closed_round`` atomically: new model, optimizer state, next round, history
         (and the downlink error-feedback residual, when refreshes are compressed).
+
+        ``counted`` names the (round, client) updates the model now holds when they are not
+        simply the closed round's (asynchronous aggregation buffers updates of several rounds).
 
         The closed round's payloads are dropped (they are in the model now) but their keys stay,
         so a late QoS 1 duplicate of a counted update is recognised and never counted again.
@@ -223,7 +227,7 @@ class ServerStore:
         with self._transaction() as db:
             _commit_round(db, closed_round=closed_round, model=model, next_round=next_round,
                           strategy_state=strategy_state, record=record,
-                          downlink_state=downlink_state)
+                          downlink_state=downlink_state, counted=counted)
 
     @contextlib.contextmanager
     def closing_round(self, round_id: int):
@@ -311,6 +315,15 @@ class ServerStore:
                 if keys is not None:
                     keys.setdefault(r["client_id"], int(r["update_id"]))
 
+    def pending_updates(self) -> list[StoredUpdate]:
+        """Every accepted update not yet aggregated, of any round, in arrival order (the
+        buffer of asynchronous aggregation)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client_id, update_id, payload FROM updates WHERE payload IS NOT NULL "
+                "ORDER BY received_at, client_id").fetchall()
+        return [StoredUpdate(c, int(u), bytes(p)) for c, u, p in rows]
+
     def round_updates(self, round_id: int) -> list[StoredUpdate]:
         """The accepted updates of an open round, in arrival order."""
         with self._lock:
@@ -375,7 +388,8 @@ def _insert_updates(db, rows: list[dict]) -> None:
 
 def _commit_round(db, *, closed_round: int, model: Model, next_round: RoundState,
                   strategy_state: dict[str, np.ndarray], record: dict,
-                  downlink_state: dict[str, np.ndarray] | None = None) -> None:
+                  downlink_state: dict[str, np.ndarray] | None = None,
+                  counted: list[tuple[int, str]] | None = None) -> None:
     (current,) = db.execute("SELECT MAX(version) FROM model").fetchone()
     if model.version < current:
         raise StateError(f"model version {model.version} is older than the stored "
@@ -393,7 +407,11 @@ def _commit_round(db, *, closed_round: int, model: Model, next_round: RoundState
     _put_round(db, next_round)
     db.execute("INSERT OR REPLACE INTO history VALUES (?, ?)",
                (closed_round, json.dumps(record, allow_nan=False)))
-    db.execute("UPDATE updates SET payload = NULL WHERE round_id = ?", (closed_round,))
+    if counted is None:
+        db.execute("UPDATE updates SET payload = NULL WHERE round_id = ?", (closed_round,))
+    else:
+        db.executemany("UPDATE updates SET payload = NULL WHERE round_id = ? AND client_id = ?",
+                       counted)
 
 
 def _put_model(db, model: Model) -> None:

@@ -596,3 +596,84 @@ def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients,
         assert np.abs(saved.downlink_state["residual"]).max() > 0
     finally:
         refreshes.close()
+
+
+def test_fedbuff_aggregates_every_k_updates_by_staleness_and_refuses_too_stale(broker, clients,
+                                                                               tmp_path):
+    """Buffered asynchronous mode (K = 2, S = 1) over Mosquitto: any device may send, every 2
+    accepted updates make a version, an update one version old counts 1/sqrt(2), one two
+    versions old gets a receipt saying it is too stale."""
+    from edgefl_server.buffer import BufferConfig
+
+    observer, devices = clients
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    config = server_config(broker, tmp_path, rounds=3, min_clients=1,
+                           buffer=BufferConfig(buffer_size=2, max_staleness=1))
+    with AggregationServer(config, initial_model=initial) as server:
+        ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+        assert ann.selected is None and ann.model_version == 0  # every device, no selection
+        for c in ("d1", "d2"):
+            devices[c].send(good_update(c, 1, 0, n))
+            assert devices[c].receipt().status == "accepted"
+        v1 = observer.wait_for(TOPICS.model, model_version(1))
+        np.testing.assert_allclose(v1.weights, expected_fedavg(initial.weights, ("d1", "d2")),
+                                   rtol=1e-6, atol=1e-7)
+        observer.wait_for(TOPICS.round, announcement("open", 2))
+        # d3 still on version 0 (staleness 1), d1 on version 1
+        devices["d3"].send(good_update("d3", 1, 0, n, update_id=3))
+        assert devices["d3"].receipt().status == "accepted"
+        devices["d1"].send(good_update("d1", 2, 1, n, update_id=2))
+        assert devices["d1"].receipt().status == "accepted"
+        v2 = observer.wait_for(TOPICS.model, model_version(2))
+        d1, d3 = delta_of("d1", n).astype(np.float64), delta_of("d3", n).astype(np.float64)
+        step = (SAMPLES["d1"] * d1 + SAMPLES["d3"] * d3 / np.sqrt(2)) / (SAMPLES["d1"] + SAMPLES["d3"])
+        np.testing.assert_allclose(v2.weights, (v1.weights + step).astype(np.float32),
+                                   rtol=1e-5, atol=1e-6)
+        # d2 comes back with an update trained on version 0: two versions behind by now
+        observer.wait_for(TOPICS.round, announcement("open", 3))
+        devices["d2"].send(good_update("d2", 3, 0, n, update_id=9))
+        receipt = devices["d2"].receipt()
+        assert receipt.status == "rejected" and receipt.reason.startswith("too stale")
+        assert "2 versions behind" in receipt.reason
+    assert [r.accepted for r in server.history] == [2, 2]
+
+
+def test_fedbuff_server_killed_mid_buffer_resumes_without_losing_or_double_counting(
+        broker, clients, tmp_path):
+    """K = 3: two updates buffered, the server killed; one sent while it is down, one resent
+    (a duplicate): the restarted server counts exactly the three."""
+    observer, devices = clients
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "edgefl", "server", "--broker", broker.url, "--fleet", FLEET,
+           "--state-dir", str(state), "--rounds", "1", "--min-clients", "1",
+           "--buffer-size", "3", "--max-staleness", "2", "--model", "mlp:64-32-10",
+           "--log-level", "WARNING"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        observer.wait_for(TOPICS.round, announcement("open", 1), timeout=60)
+        initial = observer.wait_for(TOPICS.model, model_version(0))
+        n = initial.manifest.num_params
+        for c in ("d1", "d2"):
+            devices[c].send(good_update(c, 1, 0, n))
+            assert devices[c].receipt().status == "accepted"
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        devices["d3"].send(good_update("d3", 1, 0, n))
+        devices["d1"].send(good_update("d1", 1, 0, n))  # resent: already counted in the buffer
+        server = subprocess.Popen(cmd, env=env)
+        model = observer.wait_for(TOPICS.model, model_version(1), timeout=60)
+        observer.wait_for(TOPICS.round, announcement("finished"), timeout=30)
+        assert server.wait(30) == 0
+        np.testing.assert_allclose(model.weights, expected_fedavg(initial.weights, DEVICES),
+                                   rtol=1e-6, atol=1e-7)
+        assert devices["d3"].receipt().status == "accepted"
+        assert devices["d1"].receipt() == Receipt(1, 1, "accepted")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    from edgefl_server.store import ServerStore
+    saved = ServerStore(state, fleet=FLEET, strategy="fedavg").load()
+    assert saved.model.version == 1 and saved.history[0]["accepted"] == 3

@@ -21,6 +21,7 @@ from edgefl.simulation.datasets import digits_evaluator
 from edgefl.transport.mqtt import BrokerUnreachable
 from edgefl.wire.protocol import TrainingConfig
 from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.buffer import BufferConfig
 from edgefl_server.downlink import DownlinkConfig
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
@@ -95,6 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                metavar="S", help="after the last round, keep serving metrics S seconds before "
                                  "exiting (longer than the scrape interval, so the final "
                                  "values are scraped)")
+    buffered = parser.add_argument_group("buffered asynchronous aggregation (FedBuff)")
+    env_option(buffered, "--buffer-size", env="EDGEFL_BUFFER_SIZE", type=int, metavar="K",
+               help="instead of synchronous rounds, accept updates from any device at any time "
+                    "and make a new model version from every K of them (--rounds counts "
+                    "versions; no deadline, selection or quorum)")
+    env_option(buffered, "--max-staleness", env="EDGEFL_MAX_STALENESS", type=int, default=4,
+               metavar="S", help="with --buffer-size: accept updates trained on a version at "
+                                 "most S versions old (scaled by 1/sqrt(1 + staleness)); older "
+                                 "ones get a receipt saying they are too stale")
     down = parser.add_argument_group("model refreshes (downlink compression)")
     env_option(down, "--downlink-density", env="EDGEFL_DOWNLINK_DENSITY", type=positive_float,
                metavar="D", help="also publish each new model as a refresh carrying this "
@@ -147,6 +157,8 @@ def config_from_args(args, broker_url: str):
         max_update_bytes=args.max_update_bytes, max_update_norm=args.max_update_norm,
         seed=args.seed, server_id=args.server_id, username=args.username,
         password=args.password, tls=args.tls or None, ca_certs=args.ca_certs,
+        buffer=None if args.buffer_size is None else BufferConfig(
+            buffer_size=args.buffer_size, max_staleness=args.max_staleness),
         downlink=None if args.downlink_density is None else DownlinkConfig(
             density=args.downlink_density, values=args.downlink_values),
     )
