@@ -65,8 +65,8 @@ def run_strategy(name: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"edgefl-bench-{name}-") as tmp:
         with MosquittoBroker(persistence_dir=Path(tmp) / "broker") as broker:
             started = time.perf_counter()
-            history, final_version, stats, _ = run_federation(plan, broker.url, Path(tmp),
-                                                              task=task)
+            history, final_version, stats, _, _ = run_federation(plan, broker.url, Path(tmp),
+                                                                 task=task)
             wall = time.perf_counter() - started
     accuracy = [r.metrics["accuracy"] for r in history]
     reference = in_memory_accuracy(plan, task, strategy=name)

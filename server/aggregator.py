@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import Counter
@@ -40,20 +41,23 @@ from typing import Callable
 import numpy as np
 
 from edgefl.wire.model import Model
-from edgefl.wire.protocol import DeviceStatus, ProtocolError, TrainingConfig, Topics, check_name
+from edgefl.wire.protocol import (LOCAL_MECHANISMS, MECHANISMS, DeviceStatus, ProtocolError,
+                                  TrainingConfig, Topics, check_name)
 from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.wire import decode_update, encode_model
 
 from .buffer import BufferConfig, scaled_by_staleness
 from .downlink import DownlinkCompressor, DownlinkConfig
+from .accounting import CentralPrivacy, PrivacyBudgetReached
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
+from .local_dp import swamp_warning
 from .metrics import MetricsHttpServer, ServerMetrics
 from .rounds import (
-    FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, randomk_seed,
-    select_clients,
+    FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, poisson_select,
+    randomk_seed, select_clients,
 )
 from .store import ServerStore
-from .strategies import make_strategy
+from .strategies import DPFedAvg, make_strategy
 from .workers import BatchReport, IngestWorkers
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,13 @@ class ServerConfig:
     quorum : int, optional
         Accepted updates that let a round close at its deadline; None means ``min_clients``.
     training : TrainingConfig
-        The local training config to announce (a strategy may adjust it, e.g. FedProx's mu).
+        The local training config to announce (a strategy may adjust it, e.g. FedProx's mu). Its
+        privacy config is the local mechanism devices apply (replace-one epsilon per round).
+    central_privacy : CentralPrivacy, optional
+        User-level central DP (DP-FedAvg): devices are selected by Poisson sampling at its rate
+        (``clients_per_round`` must be None), clip their updates in L2, and the server adds the
+        noise and accounts the run (:mod:`edgefl_server.accounting`); the strategy must be
+        ``fedavg``. The run stops before a round that would exceed its target epsilon.
     metrics_port : int, optional
         Serve Prometheus metrics on this port (0 = a free one); None disables. The endpoint
         stays up after :meth:`AggregationServer.stop`, until :meth:`AggregationServer.close`
@@ -133,6 +143,7 @@ class ServerConfig:
     round_timeout: float = 60.0
     quorum: int | None = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    central_privacy: CentralPrivacy | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_update_bytes: int = 16 << 20
@@ -167,6 +178,30 @@ class ServerConfig:
         if not (isinstance(self.round_timeout, (int, float)) and 0 < self.round_timeout < 1e7):
             raise ValueError(f"round_timeout must be a positive number of seconds, "
                              f"got {self.round_timeout!r}")
+        mechanism = self.training.privacy.mechanism
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown privacy mechanism {mechanism!r}: use one of "
+                             f"{', '.join(MECHANISMS)}")
+        if self.central_privacy is not None:
+            if self.strategy != "fedavg":
+                raise ValueError(f"central DP aggregates with DP-FedAvg; strategy "
+                                 f"{self.strategy!r} cannot be combined with it (use fedavg)")
+            if self.clients_per_round is not None:
+                raise ValueError("central DP selects devices by Poisson sampling at its "
+                                 "sampling rate: leave clients_per_round unset")
+            if self.buffer is not None:
+                raise ValueError("central DP's accountant counts Poisson-sampled synchronous "
+                                 "rounds: it cannot be combined with buffered asynchronous "
+                                 "aggregation (--buffer-size)")
+            if mechanism != "none":
+                raise ValueError(f"central DP and the local mechanism {mechanism!r} cannot be "
+                                 "combined: announce privacy 'none' with central DP")
+            self.training = dataclasses.replace(self.training, privacy=dataclasses.replace(
+                self.training.privacy, mechanism="central-gaussian",
+                clip=self.central_privacy.clip, epsilon=0.0))
+        elif mechanism == "central-gaussian":
+            raise ValueError("the mechanism central-gaussian needs central_privacy (the server's "
+                             "noise and accountant): use --privacy central")
 
 
 class AggregationServer:
@@ -193,7 +228,22 @@ class AggregationServer:
                  on_round: Callable[[RoundResult], None] | None = None):
         self.config = config
         self.topics = Topics(config.fleet)
-        self.strategy = make_strategy(config.strategy, config.strategy_options)
+        central = config.central_privacy
+        self._accountant = None if central is None else central.accountant(config.rounds)
+        if central is None:
+            self.strategy = make_strategy(config.strategy, config.strategy_options)
+        else:
+            extra = sorted(set(config.strategy_options) - {"noise_seed"})
+            if extra:
+                raise ValueError(f"central DP's DP-FedAvg takes no option {', '.join(extra)} "
+                                 "(its clip, noise and server learning rate come from the "
+                                 "central privacy settings)")
+            self.strategy = DPFedAvg(clip=central.clip,
+                                     noise_multiplier=self._accountant.noise_multiplier,
+                                     server_lr=central.server_lr, **config.strategy_options)
+        # Central DP's selection must be unpredictable (the accountant's amplification by
+        # sampling assumes so): never the user's seed.
+        self._sampling_rng = np.random.default_rng(secrets.randbits(128))
         warning = self.strategy.compression_warning(config.training.compression)
         if warning:
             log.warning("%s", warning)
@@ -214,6 +264,11 @@ class AggregationServer:
         self._store: ServerStore | None = None
         self._online: set[str] = set()
         self._privacy_left: dict[str, float] = {}  # epsilon left, as online devices report it
+        self._status: dict[str, DeviceStatus] = {}  # the latest online status of each device
+        self._declined: set[str] = set()  # selected devices that declined the open round
+        self._participations: Counter[str] = Counter()  # accepted updates per device
+        self._device_spent: dict[str, tuple[float, float]] = {}  # local DP, basic composition
+        self._waiting_logged = ""
         self._workers: IngestWorkers | None = None
         self._updates: list = []  # decoded accepted updates of the open round (one process)
         self._round_rejected: Counter[str] = Counter()
@@ -283,6 +338,8 @@ class AggregationServer:
             log.info("resuming fleet %s at round %d (%s) with model version %d and %d accepted "
                      "update(s)", cfg.fleet, self._round.round_id, self._round.phase,
                      self.model.version, len(self._updates))
+        self._replay_privacy()
+        self._warn_if_local_dp_cannot_learn()
         self._ingestor = UpdateIngestor(self._store, self.topics,
                                         num_params=self.model.manifest.num_params,
                                         max_update_bytes=cfg.max_update_bytes,
@@ -339,6 +396,75 @@ class AggregationServer:
                                                daemon=True)
         self._ingest_thread.start()
         return self
+
+    def _replay_privacy(self) -> None:
+        """Rebuild who took part and what the run spent from the history (after a restart)."""
+        for result in self.history:
+            answered = [c for c in result.selected if c not in result.stragglers]
+            self._participations.update(answered)
+            cost = result.privacy.get("update_cost")
+            if cost:
+                for c in answered:
+                    e, d = self._device_spent.get(c, (0.0, 0.0))
+                    self._device_spent[c] = (e + cost[0], d + cost[1])
+        if self._accountant is not None:
+            self._accountant.rounds = sum(1 for r in self.history
+                                          if r.privacy.get("mode") == "central")
+        report = self.privacy_report()
+        if report:
+            self.metrics.set_privacy(report["epsilon"], report["delta"])
+            log.info("privacy: %s", report["summary"])
+
+    def _warn_if_local_dp_cannot_learn(self) -> None:
+        cfg = self.config
+        devices = cfg.clients_per_round or cfg.min_clients
+        warning = swamp_warning(cfg.training.privacy, self.model.manifest.num_params, devices,
+                                cfg.rounds)
+        if warning:
+            log.warning("%s", warning)
+
+    def privacy_report(self) -> dict:
+        """What the run's privacy is now ({} without privacy); also each round's ``privacy``.
+
+        Central DP: ``epsilon`` at ``delta`` for one device's whole data (add/remove adjacency,
+        RDP accountant over the Poisson-sampled rounds), and ``epsilon_if_selection_known``, the
+        guarantee against a reader of the round topic, which names who was selected. Local DP:
+        the most replace-one ``epsilon`` and ``delta`` any device spent (basic composition over
+        the updates the server accepted).
+        """
+        privacy = self.config.training.privacy
+        if self._accountant is not None:
+            a = self._accountant
+            epsilon = a.epsilon()
+            most = max(self._participations.values(), default=0)
+            known = a.epsilon_if_selection_known(most)
+            return {
+                "mode": "central", "mechanism": "central-gaussian", "epsilon": epsilon,
+                "delta": a.delta, "rounds": a.rounds, "target_epsilon": a.target_epsilon,
+                "noise_multiplier": a.noise_multiplier, "sampling_rate": a.sampling_rate,
+                "clip": privacy.clip, "adjacency": "add/remove one device (user-level)",
+                "accountant": "RDP (dp-accounting), Poisson-sampled Gaussian",
+                "epsilon_if_selection_known": known, "most_participations": most,
+                "summary": (f"epsilon {epsilon:.4g} at delta {a.delta:g} after {a.rounds} "
+                            f"round(s) (user-level, add/remove one device; RDP, Poisson rate "
+                            f"{a.sampling_rate:g}, noise multiplier {a.noise_multiplier:.4g}"
+                            + (f", target {a.target_epsilon:g}" if a.target_epsilon else "")
+                            + f"); against a reader of the round topic, who sees who was "
+                            f"selected: epsilon {known:.4g} ({most} participation(s))"),
+            }
+        if privacy.mechanism in LOCAL_MECHANISMS:
+            epsilon, delta = max(self._device_spent.values(), default=(0.0, 0.0))
+            cost = (privacy.epsilon, privacy.delta if privacy.mechanism == "gaussian" else 0.0)
+            return {
+                "mode": "local", "mechanism": privacy.mechanism, "epsilon": epsilon,
+                "delta": delta, "update_cost": cost, "clip": privacy.clip,
+                "adjacency": "replace-one (a device's data, per update)",
+                "composition": "basic (sums over the updates a device sent)",
+                "summary": (f"the most any device spent: epsilon {epsilon:.4g}, delta "
+                            f"{delta:.3g} (replace-one, basic composition; {privacy.mechanism} "
+                            f"at epsilon {cost[0]:g} per update)"),
+            }
+        return {}
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every round is done; True if so, False on timeout."""
@@ -421,11 +547,11 @@ class AggregationServer:
         if client is None:
             return
         try:
-            status = DeviceStatus.from_json(msg.payload) if msg.payload else None
+            status = DeviceStatus.from_json(msg.payload) if msg.payload else DeviceStatus("offline")
         except ProtocolError as exc:
             log.warning("ignoring the status of %s: %s", client, exc)
             return
-        online = status is not None and status.state == "online"
+        online = status.state == "online"
         left = status.capabilities.get("privacy_remaining") if online else None
         # A device that says it has no samples (none fits the model) could only let a round
         # wait for it until the deadline: it is not selected until it says it has some.
@@ -438,7 +564,17 @@ class AggregationServer:
                 self._privacy_left[client] = float(left)
             else:
                 self._privacy_left.pop(client, None)
+            if online:
+                self._status[client] = status
+            else:
+                self._status.pop(client, None)
             self.metrics.set_online(len(self._online))
+            r = self._round
+            if r is not None and r.phase == OPEN and client in r.selected_set \
+                    and status.declined_round == r.round_id:
+                self._declined.add(client)
+                log.warning("round %d: %s declined: %s", r.round_id, client,
+                            status.capabilities["declined"]["reason"])
         self._wake.set()
 
     def _ingest_loop(self) -> None:
@@ -471,10 +607,10 @@ class AggregationServer:
             return [self._privacy_left[c] for c in self._online if c in self._privacy_left]
 
     def _answered(self) -> int:
-        """Updates accepted in the open round."""
+        """Selected devices that answered the open round: an accepted update, or declined."""
         if self._workers is not None:
-            return self._store.count_updates(self._round.round_id)
-        return len(self._updates)
+            return self._store.count_updates(self._round.round_id) + len(self._declined)
+        return len(self._updates) + len(self._declined)
 
     def _on_report(self, report: BatchReport) -> None:
         """A worker stored and answered a batch (runs on the workers' report thread)."""
@@ -571,33 +707,63 @@ class AggregationServer:
             log.exception("the round loop failed; the state directory is consistent, restart "
                           "the server to resume")
 
+    def _eligible(self, online: list[str]) -> list[str]:
+        """The online devices that can take part: available, and accepting the mechanism."""
+        mechanism = self.config.training.privacy.mechanism
+        out = []
+        for client in online:
+            status = self._status.get(client)
+            if status is None or (status.available and mechanism in status.mechanisms):
+                out.append(client)
+        return out
+
     def _try_open(self, r: RoundState) -> bool:
+        cfg = self.config
+        if self._accountant is not None:
+            try:
+                self._accountant.check_round()
+            except PrivacyBudgetReached as exc:
+                self._finish_early(r, str(exc))
+                return True
         with self._lock:
             online = sorted(self._online)
-        if len(online) < self.config.min_clients:
+            eligible = self._eligible(online)
+        if len(eligible) < cfg.min_clients:
+            why = (f"waiting: {len(eligible)} of {len(online)} online device(s) can take part "
+                   f"(the others say they cannot: privacy budget spent, no samples, or they do "
+                   f"not accept {cfg.training.privacy.mechanism!r}), {cfg.min_clients} needed")
+            if len(online) >= cfg.min_clients and why != self._waiting_logged:
+                log.warning("round %d: %s", r.round_id, why)
+                self._waiting_logged = why
             return False
-        cfg = self.config
         now = time.time()
         if cfg.buffer is not None:
             opened = self._open_to_all(r, now)
             selected = ()
         else:
-            selected = select_clients(online, cfg.clients_per_round, seed=cfg.seed,
-                                      round_id=r.round_id)
+            if self._accountant is not None:
+                rate = self._accountant.sampling_rate
+                selected = poisson_select(eligible, rate, self._sampling_rng)
+                expected = rate * len(eligible)
+            else:
+                selected = select_clients(eligible, cfg.clients_per_round, seed=cfg.seed,
+                                          round_id=r.round_id)
+                expected = float(len(selected))
             opened = dataclasses.replace(
                 r, phase=OPEN, deadline=now + cfg.round_timeout, selected=selected,
                 randomk_seed=randomk_seed(cfg.seed, r.round_id),
                 config=self.strategy.configure_training(cfg.training), extended=False,
-                opened_at=now)
+                opened_at=now, expected_clients=expected)
         self._store.save_round(opened)
         with self._lock:
             self._round = opened
+            self._declined = set()
         self.metrics.round_opened(round_id=r.round_id, selected=len(selected), opened_at=now,
                                   deadline=opened.deadline)
         self._publish(self.topics.round, opened.announcement().to_json(), retain=True)
-        log.info("round %d open: model version %d, %d of %d online device(s) selected, deadline "
-                 "in %gs", r.round_id, opened.model_version, len(selected), len(online),
-                 cfg.round_timeout)
+        log.info("round %d open: model version %d, %d of %d online device(s) selected (%d "
+                 "eligible), deadline in %gs", r.round_id, opened.model_version, len(selected),
+                 len(online), len(eligible), cfg.round_timeout)
         return True
 
     def _open_to_all(self, r: RoundState, now: float) -> RoundState:
@@ -609,6 +775,16 @@ class AggregationServer:
             r, phase=OPEN, deadline=now + 365 * 86400.0, selected=(), open_to_all=True,
             randomk_seed=randomk_seed(cfg.seed, r.round_id),
             config=self.strategy.configure_training(cfg.training), extended=False, opened_at=now)
+
+    def _finish_early(self, r: RoundState, reason: str) -> None:
+        """End the run before round ``r``: its privacy target does not allow another round."""
+        finished = RoundState(r.round_id - 1, self.model.version, FINISHED)
+        self._store.save_round(finished)
+        with self._lock:
+            self._round = finished
+        self._publish(self.topics.round, finished.announcement().to_json(), retain=True)
+        log.warning("the run stops before round %d of %d: %s", r.round_id, self.config.rounds,
+                    reason)
 
     def _extend(self, r: RoundState) -> None:
         extended = dataclasses.replace(r, deadline=time.time() + self.config.round_timeout,
@@ -652,6 +828,7 @@ class AggregationServer:
                                    downlink_state=self._downlink_state())
             self.model, self._round = model, nxt
             self._updates = []
+            self._declined = set()
             self._round_rejected = Counter()
             self._round_uplink = 0
             downlink_before, self._round_downlink = self._round_downlink, 0
@@ -679,6 +856,9 @@ class AggregationServer:
                                  quorum=decision is not Decision.CLOSE_NO_QUORUM)
         if result.metrics:
             self.metrics.set_evaluation(result.metrics)
+        if result.privacy:
+            self.metrics.set_privacy(result.privacy["epsilon"], result.privacy["delta"])
+            log.info("round %d privacy: %s", r.round_id, result.privacy["summary"])
         self.history.append(result)
         shown = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
         rejected = ", ".join(f"{code}={n}" for code, n in sorted(result.rejected.items()))
@@ -702,7 +882,8 @@ class AggregationServer:
         # FedBuff: an update on an older version moves the model less (1 / sqrt(1 + staleness)).
         weighted = updates if self.config.buffer is None else \
             scaled_by_staleness(updates, model.version)
-        new_weights = self.strategy.aggregate(model.weights, weighted) if updates else None
+        new_weights = self.strategy.aggregate_round(model.weights, weighted,
+                                                    expected_clients=r.expected_clients)
         if new_weights is not None and not np.isfinite(new_weights).all():
             # Huge (but finite) updates can overflow the sum: keep the model rather than
             # publish one that no device could use (and crash on every restart).
@@ -728,11 +909,25 @@ class AggregationServer:
             rejected=rejected, uplink_bytes=self._round_uplink,
             downlink_bytes=0, aggregation_seconds=0.0, metrics={}, selected=r.selected,
             stragglers=tuple(c for c in r.selected if c not in answered),
-            close_reason=decision.value)
+            close_reason=decision.value, privacy=self._charge_privacy(answered))
         return model, nxt, result, new_weights, refresh
 
     def _downlink_state(self) -> dict | None:
         return None if self._downlink is None else {"residual": self._downlink.residual}
+
+    def _charge_privacy(self, answered: set[str]) -> dict:
+        """Account the round being closed (its accepted devices ``answered``); the run's privacy
+        report after it (see :meth:`privacy_report`)."""
+        self._participations.update(answered)
+        report = self.privacy_report()
+        if report.get("mode") == "central":
+            self._accountant.charge_round()
+        elif report.get("mode") == "local":
+            cost = report["update_cost"]
+            for c in answered:
+                e, d = self._device_spent.get(c, (0.0, 0.0))
+                self._device_spent[c] = (e + cost[0], d + cost[1])
+        return self.privacy_report()
 
     def _evaluate_model(self, model: Model) -> dict:
         if self._evaluate is None:

@@ -28,6 +28,11 @@
                                                   privacy budget left (they stop training)
     devices_privacy_remaining_min        gauge    the smallest remaining local budget (epsilon)
                                                   an online device reports
+    privacy_epsilon, privacy_delta       gauge    the run's privacy so far, as the server accounts
+                                                  it: central DP, (epsilon, delta) for one
+                                                  device's data (user-level, add/remove, RDP);
+                                                  local DP, the most replace-one epsilon (and
+                                                  delta) a device spent, basic composition
 
 The privacy gauges come from what devices report in their retained status
 (``privacy_remaining``, epsilon left of their own budget; see ``docs/protocol.md``): they tell an
@@ -98,6 +103,8 @@ class ServerMetrics:
         self.connected: Callable[[], bool] = lambda: False
         #: the local privacy budgets (epsilon left) online devices report.
         self.privacy_left: Callable[[], list[float]] = list
+        self.privacy_epsilon = 0.0
+        self.privacy_delta = 0.0
 
     def count_update(self, nbytes: int, rejected_reason: str | None = None) -> None:
         """One update message received; ``rejected_reason`` is its rejection code, if any."""
@@ -164,6 +171,10 @@ class ServerMetrics:
     def set_position(self, *, round_id: int, model_version: int) -> None:
         with self._lock:
             self.round_id, self.model_version = round_id, model_version
+
+    def set_privacy(self, epsilon: float, delta: float) -> None:
+        with self._lock:
+            self.privacy_epsilon, self.privacy_delta = epsilon, delta
 
     def set_online(self, count: int) -> None:
         with self._lock:
@@ -238,6 +249,12 @@ class ServerMetrics:
                 one("devices_privacy_remaining_min", "gauge",
                     "Smallest local privacy budget (epsilon) left that an online device reports.",
                     repr(float(min(privacy_left))))
+            metric("privacy_epsilon", "gauge",
+                   "Epsilon spent so far (central: user-level add/remove, RDP; local: the most a "
+                   "device spent, replace-one, basic composition).",
+                   [("", "", repr(self.privacy_epsilon))])
+            metric("privacy_delta", "gauge", "Delta of privacy_epsilon.",
+                   [("", "", repr(self.privacy_delta))])
             return "\n".join(lines) + "\n"
 
 

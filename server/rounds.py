@@ -46,6 +46,8 @@ class RoundState:
     that the one deadline extension was used, ``opened_at`` when the round opened (Unix time).
     ``open_to_all`` marks a round of buffered asynchronous aggregation (:mod:`edgefl_server.buffer`):
     every device may send, nobody is waited for, and the round closes when the buffer is full.
+    ``expected_clients`` is the expected number of participants of a Poisson-sampled round
+    (central DP divides the noised sum by it).
     """
 
     round_id: int
@@ -58,6 +60,7 @@ class RoundState:
     extended: bool = False
     opened_at: float = 0.0
     open_to_all: bool = False
+    expected_clients: float = 0.0  # central DP's fixed denominator: rate * online devices
 
     @functools.cached_property
     def selected_set(self) -> frozenset[str]:
@@ -139,6 +142,21 @@ def select_clients(online: Iterable[str], count: int | None, *, seed: int, round
     return tuple(sorted(pool[i] for i in chosen))
 
 
+def poisson_select(online: Iterable[str], rate: float, rng: np.random.Generator) -> tuple[str, ...]:
+    """Each of ``online`` independently with probability ``rate`` (Poisson sampling), sorted.
+
+    The sampling central DP's accountant assumes (:mod:`edgefl_server.accounting`): the number
+    selected varies from round to round, and may be zero. ``rng`` must be unpredictable to
+    whoever the guarantee is against (the server seeds it from :mod:`secrets`), or the selection
+    is as good as known.
+    """
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"sampling rate must be in (0, 1], got {rate!r}")
+    pool = sorted(set(online))
+    chosen = rng.random(len(pool)) < rate
+    return tuple(c for c, keep in zip(pool, chosen) if keep)
+
+
 def randomk_seed(seed: int, round_id: int) -> int:
     """The round's shared random-k seed (64 bits), derived from the server seed and the round."""
     return int(np.random.SeedSequence([seed, round_id, 0x72616E646B]).generate_state(1, np.uint64)[0])
@@ -156,7 +174,8 @@ class RoundResult:
     announcement being acknowledged by the broker; ``last_update_to_model_seconds`` from the
     arrival of the round's last accepted update at the server to the same instant (it includes
     any wait for the deadline, and the downtime when the server restarted mid-round); ``metrics`` come from the server's
-    ``evaluate`` callable (e.g. held-out accuracy).
+    ``evaluate`` callable (e.g. held-out accuracy); ``privacy`` says what the run's privacy is
+    after this round (see :meth:`edgefl_server.aggregator.AggregationServer.privacy_report`).
     """
 
     round_id: int
@@ -171,6 +190,7 @@ class RoundResult:
     selected: tuple[str, ...] = ()
     stragglers: tuple[str, ...] = ()
     close_reason: str = ""
+    privacy: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -21,9 +21,12 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefl.wire.protocol import DeviceStatus, Receipt, RoundAnnouncement, Topics
+from edgefl.wire.protocol import (DeviceStatus, PrivacyConfig, Receipt, RoundAnnouncement, Topics,
+                                  TrainingConfig)
 from edgefl.wire import Update, decode_model, encode_model, encode_update
+from edgefl_server.accounting import CentralPrivacy, noise_multiplier_for, run_epsilon
 from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.local_dp import swamp_warning
 from edgefl_server.model_builder import build_mlp
 
 pytestmark = pytest.mark.integration
@@ -677,3 +680,112 @@ def test_fedbuff_server_killed_mid_buffer_resumes_without_losing_or_double_count
     from edgefl_server.store import ServerStore
     saved = ServerStore(state, fleet=FLEET, strategy="fedavg").load()
     assert saved.model.version == 1 and saved.history[0]["accepted"] == 3
+
+
+# -- privacy -------------------------------------------------------------------------------------
+
+def clipped(delta, clip):
+    norm = np.linalg.norm(delta.astype(np.float64))
+    return delta.astype(np.float64) * min(1.0, clip / norm)
+
+
+def test_central_dp_noises_the_sum_reports_epsilon_and_stops_before_its_target(broker, clients,
+                                                                              tmp_path):
+    """q = 1, so every device is selected; the noise is seeded (a simulation's option) so the
+    published model can be checked exactly: w + (sum of clipped deltas + noise) / (q N)."""
+    observer, devices = clients
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    z, clip, delta = 2.0, 0.5, 1e-5
+    target = run_epsilon(z, 1.0, 2, delta) * 1.001  # two rounds fit, a third does not
+    central = CentralPrivacy(sampling_rate=1.0, clip=clip, noise_multiplier=z,
+                             target_epsilon=target, delta=delta)
+    seen = []
+    config = server_config(broker, tmp_path, rounds=10, central_privacy=central,
+                           strategy_options={"noise_seed": 11})
+    noise = np.random.default_rng(11)
+    with AggregationServer(config, initial_model=initial, on_round=seen.append) as server:
+        weights = initial.weights
+        for round_id in (1, 2):
+            ann = observer.wait_for(TOPICS.round, announcement("open", round_id))
+            assert ann.config.privacy.mechanism == "central-gaussian"
+            assert ann.config.privacy.clip == clip and ann.selected == DEVICES
+            for c, dev in devices.items():
+                dev.send(good_update(c, round_id, ann.model_version, n, update_id=round_id))
+                assert dev.receipt().status == "accepted"
+            model = observer.wait_for(TOPICS.model, model_version(round_id))
+            total = sum(clipped(delta_of(c, n), clip) for c in DEVICES)
+            total = total + noise.normal(0, z * clip, n)
+            weights = (weights.astype(np.float64) + total / 3.0).astype(np.float32)
+            np.testing.assert_allclose(model.weights, weights, rtol=1e-5, atol=1e-6)
+        final = observer.wait_for(TOPICS.round, announcement("finished"))
+        assert final.model_version == 2 and server.wait(10)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                         timeout=5).read().decode()
+    assert [r.privacy["epsilon"] for r in seen] == [pytest.approx(run_epsilon(z, 1.0, k, delta))
+                                                   for k in (1, 2)]
+    assert seen[1].privacy["delta"] == delta and seen[1].privacy["rounds"] == 2
+    assert "add/remove one device" in seen[1].privacy["adjacency"]
+    assert seen[1].privacy["epsilon_if_selection_known"] >= seen[1].privacy["epsilon"]
+    assert f"edgefl_server_privacy_epsilon {seen[1].privacy['epsilon']!r}" in metrics
+    # resumed on the same state with more rounds: the target still refuses a third round
+    again = AggregationServer(server_config(broker, tmp_path, rounds=12, central_privacy=central,
+                                            metrics_port=None))
+    with again:
+        assert again.wait(10) and len(again.history) == 2
+        assert again.privacy_report()["rounds"] == 2
+
+
+def test_central_dp_calibrates_its_noise_for_the_target_and_the_rounds(tmp_path):
+    central = CentralPrivacy(sampling_rate=0.1, clip=1.0, target_epsilon=4.0, delta=1e-5)
+    server = AggregationServer(ServerConfig(broker_url="mqtt://127.0.0.1:1", fleet=FLEET,
+                                            state_dir=tmp_path, rounds=50,
+                                            central_privacy=central))
+    z = server.strategy.options.noise_multiplier
+    assert z == pytest.approx(noise_multiplier_for(4.0, 1e-5, 0.1, 50))
+    assert run_epsilon(z, 0.1, 50, 1e-5) <= 4.0
+    for bad, message in ((dict(strategy="fedadam"), "DP-FedAvg"),
+                         (dict(clients_per_round=3), "Poisson"),
+                         (dict(training=TrainingConfig(privacy=PrivacyConfig("laplace"))),
+                          "cannot be combined")):
+        with pytest.raises(ValueError, match=message):
+            ServerConfig(broker_url="mqtt://127.0.0.1:1", fleet=FLEET, state_dir=tmp_path,
+                         central_privacy=central, **bad)
+
+
+def test_devices_that_cannot_take_part_are_not_selected_and_a_decline_is_not_waited_for(
+        broker, clients, tmp_path):
+    observer, devices = clients
+    initial = build_mlp((64, 32, 10), seed=0)
+    n = initial.manifest.num_params
+    devices["d3"].publish(TOPICS.status("d3"), DeviceStatus("online", {
+        "available": False, "unavailable": "privacy budget spent"}).to_json(), retain=True)
+    devices["d2"].publish(TOPICS.status("d2"), DeviceStatus("online", {
+        "mechanisms": ["none", "laplace"]}).to_json(), retain=True)
+    seen = []
+    config = server_config(broker, tmp_path, rounds=2, min_clients=1, round_timeout=60.0)
+    with AggregationServer(config, initial_model=initial, on_round=seen.append):
+        ann = observer.wait_for(TOPICS.round, announcement("open", 1))
+        assert ann.selected == ("d1", "d2")  # d3 said it cannot take part
+        # d2 declines round 1 and from now on takes part only in Laplace rounds
+        devices["d2"].publish(TOPICS.status("d2"), DeviceStatus("online", {
+            "mechanisms": ["laplace"], "declined": {"round_id": 1, "reason": "not today"}}).to_json(),
+            retain=True)
+        # Confirmed by the broker before d1 publishes, so the server's connection receives (and
+        # its dispatcher handles) this status before d1's update.
+        devices["d1"].send(good_update("d1", 1, 0, n))
+        assert devices["d1"].receipt().status == "accepted"
+        ann = observer.wait_for(TOPICS.round, announcement("open", 2))
+        assert ann.selected == ("d1",)  # round 2 announces privacy "none", which d2 refuses
+    assert seen[0].close_reason == "every selected device answered"  # not the 60 s deadline
+    assert seen[0].stragglers == ("d2",)
+
+
+def test_local_dp_that_cannot_learn_is_announced_with_a_warning(broker, clients, tmp_path, caplog):
+    laplace = TrainingConfig(privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0))
+    config = server_config(broker, tmp_path, rounds=30, training=laplace, metrics_port=None)
+    with caplog.at_level(logging.WARNING):
+        with AggregationServer(config, initial_model=build_mlp((64, 32, 10), seed=0)):
+            pass
+    assert "so this run will not learn" in caplog.text and "--privacy central" in caplog.text
+    assert swamp_warning(PrivacyConfig("laplace", epsilon=1.0, clip=1.0), 10, 10_000, 100) is None

@@ -291,6 +291,38 @@ def test_simulate_says_why_no_row_of_the_data_is_usable(tmp_path, capsys):
     assert "holds no usable sample" in err and "line 2: not a number" in err
 
 
+@pytest.mark.integration
+def test_simulate_with_central_dp_stops_at_its_target_and_reports_epsilon(tmp_path):
+    out = tmp_path / "central"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "simulate", "--devices", "3", "--rounds", "4",
+         "--threads", "--privacy", "central", "--sampling-rate", "1", "--noise-multiplier", "3",
+         "--target-epsilon", "2.3", "--target-delta", "1e-5", "--compression", "none",
+         "--values", "f32", "--predict-rate", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    privacy = summary["privacy"]
+    assert privacy["mode"] == "central" and privacy["delta"] == 1e-5
+    # z = 3, q = 1: epsilon 1.39, 2.03, 2.54, ... after 1, 2, 3 rounds; the target 2.3 allows 2
+    assert privacy["rounds"] == len(summary["accuracy"]) == 2
+    assert privacy["epsilon"] == pytest.approx(2.029, abs=1e-3)
+    assert [r["privacy"]["epsilon"] for r in summary["rounds"]] == sorted(
+        r["privacy"]["epsilon"] for r in summary["rounds"])
+    assert "privacy: epsilon" in result.stdout and "user-level, add/remove" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--privacy", "central"], "--sampling-rate"),
+    (["--privacy", "central", "--sampling-rate", "0.1"], "--noise-multiplier"),
+    (["--privacy", "laplace", "--target-epsilon", "8"], "--target-epsilon belongs to --privacy central"),
+    (["--privacy", "central", "--sampling-rate", "2", "--noise-multiplier", "1"], "sampling rate"),
+])
+def test_central_privacy_options_are_checked(tmp_path, argv, message, capsys):
+    assert main.main(["simulate", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_simulate_rejects_bad_counts(tmp_path, capsys):
     assert main.main(["simulate", "--devices", "0", "--out", str(tmp_path)]) == 2
     assert "--devices and --rounds must be at least 1" in capsys.readouterr().err

@@ -450,7 +450,7 @@ def test_a_device_that_requires_privacy_skips_rounds_without_it(broker, server, 
             epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0)))
         _, update = server.next_update()
         assert update.round_id == 2
-    assert "requires it (--require-privacy)" in caplog.text
+    assert "requires differential privacy (--require-privacy)" in caplog.text
 
 
 def test_the_privacy_budget_outlives_a_fresh_state_directory(broker, server, tmp_path, model0,
@@ -562,3 +562,54 @@ def test_a_device_that_missed_versions_catches_up_exactly(broker, server, tmp_pa
         # counted just after the swap: waited for, not read at once
         assert wait_for(lambda: client.counters["refreshes_applied"] == (3 if session_kept else 0))
         assert client.counters["refresh_fallbacks"] == (0 if session_kept else 1)
+
+
+def status_where(server, client_id, predicate, timeout=10):
+    """The first status of ``client_id`` for which ``predicate`` holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = server.status_of(client_id, timeout=timeout)
+        if predicate(status):
+            return status
+    raise AssertionError(f"no status of {client_id} met the condition within {timeout} s")
+
+
+@pytest.mark.parametrize("mechanism, accept, why", [
+    ("distributed-skellam", None, "this edgefl version does not implement it"),
+    ("laplace", ("central-gaussian",), "this device does not accept it"),
+])
+def test_an_announced_mechanism_the_device_does_not_support_is_declined_in_its_status(
+        broker, server, tmp_path, model0, local_data, mechanism, accept, why):
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data, accept_mechanisms=accept) as client:
+        first = server.status_of("dev-1")
+        assert first.available and first.mechanisms == (accept or client.accept_mechanisms)
+        server.round(1, 0, config=TrainingConfig(epochs=1, privacy=PrivacyConfig(mechanism)))
+        status = status_where(server, "dev-1", lambda s: s.declined_round == 1)
+        reason = status.capabilities["declined"]["reason"]
+        assert f"privacy mechanism {mechanism!r} is not supported" in reason and why in reason
+        assert status.available  # another round may announce a mechanism it takes part with
+        server.assert_no_update()
+        server.round(2, 0, config=TrainingConfig(epochs=1, privacy=PrivacyConfig(
+            "central-gaussian", clip=0.5)))
+        _, update = server.next_update()
+        assert update.round_id == 2
+        assert np.linalg.norm(update.values) <= 0.5 * (1 + 1e-6)  # clipped, no noise added
+
+
+def test_a_spent_budget_and_missing_samples_are_said_in_the_status(broker, server, tmp_path,
+                                                                   model0, local_data):
+    server.model(model0)
+    private = TrainingConfig(epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0))
+    with make_client(broker, tmp_path, local_data, privacy_budget=1.5):
+        assert server.status_of("dev-1").available
+        server.round(1, 0, config=private)
+        server.next_update()
+        status = status_where(server, "dev-1", lambda s: not s.available)  # another won't fit
+        assert "privacy budget spent: epsilon 1 of 1.5" in status.capabilities["unavailable"]
+        assert status.capabilities["privacy_guarantee"].startswith("local: replace-one")
+    with make_client(broker, tmp_path, name="dev-empty") as empty:
+        status = server.status_of("dev-empty")
+        assert not status.available and status.capabilities["unavailable"] == "no local samples"
+        empty.add_data(*local_data)
+        assert status_where(server, "dev-empty", lambda s: s.available).capabilities["samples"]

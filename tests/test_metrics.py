@@ -40,6 +40,7 @@ def test_metrics_text_and_http():
     assert open_samples["edgefl_server_round_deadline_timestamp_seconds"] == "220.0"
     m.count_round(0.25, round_id=3, model_version=1, duration=130.5, stragglers=4, quorum=False)
     m.set_evaluation({"accuracy": 0.875})
+    m.set_privacy(1.5, 1e-5)
     server = MetricsHttpServer(m, 0).start()
     try:
         text = scrape(server.port)
@@ -70,6 +71,7 @@ def test_metrics_text_and_http():
         'edgefl_server_model_evaluation{metric="accuracy"}': "0.875",
         "edgefl_server_devices_privacy_exhausted": "2",
         "edgefl_server_devices_privacy_remaining_min": "0.0",
+        "edgefl_server_privacy_epsilon": "1.5", "edgefl_server_privacy_delta": "1e-05",
     }
     assert "# TYPE edgefl_server_updates_rejected_total counter" in text
     assert "# TYPE edgefl_server_aggregation_seconds summary" in text

@@ -1,4 +1,5 @@
 """Privacy: calibration, the budget and its persistence, and the pipeline's ordering rule."""
+import json
 import math
 
 import numpy as np
@@ -7,11 +8,13 @@ from scipy import stats
 
 from edgefl import kernels
 from edgefl.device.compression import Compressor
-from edgefl.device.privacy import (PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy,
-                            analytic_gaussian_delta, analytic_gaussian_sigma,
-                            classic_gaussian_sigma)
+from edgefl.device.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
 from edgefl.wire.protocol import CompressionConfig, PrivacyConfig
+from edgefl.device.secure_noise import (ChaChaUniforms, discrete_laplace, discrete_laplace_pmf,
+                                        grid_for, to_grid)
 from edgefl.device.update_pipeline import UpdatePipeline
+from edgefl.wire.calibration import (analytic_gaussian_delta, analytic_gaussian_sigma,
+                                     classic_gaussian_sigma)
 
 
 def laplace(epsilon=1.0, clip=1.0):
@@ -22,15 +25,18 @@ def gaussian(epsilon=0.5, delta=1e-5, clip=1.0):
     return PrivacyConfig(mechanism="gaussian", epsilon=epsilon, delta=delta, clip=clip)
 
 
-def pipeline(privacy, compression=CompressionConfig(), *, n=1000, budget=100.0, path=None):
-    accountant = PrivacyAccountant(budget, path=path)
+def pipeline(privacy, compression=CompressionConfig(), *, n=1000, budget=100.0, path=None,
+             delta_budget=1e-5):
+    accountant = PrivacyAccountant(budget, delta_budget=delta_budget, path=path)
     return UpdatePipeline(PrivacyPolicy(privacy, accountant), Compressor(compression, n))
 
 
 # -- calibration --------------------------------------------------------------------------------
 
-def test_laplace_scale_is_clip_over_epsilon():
-    assert PrivacyPolicy(laplace(epsilon=0.5, clip=2.0), PrivacyAccountant(1.0)).scale == 4.0
+def test_local_noise_is_calibrated_to_the_replace_one_sensitivity_2c():
+    assert PrivacyPolicy(laplace(epsilon=0.5, clip=2.0), PrivacyAccountant(1.0)).scale == 8.0
+    sigma = PrivacyPolicy(gaussian(epsilon=0.5, delta=1e-5, clip=2.0), PrivacyAccountant(1.0)).scale
+    assert sigma == pytest.approx(analytic_gaussian_sigma(4.0, 0.5, 1e-5), rel=1e-12)
 
 
 @pytest.mark.parametrize("epsilon, delta", [(0.1, 1e-5), (0.5, 1e-6), (0.9, 1e-3)])
@@ -107,7 +113,7 @@ def test_budget_exhaustion_stops_updates_before_any_work():
 
 
 def test_each_update_is_charged_once_and_no_privacy_costs_nothing():
-    pipe = pipeline(gaussian(epsilon=0.25, delta=1e-6), budget=10.0)
+    pipe = pipeline(gaussian(epsilon=0.25, delta=1e-6), budget=10.0, delta_budget=1e-5)
     for _ in range(3):
         pipe.run(np.ones(1000, np.float32), rng=np.random.default_rng(0))
     acc = pipe.policy.accountant
@@ -155,7 +161,7 @@ def test_dp_topk_selects_from_the_noised_dense_update():
     # The same steps by hand: clip the dense vector, noise all of it, then top-k.
     x = delta.copy()
     kernels.clip_l1_(x, 3.0)
-    kernels.laplace_(x, 1.5, np.random.default_rng(seed))
+    kernels.laplace_(x, 3.0, np.random.default_rng(seed))  # 2C / epsilon
     want_idx, want_vals = kernels.topk(x, 100)
     np.testing.assert_array_equal(idx, want_idx)
     np.testing.assert_array_equal(values, want_vals)
@@ -177,7 +183,7 @@ def test_dp_randomk_picks_indices_independent_of_the_data_and_noises_only_those(
     np.testing.assert_array_equal(idx_a, kernels.randomk(n, 100, seed))
     kept = a[idx_a].copy()  # clip the k kept values to the same bound, noise only them
     kernels.clip_l1_(kept, 2.0)
-    kernels.laplace_(kept, 2.0, np.random.default_rng(1))
+    kernels.laplace_(kept, 4.0, np.random.default_rng(1))
     np.testing.assert_array_equal(vals_a, kept)
 
 
@@ -217,8 +223,102 @@ def test_clean_residual_from_a_round_without_privacy_never_reaches_a_private_upd
                             PrivacyAccountant(10.0))
     indices, values = UpdatePipeline(private, compressor).run(
         np.zeros(n, np.float32), rng=np.random.default_rng(1))
-    # Laplace(0, 1) noise on a zero delta: nothing near the clean magnitudes (up to 50 or 99)
+    # Laplace(0, 2) noise on a zero delta: nothing near the clean magnitudes (up to 50 or 99)
     # is sent or kept for later.
     assert values.size == 0 or np.abs(values).max() < 25
     assert np.abs(compressor.residual).max() < 25
     assert compressor.residual_is_private
+
+
+def test_the_delta_of_gaussian_rounds_is_budgeted():
+    pipe = pipeline(gaussian(epsilon=0.1, delta=4e-6), budget=100.0, delta_budget=1e-5)
+    for _ in range(2):
+        pipe.run(np.ones(1000, np.float32), rng=np.random.default_rng(0))
+    with pytest.raises(PrivacyBudgetExhausted, match="delta 8e-06 of 1e-05"):
+        pipe.run(np.ones(1000, np.float32), rng=np.random.default_rng(0))
+    assert pipe.policy.accountant.updates == 2
+
+
+def test_the_budget_file_says_what_its_epsilon_means(tmp_path):
+    path = tmp_path / "privacy.json"
+    PrivacyAccountant(4.0, path=path).charge(0.5)
+    state = json.loads(path.read_text())
+    assert state["adjacency"] == "replace-one" and state["composition"] == "basic"
+    assert state["spent_epsilon"] == 0.5 and state["delta_budget"] == 1e-5
+
+
+def test_a_budget_file_from_before_replace_one_is_charged_at_group_privacy_of_two(tmp_path):
+    path = tmp_path / "privacy.json"
+    path.write_text(json.dumps({"spent_epsilon": 1.5, "spent_delta": 1e-6, "updates": 3,
+                                "budget": 8.0}))
+    acc = PrivacyAccountant(8.0, path=path)
+    assert acc.spent_epsilon == 3.0
+    assert acc.spent_delta == pytest.approx(1e-6 * (1 + math.exp(1.5)))
+
+
+def test_central_gaussian_clips_in_l2_adds_nothing_and_charges_nothing():
+    accountant = PrivacyAccountant(1.0)
+    policy = PrivacyPolicy(PrivacyConfig("central-gaussian", epsilon=0.0, clip=0.5), accountant)
+    pipe = UpdatePipeline(policy, Compressor(CompressionConfig(), 100))
+    delta = np.full(100, 0.3, np.float32)  # L2 norm 3
+    _, values = pipe.run(delta, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(values, delta * (0.5 / 3.0), rtol=1e-5)
+    assert accountant.spent_epsilon == 0.0 and accountant.updates == 0
+    assert PrivacyPolicy(PrivacyConfig("central-gaussian"), None).epsilon == 0.0
+
+
+# -- the secure mode: discrete Laplace on a power-of-two grid -----------------------------------
+
+def discrete(epsilon=1.0, clip=1.0):
+    return PrivacyConfig(mechanism="discrete-laplace", epsilon=epsilon, clip=clip)
+
+
+@pytest.mark.parametrize("t", [0.7, 3.0, 20.0])
+def test_discrete_laplace_matches_its_pmf(t):
+    """Chi-square goodness of fit of 200,000 draws against the pmf, tails pooled so that every
+    bin expects at least 20 draws; a fixed key makes the test deterministic."""
+    n = 200_000
+    z = discrete_laplace(n, t, ChaChaUniforms(key=bytes(range(32))))
+    assert z.dtype == np.int64
+    support = np.arange(-int(12 * t) - 5, int(12 * t) + 6)
+    expected = n * discrete_laplace_pmf(support, t)
+    keep = support[expected >= 20]
+    lo, hi = keep[0], keep[-1]
+    observed = [np.sum(z < lo)] + [np.sum(z == v) for v in keep] + [np.sum(z > hi)]
+    tail = n * discrete_laplace_pmf(np.arange(hi + 1, hi + 2000), t).sum()
+    want = [tail] + list(n * discrete_laplace_pmf(keep, t)) + [tail]
+    assert sum(want) == pytest.approx(n, rel=1e-9)
+    assert stats.chisquare(observed, want).pvalue > 1e-4
+
+
+def test_discrete_laplace_keystreams_differ_unless_the_key_is_given():
+    a, b = ChaChaUniforms(), ChaChaUniforms()
+    assert not np.array_equal(a.uniforms(64), b.uniforms(64))
+    key = bytes(32)
+    np.testing.assert_array_equal(ChaChaUniforms(key).uniforms(64), ChaChaUniforms(key).uniforms(64))
+    u = ChaChaUniforms().uniforms(100_000)
+    assert u.min() > 0.0 and u.max() <= 1.0
+
+
+@pytest.mark.parametrize("epsilon, clip", [(1.0, 1.0), (0.3, 5.0), (8.0, 0.01)])
+def test_discrete_laplace_updates_never_leave_their_grid(epsilon, clip):
+    n = 5000
+    pipe = UpdatePipeline(PrivacyPolicy(discrete(epsilon, clip), PrivacyAccountant(100.0)),
+                          Compressor(CompressionConfig(), n))
+    delta = np.random.default_rng(3).normal(size=n).astype(np.float32)
+    _, values = pipe.run(delta, rng=np.random.default_rng(0))
+    grid = grid_for(2 * clip / epsilon)
+    assert grid == 2.0 ** math.floor(math.log2(2 * clip / epsilon / 1024))
+    steps = values.astype(np.float64) / grid
+    np.testing.assert_array_equal(steps, np.round(steps))  # every value a multiple of the grid
+    # The noise has the Laplace scale 2C / epsilon: std sqrt(2) * scale (to 5 %).
+    assert np.std(values) == pytest.approx(math.sqrt(2) * 2 * clip / epsilon, rel=0.05)
+    assert pipe.policy.accountant.spent_epsilon == epsilon
+
+
+def test_grid_truncation_never_grows_the_l1_norm():
+    x = np.random.default_rng(1).normal(size=10_000)
+    for grid in (2.0 ** -3, 2.0 ** -10):
+        k = to_grid(x, grid)
+        assert np.abs(k).sum() * grid <= np.abs(x).sum()
+        assert np.all(np.abs(k * grid - x) < grid)

@@ -57,7 +57,7 @@ def test_selection_follows_state_and_list():
         ({"selected": ["ok", "bad/id"]}, "client id 'bad/id'"),
         ({"config": {"epochs": 0}}, "'epochs'"),
         ({"config": {"lr": float("nan")}}, "'lr'"),
-        ({"config": {"privacy": {"mechanism": "rappor"}}}, "unknown privacy mechanism"),
+        ({"config": {"privacy": {"mechanism": "bad/name"}}}, "privacy mechanism 'bad/name'"),
         ({"config": {"compression": {"values": "int4"}}}, "unknown value encoding"),
         ({"config": {"learning_rate": 0.1}}, "learning_rate"),
     ],
@@ -110,3 +110,25 @@ def test_ids_that_would_break_topics_are_refused(bad):
         check_name("client id", bad)
     with pytest.raises(ProtocolError):
         Topics(bad)
+
+
+def test_a_mechanism_unknown_to_this_version_parses_so_that_the_device_can_decline_it():
+    obj = json.loads(RoundAnnouncement(1, 1, 10.0).to_json())
+    obj["config"] = {"privacy": {"mechanism": "distributed-skellam"}}
+    parsed = RoundAnnouncement.from_json(json.dumps(obj).encode())
+    assert parsed.config.privacy.mechanism == "distributed-skellam"
+
+
+def test_status_says_which_mechanisms_whether_available_and_what_was_declined():
+    status = DeviceStatus("online", {"mechanisms": ["central-gaussian"], "available": False,
+                                     "unavailable": "privacy budget spent",
+                                     "declined": {"round_id": 4, "reason": "unsupported"}})
+    parsed = DeviceStatus.from_json(status.to_json())
+    assert parsed.mechanisms == ("central-gaussian",) and not parsed.available
+    assert parsed.declined_round == 4
+    assert DeviceStatus("online").available and "laplace" in DeviceStatus("online").mechanisms
+    assert not DeviceStatus("offline").available
+    for caps, message in (({"mechanisms": "laplace"}, "mechanisms"), ({"available": 1}, "available"),
+                          ({"declined": {"round_id": 1}}, "declined")):
+        with pytest.raises(ProtocolError, match=message):
+            DeviceStatus.from_json(DeviceStatus("online", caps).to_json())

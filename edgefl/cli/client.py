@@ -9,7 +9,8 @@ import logging
 import signal
 import threading
 
-from edgefl.cli.options import add_logging_option, env_option, positive_float
+from edgefl.cli.options import (add_logging_option, env_option, mechanism_list, non_negative_float,
+                                positive_float)
 from edgefl.device.client import EdgeClient
 from edgefl.device.local_data import DataFileError, Samples, describe_skipped, read_samples
 from edgefl.transport.mqtt import BrokerUnreachable
@@ -49,13 +50,23 @@ def add_client_arguments(parser) -> None:
                                     "other column is a feature")
     env_option(state, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
                default=100.0, metavar="EPSILON",
-               help="total epsilon this device will ever spend; it sends nothing once spent")
+               help="total replace-one epsilon this device will ever spend on local DP (basic "
+                    "composition over its updates); it sends no local-DP update once spent")
+    env_option(state, "--privacy-delta-budget", env="EDGEFL_PRIVACY_DELTA_BUDGET",
+               type=non_negative_float, default=1e-5, metavar="DELTA",
+               help="total delta it will ever spend (local gaussian rounds spend theirs)")
+    env_option(state, "--accept-mechanisms", env="EDGEFL_ACCEPT_MECHANISMS",
+               type=mechanism_list, metavar="M1,M2",
+               help="privacy mechanisms this device takes part with (default all: none, "
+                    "central-gaussian, laplace, discrete-laplace, gaussian); it declines other "
+                    "rounds and the server does not select it for them")
     env_option(state, "--privacy-file", env="EDGEFL_PRIVACY_FILE", metavar="FILE",
                help="where the spent epsilon is kept (default STATE_DIR/privacy.json); put it "
                "where a new state directory does not reset it")
     env_option(state, "--require-privacy", env="EDGEFL_REQUIRE_PRIVACY", action="store_true",
-               help="skip every round the server announces without differential privacy, so "
-               "this device never sends a clean update")
+               help="decline every round the server announces without differential privacy, so "
+               "this device never sends an update without it (central counts: the device then "
+               "trusts the aggregator with its clipped update)")
     env_option(state, "--capacity", env="EDGEFL_CAPACITY", type=int, default=100_000,
                metavar="N", help="most local training samples kept (the oldest are dropped)")
     env_option(state, "--seed", env="EDGEFL_SEED", type=int, default=0,
@@ -106,6 +117,7 @@ def run_client(args, *, companion=None) -> int:
         args.client_id, args.fleet, args.broker, args.state_dir,
         username=args.username, password=args.password, tls=args.tls or None,
         ca_certs=args.ca_certs, privacy_budget=args.privacy_budget,
+        privacy_delta_budget=args.privacy_delta_budget, accept_mechanisms=args.accept_mechanisms,
         privacy_file=args.privacy_file, require_privacy=args.require_privacy,
         capacity=args.capacity, seed=args.seed, model_refresh=not args.full_models,
     )

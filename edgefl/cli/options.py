@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from edgefl.wire.protocol import TrainingConfig
+from edgefl.wire.protocol import MECHANISMS, TrainingConfig
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -44,6 +44,15 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def mechanism_list(text: str) -> tuple[str, ...]:
+    """Parse ``M1,M2``: privacy mechanism names this version implements."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in MECHANISMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give mechanisms from {', '.join(MECHANISMS)}")
+    return names
 
 
 def positive_float(text: str) -> float:
@@ -80,14 +89,22 @@ def add_training_arguments(parser, title: str, defaults) -> None:
                default=defaults.momentum, help="local SGD momentum")
     env_option(train, "--weight-decay", env="EDGEFL_WEIGHT_DECAY", type=non_negative_float,
                default=defaults.weight_decay, help="local weight decay")
-    env_option(train, "--privacy", env="EDGEFL_PRIVACY", choices=["none", "laplace", "gaussian"],
-               default=privacy.mechanism, help="differential privacy mechanism on devices")
+    env_option(train, "--privacy", env="EDGEFL_PRIVACY",
+               choices=["none", "central", "laplace", "discrete-laplace", "gaussian"],
+               default=privacy.mechanism,
+               help="differential privacy: central (DP-FedAvg: devices clip, the server adds "
+                    "Gaussian noise and accounts the run for one device's whole data, add/remove "
+                    "adjacency; trusts the aggregator with clipped updates; the recommended mode), "
+                    "or local noise on each device: laplace, discrete-laplace (the same on a "
+                    "power-of-two grid from a ChaCha20 stream: the secure variant) or gaussian")
     env_option(train, "--epsilon", env="EDGEFL_EPSILON", type=positive_float,
-               default=privacy.epsilon, help="privacy epsilon each device spends per round")
+               default=privacy.epsilon,
+               help="local mechanisms: the replace-one epsilon each update costs its device "
+                    "(noise for sensitivity 2 x clip); devices compose it by basic composition")
     env_option(train, "--delta", env="EDGEFL_DELTA", type=positive_float, default=privacy.delta,
-               help="privacy delta (gaussian)")
+               help="local gaussian: the delta each update costs its device (budgeted too)")
     env_option(train, "--clip", env="EDGEFL_CLIP", type=positive_float, default=privacy.clip,
-               help="clipping bound of an update (L1 for laplace, L2 for gaussian)")
+               help="clipping bound of an update (L1 for laplace, L2 for gaussian and central)")
     env_option(train, "--compression", env="EDGEFL_COMPRESSION",
                choices=["none", "topk", "threshold", "randomk"], default=compression.method,
                help="sparsification of updates (none: dense updates)")
@@ -104,8 +121,10 @@ def training_config_from_args(args) -> TrainingConfig:
     return TrainingConfig.from_dict({
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "momentum": args.momentum, "weight_decay": args.weight_decay,
-        "privacy": {"mechanism": args.privacy, "epsilon": args.epsilon, "delta": args.delta,
-                    "clip": args.clip},
+        # Central DP is the server's (edgefl_server.accounting.CentralPrivacy): the server
+        # announces central-gaussian with the clip.
+        "privacy": {"mechanism": "none" if args.privacy == "central" else args.privacy,
+                    "epsilon": args.epsilon, "delta": args.delta, "clip": args.clip},
         "compression": {"method": args.compression, "density": args.density, "tau": args.tau,
                         "values": args.values},
     })

@@ -20,6 +20,7 @@ from edgefl.cli.options import (add_logging_option, add_training_arguments, env_
 from edgefl.simulation.datasets import digits_evaluator
 from edgefl.transport.mqtt import BrokerUnreachable
 from edgefl.wire.protocol import TrainingConfig
+from edgefl_server.accounting import CentralPrivacy
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.buffer import BufferConfig
 from edgefl_server.downlink import DownlinkConfig
@@ -114,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                choices=["f32", "f16", "int8", "ternary"], help="value encoding of refreshes")
 
     add_training_arguments(parser, "local training announced to devices", TrainingConfig())
+    add_central_privacy_arguments(parser)
     add_logging_option(parser)
 
 
@@ -122,6 +124,44 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="edgefl server", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def add_central_privacy_arguments(parser) -> None:
+    """The options of ``--privacy central`` (``edgefl server`` and ``edgefl simulate``)."""
+    dp = parser.add_argument_group(
+        "central differential privacy (--privacy central)",
+        "User-level DP (McMahan et al. 2018): each round selects every device with probability "
+        "--sampling-rate, devices clip in L2 to --clip, the server adds N(0, (z clip)^2) to the "
+        "sum; the RDP accountant reports (epsilon, delta) for one device's whole data "
+        "(add/remove) after every round. Give --noise-multiplier z, or --target-epsilon to "
+        "calibrate z for --rounds; with a target the run stops before exceeding it.")
+    env_option(dp, "--sampling-rate", env="EDGEFL_SAMPLING_RATE", type=positive_float,
+               default=None, metavar="Q",
+               help="probability of selecting each eligible device in a round (Poisson)")
+    env_option(dp, "--noise-multiplier", env="EDGEFL_NOISE_MULTIPLIER", type=positive_float,
+               metavar="Z", help="noise standard deviation over the clip bound")
+    env_option(dp, "--target-epsilon", env="EDGEFL_TARGET_EPSILON", type=positive_float,
+               metavar="E", help="the run's total epsilon (user-level)")
+    env_option(dp, "--target-delta", env="EDGEFL_TARGET_DELTA", type=positive_float,
+               default=1e-5, metavar="D", help="the run's delta (default 1e-5)")
+    env_option(dp, "--server-lr", env="EDGEFL_SERVER_LR", type=positive_float, default=1.0,
+               help="DP-FedAvg's server learning rate on the noised mean update")
+
+
+def central_privacy_from_args(args):
+    """The :class:`~edgefl_server.accounting.CentralPrivacy` of ``--privacy central``, or None."""
+    if args.privacy != "central":
+        for name in ("sampling_rate", "noise_multiplier", "target_epsilon"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} belongs to --privacy central")
+        return None
+    if args.sampling_rate is None:
+        raise ValueError("--privacy central needs --sampling-rate Q (each device's probability "
+                         "of being selected in a round)")
+    return CentralPrivacy(sampling_rate=args.sampling_rate, clip=args.clip,
+                          noise_multiplier=args.noise_multiplier,
+                          target_epsilon=args.target_epsilon, delta=args.target_delta,
+                          server_lr=args.server_lr)
 
 
 def load_initial_model(spec: str, seed: int, trainable_layers: int | None = None):
@@ -152,7 +192,8 @@ def config_from_args(args, broker_url: str):
         strategy=args.strategy, strategy_options=dict(args.strategy_options),
         rounds=args.rounds, min_clients=args.min_clients,
         clients_per_round=args.clients_per_round, quorum=args.quorum,
-        round_timeout=args.round_timeout, training=training, metrics_port=args.metrics_port,
+        round_timeout=args.round_timeout, training=training,
+        central_privacy=central_privacy_from_args(args), metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, ingest_workers=args.ingest_workers,
         max_update_bytes=args.max_update_bytes, max_update_norm=args.max_update_norm,
         seed=args.seed, server_id=args.server_id, username=args.username,
@@ -214,7 +255,11 @@ def _serve(args, stop: threading.Event) -> int:
         if broker is not None:
             broker.stop()
     if server.wait(0):
-        log.info("all %d rounds done; final model version %d", config.rounds, server.model.version)
+        log.info("the run is over after %d round(s); final model version %d", len(server.history),
+                 server.model.version)
+        report = server.privacy_report()
+        if report:
+            log.info("privacy of the run: %s", report["summary"])
         if server.metrics_port is not None and args.metrics_linger > 0:
             log.info("serving the final metrics for %gs (--metrics-linger)", args.metrics_linger)
             stop.wait(args.metrics_linger)

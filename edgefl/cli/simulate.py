@@ -14,6 +14,7 @@ from edgefl.cli.options import (add_logging_option, add_training_arguments, env_
                                 non_negative_float, positive_float, setup_logging,
                                 strategy_option, training_config_from_args)
 from edgefl.device.local_data import DataFileError
+from edgefl.cli.server import add_central_privacy_arguments, central_privacy_from_args
 from edgefl.simulation.baselines import centralised_accuracy, in_memory_accuracy
 from edgefl.simulation.federation import run_federation
 from edgefl.simulation.plan import SIMULATION_TRAINING, SimulationPlan, partition_text
@@ -65,9 +66,11 @@ def add_arguments(parser) -> None:
                help="run devices as threads of this process instead of processes (quicker)")
 
     add_training_arguments(parser, "local training, compression, privacy", SIMULATION_TRAINING)
+    add_central_privacy_arguments(parser)
     train = parser.add_argument_group("device privacy budget")
     env_option(train, "--privacy-budget", env="EDGEFL_PRIVACY_BUDGET", type=positive_float,
-               default=1000.0, metavar="EPSILON", help="each device's total epsilon")
+               default=1000.0, metavar="EPSILON",
+               help="each device's total replace-one epsilon for local DP (basic composition)")
 
 
 def plan_from_args(args) -> SimulationPlan:
@@ -79,7 +82,8 @@ def plan_from_args(args) -> SimulationPlan:
         devices=args.devices, rounds=args.rounds, strategy=args.strategy,
         strategy_options=dict(args.strategy_options), training=training, seed=args.seed,
         alpha=args.alpha, round_timeout=args.round_timeout, predict_rate=args.predict_rate,
-        privacy_budget=args.privacy_budget, fleet=f"sim-{os.getpid()}",
+        privacy_budget=args.privacy_budget, central_privacy=central_privacy_from_args(args),
+        fleet=f"sim-{os.getpid()}",
         devices_as="threads" if args.threads else "processes", partition=args.partition,
         model=args.model, data=args.data, label_column=args.label_column,
         trainable_layers=args.trainable_layers)
@@ -116,7 +120,7 @@ def run(args) -> int:
         print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} "
               f"rounds of {plan.strategy} on {task.name} ({partition_text(plan.partition_spec)}),"
               f" broker {url}, output in {out}", flush=True)
-        history, final_version, stats, records = run_federation(
+        history, final_version, stats, records, privacy = run_federation(
             plan, url, out, task=task, on_round=Progress(plan.rounds))
     except (BrokerUnavailable, TimeoutError, RuntimeError) as exc:
         print(f"edgefl simulate: {exc}", file=sys.stderr)
@@ -131,13 +135,14 @@ def run(args) -> int:
     print("computing the baselines (centralised training; dense FedAvg if compressed or private)",
           flush=True)
     centralised = centralised_accuracy(plan, task)
-    lossy = plan.training.privacy.mechanism != "none" or plan.training.compression.method != "none" \
-        or plan.training.compression.values != "f32"
+    lossy = plan.training.privacy.mechanism != "none" or plan.central_privacy is not None \
+        or plan.training.compression.method != "none" or plan.training.compression.values != "f32"
     dense = in_memory_accuracy(plan, task) if lossy else None
     summary = summarize(plan, history, final_version, stats, records, centralised=centralised,
                         dense_fedavg=dense, num_params=task.model.manifest.num_params,
                         wall_seconds=wall, task_name=task.name,
-                        initial_accuracy=task.evaluator()(task.model)["accuracy"])
+                        initial_accuracy=task.evaluator()(task.model)["accuracy"],
+                        privacy=privacy)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_plot(summary, out / "accuracy.png")
     print(format_summary(summary))

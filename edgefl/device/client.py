@@ -10,11 +10,13 @@
 * **local training**: samples go into a :class:`~edgefl.device.trainer.LocalTrainer`; when a round
   announcement selects this device, a worker thread trains on the round's model version while
   predictions keep flowing;
-* **privacy and compression**: the round's :class:`~edgefl.device.privacy.PrivacyPolicy` is paid from the
-  device's own :class:`~edgefl.device.privacy.PrivacyAccountant` (persisted in the state directory); a
-  :class:`~edgefl.device.compression.Compressor` per compression config keeps its error-feedback
-  residual across rounds; :class:`~edgefl.device.update_pipeline.UpdatePipeline` applies them in the
-  order that keeps the guarantee;
+* **privacy and compression**: :class:`~edgefl.device.update_pipeline.DeviceUpdates` turns the
+  training delta into the update: the round's :class:`~edgefl.device.privacy.PrivacyPolicy`, paid
+  from the device's own :class:`~edgefl.device.privacy.PrivacyAccountant` (persisted in the state
+  directory), and a :class:`~edgefl.device.compression.Compressor` per setting (its
+  error-feedback residual kept across rounds), in the order that keeps the guarantee; the status
+  says which mechanisms the device takes part with, and when it cannot take part or declines a
+  round;
 * **delivery**: the encoded update is stored in the :class:`~edgefl.device.outbox.Outbox` before it is
   published with QoS 1; the server's receipt removes it. While this process lives, paho resends
   an update that was in flight when the connection dropped; the outbox covers what paho cannot:
@@ -56,21 +58,21 @@ import numpy as np
 
 from edgefl import __version__, kernels
 from edgefl.durable import write_durably
-from edgefl.device.compression import Compressor
 from edgefl.device.local_data import all_labels_out_of_range, check_samples, describe_skipped
 from edgefl.wire.model import ModelManifest
 from edgefl.device.outbox import Outbox
 from edgefl.device.predictor import ModelRejected, Predictor, graph_optimization_level
-from edgefl.device.privacy import PrivacyAccountant, PrivacyBudgetExhausted, PrivacyPolicy
+from edgefl.device.privacy import PrivacyAccountant, PrivacyBudgetExhausted
 from edgefl.wire.protocol import (
-    DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics, check_name,
+    LOCAL_MECHANISMS, MECHANISMS, DeviceStatus, ProtocolError, Receipt, RoundAnnouncement, Topics,
+    check_name,
 )
 from edgefl.device.trainer import LocalTrainer
 from edgefl.transport.mqtt import Message, MqttConnection
-from edgefl.device.update_pipeline import UpdatePipeline
+from edgefl.device.update_pipeline import DeviceUpdates
 from edgefl.device.saved_model import MAX_REFRESHES, SavedModel
 from edgefl.wire import (
-    DEFAULT_MAX_MODEL_BYTES, RefreshMismatch, Update, decode_model, decode_refresh, encode_update,
+    DEFAULT_MAX_MODEL_BYTES, RefreshMismatch, decode_model, decode_refresh, encode_update,
 )
 
 log = logging.getLogger(__name__)
@@ -103,14 +105,22 @@ class EdgeClient:
     username, password, tls, ca_certs
         Passed to :class:`~edgefl.transport.mqtt.MqttConnection`.
     privacy_budget : float
-        Total epsilon this device will ever spend; once spent it sends no more updates. It
-        counts only in rounds whose announced mechanism adds noise.
+        Total replace-one epsilon this device will ever spend on local DP (basic composition);
+        once spent it sends no more updates. It counts only in rounds whose announced mechanism
+        adds noise on the device (central DP is accounted by the server).
+    privacy_delta_budget : float
+        Total delta it will ever spend (local Gaussian rounds spend their delta).
     privacy_file : path, optional
         Where the spent epsilon is kept; ``state_dir/privacy.json`` by default.
     require_privacy : bool
         Take part only in rounds with differential privacy on: the mechanism is the server's
-        announcement, so a device that must never send a clean update says so here and skips
-        (with a log line) every round announced with ``privacy: none``.
+        announcement, so a device that must never send a clean update says so here and declines
+        every round announced with ``privacy: none``. (``central-gaussian`` counts as private: the
+        device trusts the aggregator with its clipped update.)
+    accept_mechanisms : iterable of str, optional
+        The privacy mechanisms this device takes part with (default: every one it implements,
+        :data:`edgefl.wire.protocol.MECHANISMS`). They go into its status, so the server selects it
+        only for rounds announcing one of them; selected for another, it declines in its status.
     capacity : int
         Most local training samples kept (a ring buffer: the newest stay).
     seed : int
@@ -143,7 +153,8 @@ class EdgeClient:
     def __init__(self, client_id: str, fleet: str, broker_url: str, state_dir, *,
                  username: str | None = None, password: str | None = None, tls=None,
                  ca_certs: str | None = None, privacy_budget: float = 100.0,
-                 privacy_file=None, require_privacy: bool = False,
+                 privacy_delta_budget: float = 1e-5, privacy_file=None,
+                 require_privacy: bool = False, accept_mechanisms=None,
                  capacity: int = 100_000, seed: int = 0, intra_op_threads: int = 1,
                  graph_optimization: str = "basic",
                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
@@ -173,10 +184,7 @@ class EdgeClient:
         self._announcement: RoundAnnouncement | None = None
         self._job: tuple[RoundAnnouncement, object] | None = None
         self._scheduled_round = -1
-        self._compressors: dict[tuple, Compressor] = {}
         self._handed: set[tuple[int, int]] = set()  # outbox entries paho holds in this process
-        self._budget_spent_logged = False
-        self._no_data_logged = False
         self._stopping = False
         self._worker: threading.Thread | None = None
         self.swaps: deque[tuple[float, float]] = deque(maxlen=1024)  # perf_counter (start, end)
@@ -187,10 +195,19 @@ class EdgeClient:
         self.rejections: list[str] = []
 
         self.require_privacy = require_privacy
+        accepted = tuple(MECHANISMS if accept_mechanisms is None else accept_mechanisms)
+        unknown = sorted(set(accepted) - set(MECHANISMS))
+        if unknown:
+            raise ValueError(f"unknown privacy mechanism(s) {', '.join(unknown)}: this device "
+                             f"implements {', '.join(MECHANISMS)}")
+        self.accept_mechanisms = tuple(m for m in accepted if not (require_privacy and m == "none"))
+        self._unavailable = ""  # why this device cannot take part in any round, if it cannot
         privacy_file = Path(privacy_file) if privacy_file else self.state_dir / "privacy.json"
         privacy_file.parent.mkdir(parents=True, exist_ok=True)
-        self._accountant = PrivacyAccountant(privacy_budget, path=privacy_file)
-        self._noise_rng = np.random.default_rng()  # fresh OS entropy, never the user's seed
+        self._accountant = PrivacyAccountant(privacy_budget, delta_budget=privacy_delta_budget,
+                                             path=privacy_file)
+        # Float noise from fresh OS entropy, never the user's seed.
+        self._updates = DeviceUpdates(self.client_id, self._accountant, np.random.default_rng())
         self._outbox = Outbox(self.state_dir / "outbox", max_entries=outbox_entries)
         self._last_round = self._load_state().get("last_round", -1)
         self.model_refresh = bool(model_refresh)
@@ -419,15 +436,28 @@ class EdgeClient:
         else:
             log.warning("%s: ignoring a message on unexpected topic %s", self.client_id, msg.topic)
 
-    def _publish_status(self) -> None:
-        """Say "online" with what the device can do; ``samples: 0`` keeps it out of rounds."""
-        samples = self.num_samples
-        self._announced_samples = samples > 0
-        status = DeviceStatus("online", {
-            "edgefl": __version__, "kernels": kernels.BACKEND, "samples": samples,
-            "model_version": self.model_version,
+    def _status(self, declined: dict | None = None) -> DeviceStatus:
+        """The retained status: capabilities, whether it can take part, what it declined."""
+        unavailable = self._unavailable or ("" if self.num_samples else "no local samples")
+        caps = {
+            "edgefl": __version__, "kernels": kernels.BACKEND, "samples": self.num_samples,
+            "model_version": self.model_version, "mechanisms": list(self.accept_mechanisms),
             "privacy_remaining": round(self.privacy_remaining, 6),
-        })
+            "privacy_delta_remaining": self._accountant.remaining_delta,
+            "privacy_guarantee": "local: replace-one epsilon, basic composition",
+            "available": not unavailable,
+        }
+        if unavailable:
+            caps["unavailable"] = unavailable
+        if declined is not None:
+            caps["declined"] = declined
+        return DeviceStatus("online", caps)
+
+    def _publish_status(self, declined: dict | None = None) -> None:
+        """Say "online" with what the device can do (``samples: 0`` and ``available: false``
+        keep it out of rounds), and what it declined."""
+        status = self._status(declined)
+        self._announced_samples = status.capabilities["samples"] > 0
         self._conn.publish(self.topics.status(self.client_id), status.to_json(), qos=1, retain=True)
 
     def _status_if_samples_changed(self) -> None:
@@ -435,6 +465,14 @@ class EdgeClient:
         them refused by a model), so the server selects only devices that can train."""
         if self._conn.connected.is_set() and (self.num_samples > 0) != self._announced_samples:
             self._publish_status()
+
+    def _decline(self, a: RoundAnnouncement, reason: str) -> None:
+        """Tell the server (status) that this device will not answer round ``a``, and why."""
+        self.counters["rounds_skipped"] += 1
+        self._scheduled_round = max(self._scheduled_round, a.round_id)
+        log.warning("%s: round %d: %s; declined (in the status)", self.client_id, a.round_id,
+                    reason)
+        self._publish_status({"round_id": a.round_id, "reason": reason})
 
     def _on_connected(self, session_present: bool) -> None:
         self._session_resumed_at = time.monotonic() if session_present else None
@@ -680,26 +718,40 @@ class EdgeClient:
         if a is None or not a.is_selected(self.client_id) or predictor is None:
             return
         if a.round_id <= max(self._last_round, self._scheduled_round):
-            return  # already took part (perhaps before a reboot)
-        if predictor.version != a.model_version:
-            return  # the round's model has not arrived yet (it comes on the model topic)
-        if a.config.privacy.mechanism != "none" \
-                and not self._accountant.can_spend(a.config.privacy.epsilon):
-            if not self._budget_spent_logged:
-                log.warning("%s: privacy budget spent (epsilon %.6g of %.6g): this device sends "
-                            "no more updates", self.client_id, self._accountant.spent_epsilon,
-                            self._accountant.budget)
-                self._budget_spent_logged = True
+            return  # already took part, or declined (perhaps before a reboot)
+        policy = a.config.privacy
+        if policy.mechanism not in self.accept_mechanisms:
+            why = ("this device requires differential privacy (--require-privacy)"
+                   if policy.mechanism == "none" and self.require_privacy else
+                   "this edgefl version does not implement it" if policy.mechanism not in MECHANISMS
+                   else "this device does not accept it")
+            self._decline(a, f"privacy mechanism {policy.mechanism!r} is not supported: {why} "
+                             f"(it takes part with {', '.join(self.accept_mechanisms)})")
+            return
+        if self._budget_spent(a):
+            self._decline(a, self._unavailable + "; this device sends no more updates")
             return
         if self.num_samples == 0:
-            if not self._no_data_logged:
-                log.warning("%s: selected for round %d but has no local samples to train on",
-                            self.client_id, a.round_id)
-                self._no_data_logged = True
+            self._decline(a, "no local samples to train on")
             return
+        if predictor.version != a.model_version:
+            return  # the round's model has not arrived yet (it comes on the model topic)
         self._scheduled_round = a.round_id
         self._job = (a, predictor.model)
         self._work.notify_all()
+
+    def _budget_spent(self, a: RoundAnnouncement) -> bool:
+        """Whether the budget cannot pay for an update of round ``a``; if so, say why in the
+        status from now on (the server stops selecting this device)."""
+        p = a.config.privacy
+        if p.mechanism not in LOCAL_MECHANISMS or self._accountant.can_spend(
+                p.epsilon, p.delta if p.mechanism == "gaussian" else 0.0):
+            return False
+        acc = self._accountant
+        self._unavailable = (
+            f"privacy budget spent: epsilon {acc.spent_epsilon:.6g} of {acc.budget:.6g}, delta "
+            f"{acc.spent_delta:.3g} of {acc.delta_budget:.3g} (replace-one, basic composition)")
+        return True
 
     def _check_finished(self) -> None:
         a = self._announcement
@@ -729,12 +781,6 @@ class EdgeClient:
                 self.training.clear()
 
     def _take_part(self, a: RoundAnnouncement, model) -> None:
-        if self.require_privacy and a.config.privacy.mechanism == "none":
-            self.counters["rounds_skipped"] += 1
-            log.warning("%s: round %d is announced without differential privacy and this device "
-                        "requires it (--require-privacy); sending nothing", self.client_id,
-                        a.round_id)
-            return
         if time.time() > a.deadline:
             self.counters["rounds_skipped"] += 1
             log.info("%s: round %d: its deadline passed before training could start; skipping",
@@ -744,16 +790,7 @@ class EdgeClient:
             result = self._trainer.train(model.weights, a.config)
         self.last_loss = result.loss
         num_params = model.manifest.num_params
-        # One compressor (and error-feedback residual) per compression and privacy setting.
-        key = (a.config.compression, a.config.privacy, num_params)
-        compressor = self._compressors.get(key)
-        if compressor is None:
-            compressor = self._compressors[key] = Compressor(a.config.compression, num_params)
-        policy = PrivacyPolicy(a.config.privacy, self._accountant)
-        indices, values = UpdatePipeline(policy, compressor).run(
-            result.delta, rng=self._noise_rng, randomk_seed=a.randomk_seed)
-        update = Update(self.client_id, a.round_id, a.model_version, secrets.randbits(64),
-                        result.num_samples, num_params, indices, values, compressor.value_encoding)
+        update = self._updates.update(a, result.delta, result.num_samples, secrets.randbits(64))
         payload = encode_update(update)
         with self._lock:
             over = self._announcement is not None and self._announcement.round_id > a.round_id
@@ -767,6 +804,8 @@ class EdgeClient:
         write_durably(self.state_dir / "state.json",
                           json.dumps({"last_round": a.round_id}).encode())
         self._send(a.round_id, update.update_id, payload)
+        if self._budget_spent(a):  # another round like this one would not fit: say so now
+            self._publish_status()
         log.info("%s: round %d: sent update %d (%d bytes, %d of %d values, loss %.4f)",
                  self.client_id, a.round_id, update.update_id, len(payload), update.k,
                  num_params, result.loss)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from edgefl.device.compression import Compressor
-from edgefl.device.privacy import PrivacyPolicy
+from edgefl.device.privacy import PrivacyAccountant, PrivacyPolicy
+from edgefl.wire import Update
+from edgefl.wire.protocol import RoundAnnouncement
 
 
 class UpdatePipeline:
@@ -96,3 +98,47 @@ class UpdatePipeline:
             result = self.compressor.sparsify(x)
         self.policy.charge()
         return result
+
+
+class DeviceUpdates:
+    """Turn each round's training result into the :class:`~edgefl.wire.Update` a device sends.
+
+    The one code path from a training delta to an update, used by
+    :class:`edgefl.device.client.EdgeClient` and by in-memory simulations alike. It keeps one
+    :class:`Compressor` (and its error-feedback residual) per compression and privacy setting.
+
+    Parameters
+    ----------
+    client_id : str
+    accountant : PrivacyAccountant
+        The device's budget.
+    noise_rng : numpy.random.Generator
+        Source of the float privacy noise (fresh OS entropy on a real device).
+    """
+
+    def __init__(self, client_id: str, accountant: PrivacyAccountant,
+                 noise_rng: np.random.Generator):
+        self.client_id = client_id
+        self.accountant = accountant
+        self.noise_rng = noise_rng
+        self._compressors: dict[tuple, Compressor] = {}
+
+    def update(self, announcement: RoundAnnouncement, delta: np.ndarray, num_samples: int,
+               update_id: int) -> Update:
+        """The update for ``announcement``'s round from a training ``delta`` on ``num_samples``.
+
+        Raises
+        ------
+        PrivacyBudgetExhausted
+            Before any work, when the budget cannot pay for this update.
+        """
+        a, num_params = announcement, int(delta.size)
+        key = (a.config.compression, a.config.privacy, num_params)
+        compressor = self._compressors.get(key)
+        if compressor is None:
+            compressor = self._compressors[key] = Compressor(a.config.compression, num_params)
+        policy = PrivacyPolicy(a.config.privacy, self.accountant)
+        indices, values = UpdatePipeline(policy, compressor).run(
+            delta, rng=self.noise_rng, randomk_seed=a.randomk_seed)
+        return Update(self.client_id, a.round_id, a.model_version, update_id, num_samples,
+                      num_params, indices, values, compressor.value_encoding)

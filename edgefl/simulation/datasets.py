@@ -159,3 +159,34 @@ def digits_evaluator(seed: int):
         return {"accuracy": float((predicted == y_test).mean())}
 
     return evaluate
+
+
+def load_synthetic(seed: int = 0, num_train: int = 60_000, num_test: int = 10_000):
+    """A generated 10-class task with the digits' shape (64 features), for fleets of thousands.
+
+    scikit-learn's ``make_classification``: 10 classes of 2 Gaussian clusters each, on 24
+    informative dimensions, 8 linear combinations of them and 32 noise dimensions, class
+    separation 1.6, 1 % of labels flipped; features standardised with the training split's mean
+    and standard deviation. A centralised 64-32-10 MLP reaches about 88 % on the test split, so
+    the task is neither trivial nor hopeless. Split over devices non-IID with
+    :func:`dirichlet_partition`.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(X_train, y_train, X_test, y_test)``: float32 ``(m, 64)`` and int32 labels in 0..9.
+    """
+    try:
+        # deferred, and so that a missing scikit-learn gets the message below
+        from sklearn.datasets import make_classification
+    except ImportError:
+        raise ImportError("edgefl.simulation.datasets.load_synthetic needs scikit-learn: "
+                          "pip install 'edgefl[sim]'") from None
+    X, y = make_classification(
+        n_samples=num_train + num_test, n_features=64, n_informative=24, n_redundant=8,
+        n_classes=10, n_clusters_per_class=2, class_sep=1.6, flip_y=0.01, random_state=seed)
+    mean, std = X[:num_train].mean(axis=0), X[:num_train].std(axis=0)
+    X = ((X - mean) / std).astype(np.float32)
+    y = y.astype(np.int32)
+    return (np.ascontiguousarray(X[:num_train]), y[:num_train],
+            np.ascontiguousarray(X[num_train:]), y[num_train:])

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 def run_federation(plan: SimulationPlan, broker_url: str, workdir: Path, *,
                    task: Task | None = None, on_round=None):
     """Run ``plan`` (on ``task``, by default :func:`~edgefl.simulation.task.make_task`'s)
-    against the broker at ``broker_url``; return the server's history and the devices' stats
-    and latency records. Stops everything it started, also on error or Ctrl-C."""
+    against the broker at ``broker_url``; return the server's history, the final model version,
+    the devices' stats and latency records, and the server's privacy report. Stops everything it
+    started, also on error or Ctrl-C."""
     task = make_task(plan) if task is None else task
     devices_count = len(task.parts)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -55,11 +56,12 @@ def run_federation(plan: SimulationPlan, broker_url: str, workdir: Path, *,
             broker_url=broker_url, fleet=plan.fleet, state_dir=workdir / "server",
             strategy=plan.strategy, strategy_options=plan.strategy_options, rounds=plan.rounds,
             min_clients=devices_count, round_timeout=plan.round_timeout, training=plan.training,
-            seed=plan.seed)
+            central_privacy=plan.central_privacy, seed=plan.seed)
         server = AggregationServer(config, initial_model=task.model, evaluate=task.evaluator(),
                                    on_round=on_round)
         history = server.run()
         final_version = server.model.version
+        privacy = server.privacy_report()
         server = None
         if not devices.wait(timeout=60):
             log.warning("some devices did not finish within 60 s of the last round; stopping them")
@@ -75,5 +77,5 @@ def run_federation(plan: SimulationPlan, broker_url: str, workdir: Path, *,
         if npz.exists():
             with np.load(npz) as r:
                 records.append({k: r[k] for k in r.files})
-    return history, final_version, stats, records
+    return history, final_version, stats, records, privacy
 

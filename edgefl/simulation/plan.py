@@ -31,6 +31,7 @@ class SimulationPlan:
     round_timeout: float = 30.0
     predict_rate: float = 50.0
     privacy_budget: float = 1000.0
+    central_privacy: object = None  # edgefl_server.accounting.CentralPrivacy, or None
     fleet: str = "sim"
     devices_as: str = "processes"  # or "threads" (in-process EdgeClients, for quick benchmarks)
     partition: tuple | None = None

@@ -39,7 +39,8 @@ def rounds_to(accuracies, target: float) -> int | None:
 
 def summarize(plan: SimulationPlan, history, final_version, stats, records, *,
               centralised, dense_fedavg, num_params: int, wall_seconds: float,
-              task_name: str = "digits, 64-32-10 MLP", initial_accuracy=None) -> dict:
+              task_name: str = "digits, 64-32-10 MLP", initial_accuracy=None,
+              privacy: dict | None = None) -> dict:
     """The run's summary (what ``summary.json`` holds)."""
     accuracy = [r.metrics.get("accuracy") for r in history]
     accepted = sum(r.accepted for r in history)
@@ -56,6 +57,7 @@ def summarize(plan: SimulationPlan, history, final_version, stats, records, *,
         "plan": {**asdict(plan), "training": asdict(plan.training)},
         "task": task_name,
         "initial_accuracy": initial_accuracy,
+        "privacy": privacy or {},
         "wall_seconds": round(wall_seconds, 1),
         "rounds": [r.to_dict() for r in history],
         "accuracy": accuracy,
@@ -123,6 +125,7 @@ def format_summary(summary: dict) -> str:
          f"around swaps {p.get('p99_us_swap')} us ({p.get('n_swap', 0)} predictions)"
          + _sharing_note(summary)) if p["served"] else
         "predictions: none recorded (device threads, or --predict-rate 0)",
+        *([f"privacy: {summary['privacy']['summary']}"] if summary.get("privacy") else []),
         f"{summary['devices_on_final_version']} of {len(summary['devices'])} devices ended on the "
         f"final model version {summary['final_model_version']}; {summary['wall_seconds']} s",
     ]
@@ -169,7 +172,10 @@ def write_plot(summary: dict, path: Path) -> None:
     if training["compression"]["method"] != "none" or training["compression"]["values"] != "f32":
         label += f", {training['compression']['method']} {training['compression']['values']}"
     if training["privacy"]["mechanism"] != "none":
-        label += f", {training['privacy']['mechanism']} eps {training['privacy']['epsilon']:g}"
+        privacy = training["privacy"]
+        label += f", {privacy['mechanism']} eps {privacy['epsilon']:g}/round"
+    if summary.get("privacy", {}).get("mode") == "central":
+        label += f", central DP eps {summary['privacy']['epsilon']:.3g}"
     ax.plot(rounds, summary["accuracy"], marker="o", ms=3, label=f"federated ({label})")
     central = summary["centralised"]["accuracy"]
     ax.plot(np.arange(1, len(central) + 1), central, ls="--", label="centralised (epochs)")

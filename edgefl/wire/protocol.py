@@ -128,11 +128,21 @@ def _number(obj: dict, key: str, kind: str, *, lo: float, hi: float = math.inf, 
     return value
 
 
+#: Mechanisms where the device adds the noise and pays from its own budget (replace-one epsilon).
+LOCAL_MECHANISMS = ("laplace", "discrete-laplace", "gaussian")
+#: Every mechanism a round may announce.
+MECHANISMS = ("none", "central-gaussian") + LOCAL_MECHANISMS
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy of one round's updates (see :mod:`edgefl.device.privacy`).
 
-    mechanism: "none", "laplace" (L1 clip, scale = clip / epsilon) or "gaussian" (L2 clip).
+    mechanism: "none"; "central-gaussian" (the device clips in L2 to ``clip``, the server adds the
+    noise and accounts); or a local one, where ``epsilon`` is the replace-one epsilon one update
+    costs the device: "laplace" (L1 clip, float Laplace of scale 2 clip / epsilon),
+    "discrete-laplace" (the same on a power-of-two grid from a ChaCha20 stream) or "gaussian"
+    (L2 clip, analytic Gaussian for sensitivity 2 clip and ``delta``).
     """
 
     mechanism: str = "none"
@@ -185,8 +195,10 @@ class TrainingConfig:
         _number(d, "batch_size", kind, lo=1, hi=1 << 20, integer=True)
         for key in ("lr", "momentum", "weight_decay", "mu"):
             _number(d, key, kind, lo=0.0, hi=1e6)
-        if privacy.mechanism not in ("none", "laplace", "gaussian"):
-            raise ProtocolError(f"{kind}: unknown privacy mechanism {privacy.mechanism!r}")
+        # A mechanism this version does not know still parses: the device declines the round
+        # and says so in its status, instead of ignoring the announcement.
+        if not isinstance(privacy.mechanism, str) or not _NAME.match(privacy.mechanism):
+            raise ProtocolError(f"{kind}: privacy mechanism {privacy.mechanism!r} is not a name")
         if compression.method not in ("none", "topk", "threshold", "randomk"):
             raise ProtocolError(f"{kind}: unknown compression method {compression.method!r}")
         if compression.values not in ("f32", "f16", "int8", "ternary"):
@@ -276,10 +288,36 @@ class Receipt:
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    """Retained on ``clients/<id>/status``: "online" with capabilities, or "offline" (Last Will)."""
+    """Retained on ``clients/<id>/status``: "online" with capabilities, or "offline" (Last Will).
+
+    Capabilities the server reads (others are informational):
+
+    ``mechanisms``
+        The privacy mechanisms the device takes part with; the server selects it only for rounds
+        announcing one of them. Absent: every mechanism of :data:`MECHANISMS`.
+    ``available``, ``unavailable``
+        False with a reason when the device cannot take part in any round (its privacy budget is
+        spent, it has no samples); the server stops selecting it until it says True again.
+    ``declined``
+        ``{"round_id": r, "reason": "..."}``: the device was selected for round ``r`` and will not
+        answer (e.g. an announced mechanism it does not accept); the server stops waiting for it.
+    """
 
     state: str
     capabilities: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        return tuple(self.capabilities.get("mechanisms", MECHANISMS))
+
+    @property
+    def available(self) -> bool:
+        return self.state == "online" and bool(self.capabilities.get("available", True))
+
+    @property
+    def declined_round(self) -> int | None:
+        declined = self.capabilities.get("declined")
+        return None if declined is None else declined["round_id"]
 
     def to_json(self) -> bytes:
         return _dumps(asdict(self))
@@ -294,4 +332,15 @@ class DeviceStatus:
         caps = obj.get("capabilities", {})
         if not isinstance(caps, dict):
             raise ProtocolError(f"{kind}: 'capabilities' must be an object")
+        mechanisms = caps.get("mechanisms", [])
+        if not isinstance(mechanisms, list) or not all(isinstance(m, str) for m in mechanisms):
+            raise ProtocolError(f"{kind}: 'mechanisms' must be a list of names")
+        if not isinstance(caps.get("available", True), bool):
+            raise ProtocolError(f"{kind}: 'available' must be true or false")
+        declined = caps.get("declined")
+        if declined is not None:
+            if not isinstance(declined, dict) or not isinstance(declined.get("reason"), str):
+                raise ProtocolError(f"{kind}: 'declined' must be an object with a round_id and "
+                                    "a reason")
+            _number(declined, "round_id", kind, lo=0, hi=2**32 - 1, integer=True)
         return cls(state, caps)

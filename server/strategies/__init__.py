@@ -11,11 +11,16 @@
 ``fedtrimmedavg``  :class:`FedTrimmedAvg`, coordinate-wise trimmed mean (Yin et al. 2018)
 ``krum``           :class:`Krum`, (multi-)Krum (Blanchard et al. 2017)
 =================  =================================================================
+
+:class:`DPFedAvg` (clipped sum plus Gaussian noise, user-level DP, McMahan et al. 2018) is not
+chosen by name: the server aggregates with it when a run has central differential privacy, whose
+sampling and accounting it depends on.
 """
 from __future__ import annotations
 
 from .fedadagrad import FedAdagrad
 from .fedadam import FedAdam
+from .dpfedavg import DPFedAvg
 from .fedavg import FedAvg
 from .fedopt import FedOpt
 from .fedprox import FedProx
@@ -51,5 +56,5 @@ def make_strategy(name: str, options: dict | None = None) -> Strategy:
 __all__ = [
     "STRATEGIES", "make_strategy", "Strategy", "ClientUpdate",
     "FedAvg", "FedSGD", "FedProx", "FedOpt", "FedAdam", "FedYogi", "FedAdagrad",
-    "FedMedian", "FedTrimmedAvg", "Krum",
+    "FedMedian", "FedTrimmedAvg", "Krum", "DPFedAvg",
 ]

@@ -85,6 +85,32 @@ def weighted_mean_delta(deltas: Iterable[WeightedDelta], num_params: int) -> np.
     return (total / weight).astype(np.float32)
 
 
+def noised_clipped_sum(updates, num_params: int, *, clip: float, noise_std: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """``sum_k clip(delta_k, clip) + N(0, noise_std^2 I)`` as a dense float64 vector.
+
+    Each update (``indices`` None for dense, else sparse) is scaled down to L2 norm ``clip`` if it
+    is longer, so one update moves the sum by at most ``clip`` whatever it holds; updates count
+    equally, whatever their sample counts.
+
+    Raises
+    ------
+    ValueError
+        If an update does not fit ``num_params`` (see :func:`weighted_delta_sum`).
+    """
+    clipped = []
+    for u in updates:
+        values = u.values.astype(np.float64)
+        norm = float(np.sqrt(np.dot(values, values)))
+        if norm > clip:
+            values = values * (clip / norm)
+        clipped.append(WeightedDelta(u.indices, values, 1.0))
+    total, _ = weighted_delta_sum(clipped, num_params)
+    if noise_std > 0:
+        total += rng.normal(0.0, noise_std, num_params)
+    return total
+
+
 def apply_delta(weights: np.ndarray, delta: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """New float32 weights ``weights + scale * delta`` (the inputs are left unchanged)."""
     out = weights.astype(np.float64) + scale * delta.astype(np.float64)

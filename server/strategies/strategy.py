@@ -78,6 +78,13 @@ class Strategy:
         """The next global weights from this round's accepted updates, or None to keep ``weights``."""
         raise NotImplementedError
 
+    def aggregate_round(self, weights: np.ndarray, updates: Sequence[ClientUpdate], *,
+                        expected_clients: float) -> np.ndarray | None:
+        """What the server calls when a round closes: :meth:`aggregate`, or None (keep the
+        model) when nothing arrived. ``expected_clients`` is the round's expected number of
+        participants, which only a fixed-denominator strategy (:class:`DPFedAvg`) uses."""
+        return self.aggregate(weights, updates) if updates else None
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Optimizer state to persist between rounds (empty for stateless strategies)."""
         return {}

@@ -1,0 +1,84 @@
+"""The server's accountant of central DP against dp-accounting and a published reference value."""
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+
+from edgefl_server.accounting import (PrivacyBudgetReached, RunAccountant, noise_multiplier_for,
+                                      run_epsilon)
+
+
+def test_epsilon_after_each_round_equals_dp_accountings_for_the_same_events():
+    ours = RunAccountant(noise_multiplier=1.1, sampling_rate=0.05, delta=1e-5)
+    theirs = rdp.RdpAccountant()
+    for _ in range(25):
+        epsilon, delta = ours.charge_round()
+        theirs.compose(dp_accounting.PoissonSampledDpEvent(
+            0.05, dp_accounting.GaussianDpEvent(1.1)))
+        assert epsilon == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-12) and delta == 1e-5
+    assert ours.rounds == 25
+
+
+def test_abadi_et_al_2016_moments_accountant_value_is_reproduced():
+    """Abadi et al., "Deep Learning with Differential Privacy" (CCS 2016), Section 3.1: q = 0.01,
+    sigma = 4, delta = 1e-5, T = 10,000 steps give epsilon ~= 1.26 with the moments accountant.
+
+    The moments accountant is RDP at integer orders (lambda = alpha - 1 = 1..32) converted with
+    epsilon = min over lambda of (alpha(lambda) + log(1/delta)) / lambda; with the accountant's
+    RDP values at those orders that conversion gives 1.26 to the paper's two decimals. The RDP
+    accountant's own conversion (Balle et al. 2020) is tighter, so its epsilon is lower."""
+    orders = np.arange(2, 34)
+    accountant = rdp.RdpAccountant(orders=list(orders))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(4.0)), 10_000))
+    moments = min(accountant.rdp + math.log(1 / 1e-5) / (orders - 1))
+    assert round(moments, 2) == 1.26
+    ours = run_epsilon(4.0, 0.01, 10_000, 1e-5)
+    assert 0.9 < ours < moments
+
+
+def test_noise_multiplier_for_a_target_is_the_smallest_that_fits():
+    z = noise_multiplier_for(8.0, 1e-5, 0.1, 100)
+    assert run_epsilon(z, 0.1, 100, 1e-5) <= 8.0
+    assert run_epsilon(z * 0.99, 0.1, 100, 1e-5) > 8.0
+    # More rounds or a smaller target need more noise.
+    assert noise_multiplier_for(8.0, 1e-5, 0.1, 400) > z
+    assert noise_multiplier_for(2.0, 1e-5, 0.1, 100) > z
+
+
+def test_the_budget_refuses_the_round_that_would_exceed_it():
+    z = noise_multiplier_for(3.0, 1e-5, 0.2, 10)
+    accountant = RunAccountant(noise_multiplier=z, sampling_rate=0.2, delta=1e-5,
+                               target_epsilon=3.0)
+    assert accountant.max_rounds() == 10
+    for _ in range(10):
+        accountant.check_round()
+        accountant.charge_round()
+    assert accountant.epsilon() <= 3.0
+    assert not accountant.affords_round()
+    with pytest.raises(PrivacyBudgetReached, match=r"10 round\(s\) spent epsilon .* above the "
+                                                   r"target 3"):
+        accountant.check_round()
+    assert accountant.rounds == 10
+
+
+def test_a_known_selection_loses_the_amplification():
+    accountant = RunAccountant(noise_multiplier=1.0, sampling_rate=0.01, delta=1e-5, rounds=100)
+    plain = rdp.RdpAccountant()
+    plain.compose(dp_accounting.GaussianDpEvent(1.0), 3)
+    assert accountant.epsilon_if_selection_known(3) == plain.get_epsilon(1e-5)
+    assert accountant.epsilon_if_selection_known(0) == 0.0
+    assert accountant.epsilon_if_selection_known(3) > accountant.epsilon()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(noise_multiplier=0.0, sampling_rate=0.1, delta=1e-5), "noise multiplier"),
+    (dict(noise_multiplier=1.0, sampling_rate=0.0, delta=1e-5), "sampling rate"),
+    (dict(noise_multiplier=1.0, sampling_rate=0.1, delta=0.0), "delta"),
+    (dict(noise_multiplier=1.0, sampling_rate=0.1, delta=1e-5, target_epsilon=-1.0), "target"),
+])
+def test_bad_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RunAccountant(**kwargs)
