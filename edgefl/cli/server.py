@@ -255,8 +255,12 @@ def _serve(args, stop: threading.Event) -> int:
         if broker is not None:
             broker.stop()
     if server.wait(0):
-        log.info("the run is over after %d round(s); final model version %d", len(server.history),
-                 server.model.version)
+        if len(server.history) >= config.rounds:
+            log.info("all %d rounds done; final model version %d", config.rounds,
+                     server.model.version)
+        else:  # its privacy target ended it first
+            log.info("the run is over after %d of %d rounds; final model version %d",
+                     len(server.history), config.rounds, server.model.version)
         report = server.privacy_report()
         if report:
             log.info("privacy of the run: %s", report["summary"])
