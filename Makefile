@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all setup build broker demo test test-compiled test-numpy bench clean
+.PHONY: all setup build broker demo test test-compiled test-numpy test-debug-kernels bench clean
 
 all: test
 
@@ -42,7 +42,9 @@ broker:
 demo: setup
 	$(PY) -m edgefl simulate --devices 10 --rounds 30 --out demo-output
 
-# The whole suite twice: compiled kernels, then the pure-NumPy twin.
+# The suite on the compiled kernels (every kernel test checks both backends by name), then what
+# goes through edgefl.kernels again on the pure-NumPy twin. MQTT tests run once: they do not
+# depend on the kernel backend.
 test: setup
 	$(MAKE) --no-print-directory test-compiled test-numpy
 
@@ -51,7 +53,17 @@ test-compiled:
 	$(PYTEST) -q
 
 test-numpy:
-	EDGEFL_PUREPYTHON=1 $(PYTEST) -q
+	EDGEFL_PUREPYTHON=1 $(PYTEST) -q -m "backend and not integration"
+
+# The kernel tests on a build with Cython's bounds and initialisation checks on, built apart from
+# the normal one (build/debug-kernels) and only when a kernel source changed. CI runs it.
+DEBUG_KERNELS := build/debug-kernels
+$(DEBUG_KERNELS)/.built: $(VENV)/.installed setup.py $(wildcard edgefl/_kernels/*.pyx edgefl/_kernels/*.pxd edgefl/_kernels/*.h)
+	EDGEFL_DEBUG_KERNELS=1 $(PY) setup.py -q build_ext --build-lib $(DEBUG_KERNELS) --build-temp $(DEBUG_KERNELS)/temp
+	touch $@
+
+test-debug-kernels: setup $(DEBUG_KERNELS)/.built
+	EDGEFL_DEBUG_KERNELS=1 $(PYTEST) -q -m kernels
 
 # Kernel microbenchmarks (JSON + PNG in benchmarks/results/).
 bench: setup

@@ -9,7 +9,9 @@ Environment switches
 EDGEFL_NATIVE=1
     Add ``-march=native``: faster on the build machine, crashes on older CPUs. Opt-in only.
 EDGEFL_DEBUG_KERNELS=1
-    Turn Cython's bounds and initialisation checks back on (for a debugging test run).
+    Turn Cython's bounds and initialisation checks back on (for a debugging test run). Its C files
+    go to ``build/cython-debug``; ``make test-debug-kernels`` builds it into
+    ``build/debug-kernels`` (``--build-lib``) and runs the kernel tests against it.
 EDGEFL_PUREPYTHON=1
     Build no extension: install the pure-NumPy twin only (a device without a C compiler).
 
@@ -75,7 +77,9 @@ def compiled_kernels():
     """The extensions to build: none with EDGEFL_PUREPYTHON=1, else every kernel, optional."""
     if os.environ.get("EDGEFL_PUREPYTHON") == "1":
         return []
-    modules = cythonize(extensions, compiler_directives=directives, quiet=True)
+    # The bounds-checking build writes its C files apart, so it never replaces the normal build's.
+    modules = cythonize(extensions, compiler_directives=directives, quiet=True,
+                        build_dir=str(HERE / "build" / "cython-debug") if DEBUG else None)
     for module in modules:
         module.optional = True  # set after cythonize, which does not carry it over
     return modules

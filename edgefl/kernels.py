@@ -9,6 +9,7 @@ work in place. Every function validates its arguments first and raises ``TypeErr
 """
 import importlib
 import os
+import types
 import warnings
 
 #: kernel module -> the public names it defines (compiled and twin alike).
@@ -33,6 +34,32 @@ def _load(package):
         if missing:  # a stale build from an older checkout: treat it as not built
             raise ImportError(f"{package}.{module_name} lacks {', '.join(missing)}")
     return modules
+
+
+def load_backend(backend: str):
+    """The public kernels of one backend, whichever is active: for comparing the two.
+
+    Parameters
+    ----------
+    backend : {"cython", "numpy"}
+        The compiled modules or their NumPy twin.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        Every name of :data:`__all__` from that backend (``BACKEND`` is ``backend``).
+
+    Raises
+    ------
+    ImportError
+        ``"cython"`` when the compiled modules are not built.
+    """
+    packages = {"cython": "edgefl._kernels", "numpy": "edgefl._kernels.fallback"}
+    if backend not in packages:
+        raise ValueError(f"backend must be 'cython' or 'numpy', got {backend!r}")
+    modules = _load(packages[backend])
+    return types.SimpleNamespace(BACKEND=backend, **{
+        name: getattr(modules[module], name) for module, names in _MODULES.items() for name in names})
 
 
 def _select():

@@ -1,4 +1,4 @@
-"""clip_l2_ / clip_l1_: the active backend against the NumPy twin, bounds, edge cases, errors."""
+"""clip_l2_ / clip_l1_: compiled against the NumPy twin (tests/backends.py), both backends on bounds, bounds, edge cases, errors."""
 import math
 
 import numpy as np
@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import edgefl.kernels as K
+from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import clip as twin
+
+pytestmark = pytest.mark.kernels
 
 CLIPS = [("clip_l2_", 2), ("clip_l1_", 1)]
 
@@ -34,7 +36,7 @@ def bits(x):
 @given(x=float32_arrays, max_norm=bounds)
 def test_equals_twin_and_respects_the_bound(name, order, x, max_norm):
     ours, theirs = x.copy(), x.copy()
-    norm = getattr(K, name)(ours, max_norm)
+    norm = getattr(COMPILED, name)(ours, max_norm)
     assert norm == getattr(twin, name)(theirs, max_norm)
     assert np.array_equal(bits(ours), bits(theirs))
     assert norm == pytest.approx(exact_norm(x, order), rel=1e-12, abs=0)
@@ -50,12 +52,13 @@ def test_lane_order_equals_twin_across_magnitudes(name, order, n):
     # magnitudes over 60 decades make the double sum order-sensitive: any reordering shows
     x = (rng.standard_normal(n) * np.exp(rng.uniform(-70, 70, n))).astype(np.float32)
     ours, theirs = x.copy(), x.copy()
-    assert getattr(K, name)(ours, 1.0) == getattr(twin, name)(theirs, 1.0)
+    assert getattr(COMPILED, name)(ours, 1.0) == getattr(twin, name)(theirs, 1.0)
     assert np.array_equal(bits(ours), bits(theirs))
 
 
+@both_backends
 @pytest.mark.parametrize("name, order", CLIPS)
-def test_clips_to_the_bound_and_keeps_the_direction(name, order):
+def test_clips_to_the_bound_and_keeps_the_direction(K, name, order):
     x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
     before = exact_norm(x, order)
     y = x.copy()
@@ -65,8 +68,9 @@ def test_clips_to_the_bound_and_keeps_the_direction(name, order):
     np.testing.assert_allclose(y, x / 4, rtol=1e-6)
 
 
+@both_backends
 @pytest.mark.parametrize("name, order", CLIPS)
-def test_huge_magnitudes_do_not_overflow(name, order):
+def test_huge_magnitudes_do_not_overflow(K, name, order):
     x = np.full(1000, np.finfo(np.float32).max, dtype=np.float32)
     x[::2] *= -1
     norm = getattr(K, name)(x, 1.0)
@@ -85,7 +89,7 @@ def test_huge_magnitudes_do_not_overflow(name, order):
 ], ids=["empty", "negative-zero", "all-equal", "3-d"])
 def test_edge_cases(name, order, x):
     ours, theirs = x.copy(), x.copy()
-    norm = getattr(K, name)(ours, 2.0)
+    norm = getattr(COMPILED, name)(ours, 2.0)
     assert norm == getattr(twin, name)(theirs, 2.0)
     assert norm == pytest.approx(exact_norm(x, order), rel=1e-12)
     assert np.array_equal(bits(ours), bits(theirs))
@@ -93,9 +97,10 @@ def test_edge_cases(name, order, x):
     assert ours.shape == x.shape
 
 
+@both_backends
 @pytest.mark.parametrize("name, order", CLIPS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_input_is_rejected_and_x_kept(name, order, bad):
+def test_non_finite_input_is_rejected_and_x_kept(K, name, order, bad):
     x = np.ones(100, np.float32)
     x[37] = bad
     kept = x.copy()
@@ -104,8 +109,9 @@ def test_non_finite_input_is_rejected_and_x_kept(name, order, bad):
     assert np.array_equal(bits(x), bits(kept))
 
 
+@both_backends
 @pytest.mark.parametrize("name, order", CLIPS)
-def test_array_errors(name, order):
+def test_array_errors(K, name, order):
     clip = getattr(K, name)
     with pytest.raises(TypeError, match="dtype float32"):
         clip(np.ones(4), 1.0)
@@ -121,12 +127,13 @@ def test_array_errors(name, order):
         clip(frozen, 1.0)
 
 
+@both_backends
 @pytest.mark.parametrize("name, order", CLIPS)
 @pytest.mark.parametrize("bound, error", [
     (0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
     ("1", TypeError), (None, TypeError),
 ])
-def test_bound_errors(name, order, bound, error):
+def test_bound_errors(K, name, order, bound, error):
     x = np.ones(4, np.float32)
     with pytest.raises(error, match="max_norm"):
         getattr(K, name)(x, bound)

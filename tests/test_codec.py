@@ -5,8 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import edgefl.kernels as K
+from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import codec as twin
+
+pytestmark = pytest.mark.kernels
 
 CODERS = [
     ("encode_indices", "decode_indices"),
@@ -41,10 +43,10 @@ def index_sets(draw, max_n=5000):
 @given(case=index_sets())
 def test_round_trip_and_twin(encode, decode, case):
     idx, n = case
-    data = getattr(K, encode)(idx, n)
+    data = getattr(COMPILED, encode)(idx, n)
     assert isinstance(data, bytes)
     assert data == getattr(twin, encode)(idx, n)
-    back = getattr(K, decode)(data, n, idx.size)
+    back = getattr(COMPILED, decode)(data, n, idx.size)
     assert back.dtype == np.uint32
     assert np.array_equal(back, idx)
     assert np.array_equal(getattr(twin, decode)(data, n, idx.size), idx)
@@ -54,12 +56,13 @@ def test_round_trip_and_twin(encode, decode, case):
 @pytest.mark.parametrize("idx", [[], [0], [2**32 - 1], [0, 2**32 - 1], [5, 2**31, 2**32 - 2, 2**32 - 1]])
 def test_extremes_of_the_uint32_range(encode, decode, idx):
     idx = np.array(idx, dtype=np.uint32)
-    data = getattr(K, encode)(idx, 2**32)
+    data = getattr(COMPILED, encode)(idx, 2**32)
     assert data == getattr(twin, encode)(idx, 2**32)
-    assert np.array_equal(getattr(K, decode)(data, 2**32, idx.size), idx)
+    assert np.array_equal(getattr(COMPILED, decode)(data, 2**32, idx.size), idx)
 
 
-def test_known_bytes():
+@both_backends
+def test_known_bytes(K):
     idx = np.array([0, 1, 2, 300], dtype=np.uint32)
     # gaps 0, 0, 0, 297 = 2 * 128 + 41
     assert K.encode_indices(idx, 1000) == bytes([0, 0, 0, 0x80 | 41, 2])
@@ -72,7 +75,8 @@ def test_known_bytes():
     assert K.encode_indices_rice(np.zeros(0, np.uint32), 10) == b"\x00"
 
 
-def test_rice_parameter_follows_the_mean_gap():
+@both_backends
+def test_rice_parameter_follows_the_mean_gap(K):
     rng = np.random.default_rng(4)
     for mean_gap in [1, 3, 20, 700, 50_000]:
         idx = np.unique(rng.integers(0, 200 * mean_gap, 200)).astype(np.uint32)
@@ -85,8 +89,9 @@ def test_rice_parameter_follows_the_mean_gap():
         assert cost[r] <= min(cost.values()) + idx.size
 
 
+@both_backends
 @pytest.mark.parametrize("encode, decode", CODERS)
-def test_encoders_reject_bad_indices(encode, decode):
+def test_encoders_reject_bad_indices(K, encode, decode):
     enc = getattr(K, encode)
     with pytest.raises(ValueError, match=r"sorted strictly ascending: idx\[2\] = 3"):
         enc(np.array([1, 5, 3], np.uint32), 10)
@@ -124,7 +129,7 @@ def test_encoders_reject_bad_indices(encode, decode):
     (b"\xff\xff\xff\xff\x0f", 2**32 - 1, 1, "out of range"),
 ])
 def test_varint_decoder_rejects(buf, n, k, message):
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(ValueError, match=message):
             module.decode_indices(buf, n, k)
 
@@ -141,7 +146,7 @@ def test_varint_decoder_rejects(buf, n, k, message):
     (b"\x1f" + b"\x00" * 64 + b"\x01" + b"\x00" * 4, 2**32, 1, "out of range"),
 ])
 def test_rice_decoder_rejects(buf, n, k, message):
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(ValueError, match=message):
             module.decode_indices_rice(buf, n, k)
 
@@ -153,13 +158,14 @@ def test_rice_decoder_rejects(buf, n, k, message):
     (b"\x03\x00", 10, 1, "has 2 bits set, the header says k = 1"),
 ])
 def test_bitmap_decoder_rejects(buf, n, k, message):
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(ValueError, match=message):
             module.decode_indices_bitmap(buf, n, k)
 
 
+@both_backends
 @pytest.mark.parametrize("decode", DECODERS)
-def test_decoders_check_the_header_and_buffer_type(decode):
+def test_decoders_check_the_header_and_buffer_type(K, decode):
     dec = getattr(K, decode)
     with pytest.raises(ValueError, match=r"k must be in \[0, n\]"):
         dec(b"\x00", 10, 11)
@@ -174,8 +180,9 @@ def test_decoders_check_the_header_and_buffer_type(decode):
         dec(b"\x00\x00", 2**32, 2**31)
 
 
+@both_backends
 @pytest.mark.parametrize("decode", DECODERS)
-def test_decoders_accept_any_contiguous_bytes_like(decode):
+def test_decoders_accept_any_contiguous_bytes_like(K, decode):
     encode = dict((d, e) for e, d in CODERS)[decode]
     idx = np.array([3, 4, 90], np.uint32)
     data = getattr(K, encode)(idx, 100)
@@ -188,7 +195,7 @@ def test_decoders_accept_any_contiguous_bytes_like(decode):
 @given(buf=st.binary(max_size=40), n=st.integers(0, 2**32), k=st.integers(0, 400))
 def test_random_bytes_only_ever_raise_value_error(decode, buf, n, k):
     k = min(k, n)
-    ours = outcome(getattr(K, decode), buf, n, k)
+    ours = outcome(getattr(COMPILED, decode), buf, n, k)
     theirs = outcome(getattr(twin, decode), buf, n, k)
     assert ours[0] in ("ok", "ValueError")
     if ours[0] == "ok":
@@ -205,11 +212,11 @@ def test_random_bytes_only_ever_raise_value_error(decode, buf, n, k):
 @given(case=index_sets(max_n=2000), flip=st.integers(0, 10**6), cut=st.integers(0, 10**6))
 def test_corrupted_buffers_are_rejected_or_valid(encode, decode, case, flip, cut):
     idx, n = case
-    data = bytearray(getattr(K, encode)(idx, n))
+    data = bytearray(getattr(COMPILED, encode)(idx, n))
     if data:
         data[flip % len(data)] ^= 1 << (flip % 8)
     for buf in (bytes(data), bytes(data[: cut % (len(data) + 1)]), bytes(data) + b"\x00"):
-        ours = outcome(getattr(K, decode), buf, n, idx.size)
+        ours = outcome(getattr(COMPILED, decode), buf, n, idx.size)
         assert ours[0] in ("ok", "ValueError")
         assert ours[0] != "ok" or np.all(np.diff(ours[1].astype(np.int64)) > 0)
         theirs = outcome(getattr(twin, decode), buf, n, idx.size)
@@ -220,7 +227,8 @@ def test_corrupted_buffers_are_rejected_or_valid(encode, decode, case, flip, cut
             assert ours[1] == theirs[1]
 
 
-def test_varint_encoding_is_canonical():
+@both_backends
+def test_varint_encoding_is_canonical(K):
     """Whatever the varint decoder accepts re-encodes to the same bytes."""
     rng = np.random.default_rng(7)
     idx = np.unique(rng.integers(0, 2**32, 500, dtype=np.uint64)).astype(np.uint32)
@@ -238,7 +246,7 @@ finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 @settings(max_examples=120, deadline=None)
 @given(vals=hnp.arrays(np.float32, st.integers(0, 100), elements=finite_float32))
 def test_quantize_equals_twin_and_round_trips(kind, vals):
-    ours = outcome(K.quantize, vals, kind)
+    ours = outcome(COMPILED.quantize, vals, kind)
     theirs = outcome(twin.quantize, vals, kind)
     assert ours[0] == theirs[0]
     if ours[0] != "ok":  # only f16 may refuse finite values: beyond half precision
@@ -248,7 +256,7 @@ def test_quantize_equals_twin_and_round_trips(kind, vals):
     (data, scale), (their_data, their_scale) = ours[1], theirs[1]
     assert data == their_data and scale == their_scale
     assert isinstance(scale, float)
-    back = K.dequantize(data, kind, vals.size, scale)
+    back = COMPILED.dequantize(data, kind, vals.size, scale)
     assert back.dtype == np.float32 and back.shape == vals.shape
     assert np.array_equal(back.view(np.uint32), twin.dequantize(data, kind, vals.size, scale).view(np.uint32))
     if kind == "f32":
@@ -278,14 +286,16 @@ def test_quantize_equals_twin_and_round_trips(kind, vals):
         assert len(data) == (vals.size + 3) // 4
 
 
-def test_int8_rounds_half_to_even_and_clips():
+@both_backends
+def test_int8_rounds_half_to_even_and_clips(K):
     vals = np.array([127.0, -127.0, 0.5, 1.5, 2.5, -0.5, 0.0], np.float32)
     data, scale = K.quantize(vals, "int8")
     assert scale == 1.0
     assert list(np.frombuffer(data, np.int8)) == [127, -127, 0, 2, 2, 0, 0]
 
 
-def test_int8_never_overflows_at_the_float32_maximum():
+@both_backends
+def test_int8_never_overflows_at_the_float32_maximum(K):
     vals = np.array([np.finfo(np.float32).max, -1.0], np.float32)
     data, scale = K.quantize(vals, "int8")
     back = K.dequantize(data, "int8", 2, scale)
@@ -293,7 +303,8 @@ def test_int8_never_overflows_at_the_float32_maximum():
     assert back[0] == pytest.approx(vals[0], rel=1e-6)
 
 
-def test_ternary_known_bytes_and_negative_zero():
+@both_backends
+def test_ternary_known_bytes_and_negative_zero(K):
     vals = np.array([1.0, -3.0, 0.0, -0.0, 2.0], np.float32)
     data, scale = K.quantize(vals, "ternary")
     assert scale == 2.0  # mean of |1|, |-3|, |2|; the zeros (either sign) are not kept
@@ -301,7 +312,8 @@ def test_ternary_known_bytes_and_negative_zero():
     assert np.array_equal(K.dequantize(data, "ternary", 5, scale), [2.0, -2.0, 0.0, 0.0, 2.0])
 
 
-def test_all_zero_values():
+@both_backends
+def test_all_zero_values(K):
     zeros = np.zeros(9, np.float32)
     for kind in KINDS:
         data, scale = K.quantize(zeros, kind)
@@ -313,19 +325,20 @@ def test_all_zero_values():
 def test_quantize_rejects_non_finite(kind, bad):
     vals = np.ones(6, np.float32)
     vals[4] = bad
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(ValueError, match="non-finite value .* index 4"):
             module.quantize(vals, kind)
 
 
 def test_f16_overflow_is_an_error():
     vals = np.array([1.0, 65519.0, 65520.0], np.float32)
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(ValueError, match=r"vals\[2\] = 65520.0 is beyond float16's range"):
             module.quantize(vals, "f16")
 
 
-def test_quantize_argument_errors():
+@both_backends
+def test_quantize_argument_errors(K):
     with pytest.raises(ValueError, match="kind must be one of"):
         K.quantize(np.ones(2, np.float32), "int4")
     with pytest.raises(TypeError, match="float32"):
@@ -342,7 +355,7 @@ def test_quantize_argument_errors():
     ("f32", 3, 11), ("f32", 3, 13), ("f16", 3, 5), ("int8", 3, 4), ("ternary", 5, 1), ("ternary", 4, 2),
 ])
 def test_dequantize_checks_the_length_exactly(kind, k, size):
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         expected = f"buf has {size} bytes, kind '{kind}' with k = {k} needs exactly"
         with pytest.raises(ValueError, match=expected):
             module.dequantize(bytes(size), kind, k, 1.0)
@@ -356,7 +369,7 @@ def test_dequantize_checks_the_length_exactly(kind, k, size):
     (bytes([0b01_00_00_01]), "ternary", 3, "nonzero padding"),
 ])
 def test_dequantize_rejects_corrupt_values(buf, kind, k, message):
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(ValueError, match=message):
             module.dequantize(buf, kind, k, 1.0)
 
@@ -368,7 +381,7 @@ def test_dequantize_rejects_corrupt_values(buf, kind, k, message):
     ("int8", "1", TypeError),
 ])
 def test_dequantize_scale_errors(kind, scale, error):
-    for module in (K, twin):
+    for module in (COMPILED, twin):
         with pytest.raises(error, match="scale"):
             module.dequantize(bytes(0), kind, 0, scale)
 
@@ -378,7 +391,7 @@ def test_dequantize_scale_errors(kind, scale, error):
 @given(buf=st.binary(max_size=64), k=st.integers(0, 70), scale=st.floats(0, 1e3))
 def test_dequantize_random_bytes(kind, buf, k, scale):
     scale = 1.0 if kind in ("f32", "f16") else scale
-    ours = outcome(K.dequantize, buf, kind, k, scale)
+    ours = outcome(COMPILED.dequantize, buf, kind, k, scale)
     theirs = outcome(twin.dequantize, buf, kind, k, scale)
     assert ours[0] in ("ok", "ValueError")
     assert ours[0] == theirs[0]
@@ -393,7 +406,7 @@ def test_f16_matches_numpy_on_every_half_and_its_neighbours():
     halves = np.arange(2**16, dtype=np.uint16)
     halves = halves[(halves & 0x7C00) != 0x7C00]  # the finite ones
     exact = halves.view(np.float16).astype(np.float32)
-    back = K.dequantize(halves.astype("<u2").tobytes(), "f16", halves.size, 1.0)
+    back = COMPILED.dequantize(halves.astype("<u2").tobytes(), "f16", halves.size, 1.0)
     assert np.array_equal(back.view(np.uint32), exact.view(np.uint32))
     # every finite half, the float32 values next to it and the midpoints to its neighbours:
     # all the rounding cases, ties to even included
@@ -403,7 +416,7 @@ def test_f16_matches_numpy_on_every_half_and_its_neighbours():
     mids = ((ordered[:-1].astype(np.float64) + ordered[1:]) / 2).astype(np.float32)
     vals = np.concatenate((exact, above, below, mids))
     vals = vals[np.abs(vals) < 65520]
-    data, scale = K.quantize(vals, "f16")
+    data, scale = COMPILED.quantize(vals, "f16")
     assert scale == 1.0
     assert data == vals.astype("<f2").tobytes()
     assert data == twin.quantize(vals, "f16")[0]

@@ -6,6 +6,8 @@ from edgefl import kernels
 from edgefl.device.compression import VALUE_ENCODINGS, Compressor
 from edgefl.wire.protocol import CompressionConfig
 
+pytestmark = pytest.mark.backend
+
 
 def updates(n, rounds, seed=0):
     rng = np.random.default_rng(seed)

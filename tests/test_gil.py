@@ -15,7 +15,9 @@ import time
 import numpy as np
 import pytest
 
-import edgefl.kernels as K
+from backends import COMPILED, TWIN
+
+pytestmark = pytest.mark.kernels
 
 COUNTS_PER_YIELD = 2000
 #: "Substantial": the counter completed at least this many of its rounds during the kernel calls.
@@ -81,7 +83,7 @@ def test_control_sleep_lets_the_counter_run():
 
 @pytest.fixture(scope="module")
 def long_calls():
-    """Kernel name -> (a call of it on large data, how many calls)."""
+    """``calls(K)``: kernel name -> (a call of backend K's kernel on large data, how many calls)."""
     rng = np.random.default_rng(0)
     big = rng.standard_normal(20_000_000, dtype=np.float32)
     residual = np.zeros(10_000_000, np.float32)
@@ -93,7 +95,7 @@ def long_calls():
               for shape in zip(sizes[:-1], sizes[1:])]
     X = rng.standard_normal((2048, sizes[0]), dtype=np.float32)
     y = rng.integers(0, sizes[-1], 2048)
-    return {
+    return lambda K: {
         "topk": (lambda: K.topk(big, 200_000), 3),
         "topk_ef_": (lambda: K.topk_ef_(residual, update, 100_000), 4),
         "threshold_select": (lambda: K.threshold_select(big, 2.5), 4),
@@ -111,14 +113,17 @@ def long_calls():
 # The NumPy twin releases the GIL wherever NumPy does, inside its array loops: true for the
 # vectorised top-k family, not for randomk's twin, which is a Python loop over k draws, nor for
 # the epochs' twin, a Python loop over minibatches.
-COMPILED = ["topk", "topk_ef_", "threshold_select", "randomk", "clip_l2_", "clip_l1_", "laplace_",
-            "mlp_sgd_epochs_"]
-TWIN = ["topk", "topk_ef_", "threshold_select"]
+RELEASED_BY_COMPILED = ["topk", "topk_ef_", "threshold_select", "randomk", "clip_l2_", "clip_l1_",
+                        "laplace_", "mlp_sgd_epochs_"]
+RELEASED_BY_TWIN = ["topk", "topk_ef_", "threshold_select"]
 
 
-@pytest.mark.parametrize("name", COMPILED if K.BACKEND == "cython" else TWIN)
-def test_kernel_lets_other_threads_run(name, long_calls):
-    call, repeats = long_calls[name]
+@pytest.mark.parametrize("K, name", [(COMPILED, name) for name in RELEASED_BY_COMPILED]
+                         + [(TWIN, name) for name in RELEASED_BY_TWIN],
+                         ids=[f"compiled-{name}" for name in RELEASED_BY_COMPILED]
+                         + [f"twin-{name}" for name in RELEASED_BY_TWIN])
+def test_kernel_lets_other_threads_run(K, name, long_calls):
+    call, repeats = long_calls(K)[name]
     progress = counter_progress(call, repeats)
     assert progress >= MIN_ROUNDS * COUNTS_PER_YIELD, (
         f"{name} ({K.BACKEND} backend) kept the GIL: the counter advanced only {progress} counts "

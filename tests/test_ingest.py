@@ -13,6 +13,8 @@ from edgefl_server.model_builder import build_mlp
 from edgefl_server.rounds import OPEN, WAITING, RoundState
 from edgefl_server.store import ServerStore
 
+pytestmark = pytest.mark.backend
+
 N = 66  # parameters of the (8, 4, 6) MLP built below
 TOPICS = Topics("f1")
 ROUND = RoundState(3, 2, OPEN, deadline=1e12, selected=("d1", "d2", "d3"))

@@ -8,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-import edgefl.kernels as K
+from backends import COMPILED, both_backends
 from edgefl._kernels import noise as compiled
 from edgefl._kernels.fallback import noise as twin
+
+pytestmark = pytest.mark.kernels
 
 NOISES = ["laplace_", "gaussian_"]
 BIT_GENERATORS = [np.random.PCG64, np.random.PCG64DXSM, np.random.MT19937, np.random.Philox, np.random.SFC64]
@@ -32,7 +34,7 @@ def noised(module, name, x, scale, seed, bit_generator=np.random.PCG64):
 @pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 2047, 2048, 2049, 10_001])
 def test_bit_identical_to_twin(name, bit_generator, n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    ours, ours_rng = noised(K, name, x, 0.7, 11, bit_generator)
+    ours, ours_rng = noised(COMPILED, name, x, 0.7, 11, bit_generator)
     theirs, their_rng = noised(twin, name, x, 0.7, 11, bit_generator)
     assert np.array_equal(bits(ours), bits(theirs))
     # both consumed the stream the same way: the next draws agree too
@@ -46,13 +48,14 @@ def test_bit_identical_to_twin(name, bit_generator, n):
 def test_bit_identical_to_twin_any_seed_and_scale(name, seed, n, scale):
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     with np.errstate(over="ignore"):
-        ours, _ = noised(K, name, x, scale, seed)
+        ours, _ = noised(COMPILED, name, x, scale, seed)
         theirs, _ = noised(twin, name, x, scale, seed)
     assert np.array_equal(bits(ours), bits(theirs))
 
 
+@both_backends
 @pytest.mark.parametrize("name", NOISES)
-def test_noise_is_added_to_the_values(name):
+def test_noise_is_added_to_the_values(K, name):
     x = np.random.default_rng(2).standard_normal((40, 25)).astype(np.float32)
     noise_only, _ = noised(K, name, np.zeros_like(x), 0.3, 5)
     ours, _ = noised(K, name, x, 0.3, 5)
@@ -60,8 +63,9 @@ def test_noise_is_added_to_the_values(name):
     assert np.array_equal(bits(ours), bits(x + noise_only))
 
 
+@both_backends
 @pytest.mark.parametrize("name", NOISES)
-def test_reproducible_from_a_seed(name):
+def test_reproducible_from_a_seed(K, name):
     x = np.zeros(1000, np.float32)
     first, _ = noised(K, name, x, 1.0, 42)
     again, _ = noised(K, name, x, 1.0, 42)
@@ -70,7 +74,8 @@ def test_reproducible_from_a_seed(name):
     assert np.count_nonzero(first != other) > 990
 
 
-def test_laplace_distribution():
+@both_backends
+def test_laplace_distribution(K):
     b = 0.5
     sample, _ = noised(K, "laplace_", np.zeros(200_000, np.float32), b, 2024)
     n = sample.size
@@ -84,7 +89,8 @@ def test_laplace_distribution():
     assert stats.kstest(sample, stats.norm(scale=np.sqrt(2) * b).cdf).pvalue < 1e-6
 
 
-def test_gaussian_distribution():
+@both_backends
+def test_gaussian_distribution(K):
     sigma = 2.0
     sample, _ = noised(K, "gaussian_", np.zeros(200_000, np.float32), sigma, 2024)
     n = sample.size
@@ -94,21 +100,23 @@ def test_gaussian_distribution():
     assert stats.kstest(sample, stats.laplace(scale=sigma / np.sqrt(2)).cdf).pvalue < 1e-6
 
 
+@both_backends
 @pytest.mark.parametrize("name", NOISES)
 @pytest.mark.parametrize("rng", [np.random.RandomState(0), np.random.PCG64(0), None, 0],
                          ids=["RandomState", "BitGenerator", "None", "int"])
-def test_rng_must_be_a_generator(name, rng):
+def test_rng_must_be_a_generator(K, name, rng):
     x = np.zeros(4, np.float32)
     with pytest.raises(TypeError, match="numpy.random.Generator"):
         getattr(K, name)(x, 1.0, rng)
 
 
+@both_backends
 @pytest.mark.parametrize("name", NOISES)
 @pytest.mark.parametrize("scale, error", [
     (0.0, ValueError), (-1.0, ValueError), (np.nan, ValueError), (np.inf, ValueError),
     (1e-50, ValueError), (1e39, ValueError), ("1", TypeError), (None, TypeError),
 ])
-def test_scale_errors_leave_x_and_rng_untouched(name, scale, error):
+def test_scale_errors_leave_x_and_rng_untouched(K, name, scale, error):
     x = np.ones(8, np.float32)
     rng = np.random.default_rng(9)
     state = rng.bit_generator.state
@@ -118,8 +126,9 @@ def test_scale_errors_leave_x_and_rng_untouched(name, scale, error):
     assert rng.bit_generator.state == state
 
 
+@both_backends
 @pytest.mark.parametrize("name", NOISES)
-def test_array_errors(name):
+def test_array_errors(K, name):
     add = getattr(K, name)
     rng = np.random.default_rng(0)
     with pytest.raises(TypeError, match="dtype float32"):

@@ -14,6 +14,8 @@ from edgefl.device.trainer import LocalTrainer
 from edgefl.simulation.datasets import load_digits
 from edgefl_server.model_builder import build_mlp, dense_extractor
 
+pytestmark = pytest.mark.backend
+
 
 def softmax(z):
     e = np.exp(z - z.max(axis=-1, keepdims=True))

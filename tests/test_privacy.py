@@ -16,6 +16,8 @@ from edgefl.device.update_pipeline import UpdatePipeline
 from edgefl.wire.calibration import (analytic_gaussian_delta, analytic_gaussian_sigma,
                                      classic_gaussian_sigma)
 
+pytestmark = pytest.mark.backend
+
 
 def laplace(epsilon=1.0, clip=1.0):
     return PrivacyConfig(mechanism="laplace", epsilon=epsilon, clip=clip)

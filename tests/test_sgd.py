@@ -1,4 +1,4 @@
-"""The fused SGD steps: the active backend against the NumPy twin, the twin's gradient against
+"""The fused SGD steps: the compiled steps against the NumPy twin, the twin's gradient against
 finite differences, each update term on its own, argument errors, and training that works."""
 import contextlib
 import pickle
@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-import edgefl.kernels as K
+from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import sgd as twin
+
+pytestmark = pytest.mark.kernels
 
 
 #: The compiled backend has two matrix products (AVX2 and the 4-float baseline an ARM board
 #: runs); the agreement tests run both on any machine.
-PRODUCTS = ["native", "baseline"] if K.BACKEND == "cython" else ["native"]
+PRODUCTS = ["native", "baseline"]
 
 
 @contextlib.contextmanager
@@ -83,9 +85,9 @@ def _agree_over_many_steps(sizes, m, lr, momentum, weight_decay, mu, seed):
     ref = make_model(sizes, rng)
     X, y = make_batch(sizes, m, rng)
     ours, theirs = copy_model(start), copy_model(start)
-    state_ours, state_theirs = K.SGDState(sizes, m), twin.SGDState(sizes, m)
+    state_ours, state_theirs = COMPILED.SGDState(sizes, m), twin.SGDState(sizes, m)
     for _ in range(10):
-        loss_ours = K.mlp_sgd_step_(ours, X, y, lr, momentum=momentum, weight_decay=weight_decay,
+        loss_ours = COMPILED.mlp_sgd_step_(ours, X, y, lr, momentum=momentum, weight_decay=weight_decay,
                                     mu=mu, ref=ref, state=state_ours)
         loss_theirs = twin.mlp_sgd_step_(theirs, X, y, lr, momentum=momentum,
                                          weight_decay=weight_decay, mu=mu, ref=ref,
@@ -110,7 +112,7 @@ def test_softmax_step_without_state_agrees_with_twin(d, c, m, seed):
     [(W, b)] = make_model((d, c), rng)
     X, y = make_batch((d, c), m, rng)
     W2, b2 = W.copy(), b.copy()
-    loss = K.softmax_sgd_step_(W, b, X, y, 0.1)
+    loss = COMPILED.softmax_sgd_step_(W, b, X, y, 0.1)
     loss_twin = twin.softmax_sgd_step_(W2, b2, X, y, 0.1)
     assert loss == pytest.approx(loss_twin, rel=1e-5)
     np.testing.assert_allclose(W, W2, rtol=1e-5, atol=1e-6)
@@ -141,7 +143,8 @@ def test_twin_gradient_matches_central_differences_in_float64(sizes):
             np.testing.assert_allclose(g, numeric, rtol=1e-5, atol=1e-8)
 
 
-def test_step_subtracts_lr_times_the_float64_gradient():
+@both_backends
+def test_step_subtracts_lr_times_the_float64_gradient(K):
     rng = np.random.default_rng(3)
     sizes = (12, 8, 5)
     layers = make_model(sizes, rng)
@@ -156,7 +159,8 @@ def test_step_subtracts_lr_times_the_float64_gradient():
         np.testing.assert_allclose((b0 - b) / lr, g_b, atol=2e-6)
 
 
-def test_loss_returned_is_the_loss_before_the_step():
+@both_backends
+def test_loss_returned_is_the_loss_before_the_step(K):
     rng = np.random.default_rng(4)
     [(W, b)] = make_model((10, 4), rng)
     X, y = make_batch((10, 4), 16, rng)
@@ -169,7 +173,8 @@ def test_loss_returned_is_the_loss_before_the_step():
     assert second < first  # the step in between lowered it
 
 
-def test_loss_is_stable_for_huge_logits():
+@both_backends
+def test_loss_is_stable_for_huge_logits(K):
     W = np.array([[1e4, -1e4, 0.0]], np.float32)
     b = np.zeros(3, np.float32)
     X = np.array([[1.0], [-1.0]], np.float32)
@@ -179,7 +184,8 @@ def test_loss_is_stable_for_huge_logits():
     assert loss == pytest.approx((0.0 + 1e4) / 2, rel=1e-6)
 
 
-def test_softmax_is_accurate_across_the_float32_exponent_range():
+@both_backends
+def test_softmax_is_accurate_across_the_float32_exponent_range(K):
     # One feature equal to 1, so the logits are W's row, spread over [-87, 0]: the gradient of the
     # logits, (softmax - onehot) / m, comes back as the change of b at lr = 1.
     rng = np.random.default_rng(20)
@@ -198,7 +204,8 @@ def test_softmax_is_accurate_across_the_float32_exponent_range():
     np.testing.assert_allclose(-b, expected, rtol=4e-7, atol=1e-37)
 
 
-def test_weight_decay_acts_on_weights_only():
+@both_backends
+def test_weight_decay_acts_on_weights_only(K):
     rng = np.random.default_rng(5)
     sizes = (6, 5, 3)
     start = make_model(sizes, rng)
@@ -212,7 +219,8 @@ def test_weight_decay_acts_on_weights_only():
         np.testing.assert_array_equal(bd, b)
 
 
-def test_momentum_accumulates_velocity():
+@both_backends
+def test_momentum_accumulates_velocity(K):
     rng = np.random.default_rng(6)
     sizes = (7, 4)
     [(W, b)] = make_model(sizes, rng)
@@ -234,7 +242,8 @@ def test_momentum_accumulates_velocity():
     assert not any(v.any() for pair in state.velocity for v in pair)
 
 
-def test_fedprox_term_is_mu_times_distance_to_reference():
+@both_backends
+def test_fedprox_term_is_mu_times_distance_to_reference(K):
     rng = np.random.default_rng(7)
     sizes = (6, 5, 3)
     start, ref = make_model(sizes, rng), make_model(sizes, rng)
@@ -248,7 +257,8 @@ def test_fedprox_term_is_mu_times_distance_to_reference():
         np.testing.assert_allclose(bp, b - lr * mu * (b0 - br), atol=1e-6)
 
 
-def test_large_mu_pulls_weights_to_the_reference():
+@both_backends
+def test_large_mu_pulls_weights_to_the_reference(K):
     rng = np.random.default_rng(8)
     sizes = (10, 4)
     [(W, b)] = make_model(sizes, rng)
@@ -262,7 +272,8 @@ def test_large_mu_pulls_weights_to_the_reference():
     assert np.abs(b - b_ref).max() < 0.05
 
 
-def test_mu_zero_ignores_the_reference():
+@both_backends
+def test_mu_zero_ignores_the_reference(K):
     rng = np.random.default_rng(9)
     [(W, b)] = make_model((5, 3), rng)
     [(W_ref, b_ref)] = make_model((5, 3), rng)
@@ -276,7 +287,8 @@ def test_mu_zero_ignores_the_reference():
 
 # --- training ----------------------------------------------------------------------------------
 
-def test_softmax_separates_a_separable_problem():
+@both_backends
+def test_softmax_separates_a_separable_problem(K):
     rng = np.random.default_rng(10)
     centres = np.array([[4, 0], [-4, 0], [0, 4]], np.float32)
     y = rng.integers(0, 3, 300)
@@ -294,11 +306,11 @@ def test_softmax_separates_a_separable_problem():
 @pytest.mark.parametrize("product", PRODUCTS)
 def test_mlp_learns_digits_to_95_percent_held_out(product):
     with matrix_product(product):
-        accuracy = _digits_accuracy()
+        accuracy = _digits_accuracy(COMPILED)
     assert accuracy >= 0.95
 
 
-def _digits_accuracy():
+def _digits_accuracy(K):
     digits = load_digits()
     X = (digits.data / 16).astype(np.float32)
     X_train, X_test, y_train, y_test = train_test_split(
@@ -322,8 +334,9 @@ def _digits_accuracy():
 
 # --- labels ------------------------------------------------------------------------------------
 
+@both_backends
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.int16, np.uint64])
-def test_any_integer_label_dtype_is_accepted(dtype):
+def test_any_integer_label_dtype_is_accepted(K, dtype):
     rng = np.random.default_rng(12)
     [(W, b)] = make_model((4, 3), rng)
     X, y = make_batch((4, 3), 6, rng)
@@ -333,7 +346,8 @@ def test_any_integer_label_dtype_is_accepted(dtype):
     np.testing.assert_array_equal(W, W2)
 
 
-def test_strided_labels_and_read_only_batch_are_accepted():
+@both_backends
+def test_strided_labels_and_read_only_batch_are_accepted(K):
     rng = np.random.default_rng(13)
     [(W, b)] = make_model((4, 3), rng)
     X, y = make_batch((4, 3), 6, rng)
@@ -415,11 +429,11 @@ def _resolve(args, module):
 
 @pytest.mark.parametrize("change, error, words", SOFTMAX_ERRORS)
 def test_softmax_step_rejects_bad_arguments_and_changes_nothing(change, error, words):
-    args = _resolve({**_softmax_args(), **change}, K)
+    args = _resolve({**_softmax_args(), **change}, COMPILED)
     W, b = args["W"], args["b"]
     before = [np.array(W, copy=True), np.array(b, copy=True)]
     with pytest.raises(error, match=words) as raised:
-        K.softmax_sgd_step_(**args)
+        COMPILED.softmax_sgd_step_(**args)
     np.testing.assert_array_equal(np.asarray(W), before[0])
     np.testing.assert_array_equal(np.asarray(b), before[1])
     # Both backends word every error the same way.
@@ -465,7 +479,7 @@ def test_mlp_step_rejects_bad_arguments_and_changes_nothing(change, error, words
     before = [a.copy() for a in weights]
     change(args)
     with pytest.raises(error, match=words) as raised:
-        K.mlp_sgd_step_(**args)
+        COMPILED.mlp_sgd_step_(**args)
     for a, a0 in zip(weights, before):
         np.testing.assert_array_equal(a, a0)
     twin_args = _mlp_args()
@@ -475,8 +489,9 @@ def test_mlp_step_rejects_bad_arguments_and_changes_nothing(change, error, words
     assert str(raised.value) == str(raised_by_twin.value)
 
 
+@both_backends
 @pytest.mark.parametrize("poison", ["X", "W"])
-def test_non_finite_loss_refuses_the_step(poison):
+def test_non_finite_loss_refuses_the_step(K, poison):
     rng = np.random.default_rng(16)
     sizes = (4, 6, 3)
     layers = make_model(sizes, rng)
@@ -498,7 +513,8 @@ def test_non_finite_loss_refuses_the_step(poison):
     assert isinstance(raised.value, ValueError)
 
 
-def test_divergence_stops_with_an_error_and_keeps_the_last_weights():
+@both_backends
+def test_divergence_stops_with_an_error_and_keeps_the_last_weights(K):
     rng = np.random.default_rng(17)
     [(W, b)] = make_model((8, 4), rng)
     X, y = make_batch((8, 4), 8, rng)
@@ -513,7 +529,8 @@ def test_divergence_stops_with_an_error_and_keeps_the_last_weights():
 
 # --- the state ---------------------------------------------------------------------------------
 
-def test_state_holds_zero_velocity_shaped_like_the_layers():
+@both_backends
+def test_state_holds_zero_velocity_shaped_like_the_layers(K):
     state = K.SGDState([64, 32, 10], max_batch=32)
     assert state.sizes == (64, 32, 10)
     assert state.max_batch == 32
@@ -523,6 +540,7 @@ def test_state_holds_zero_velocity_shaped_like_the_layers():
     assert repr(state) == "SGDState(sizes=(64, 32, 10), max_batch=32)"
 
 
+@both_backends
 @pytest.mark.parametrize("sizes, max_batch, error, words", [
     ((10,), 4, ValueError, "at least two layer widths"),
     ((10, 0), 4, ValueError, "at least two layer widths >= 1"),
@@ -531,12 +549,13 @@ def test_state_holds_zero_velocity_shaped_like_the_layers():
     ((10, 3), 0, ValueError, "max_batch must be >= 1"),
     ((10, 3), 4.0, TypeError, "max_batch must be an int"),
 ])
-def test_state_rejects_bad_architecture(sizes, max_batch, error, words):
+def test_state_rejects_bad_architecture(K, sizes, max_batch, error, words):
     with pytest.raises(error, match=words):
         K.SGDState(sizes, max_batch)
 
 
-def test_state_pickles_with_its_velocity():
+@both_backends
+def test_state_pickles_with_its_velocity(K):
     rng = np.random.default_rng(21)
     sizes = (6, 5, 3)
     layers = make_model(sizes, rng)
@@ -562,18 +581,19 @@ def test_one_state_serves_steps_of_any_batch_up_to_its_maximum():
     rng = np.random.default_rng(18)
     sizes = (9, 7, 4)
     start = make_model(sizes, rng)
-    state = K.SGDState(sizes, 16)
+    state = COMPILED.SGDState(sizes, 16)
     for m in (16, 3, 1, 11):
         X, y = make_batch(sizes, m, rng)
         ours, theirs = copy_model(start), copy_model(start)
-        K.mlp_sgd_step_(ours, X, y, 0.2, state=state)
+        COMPILED.mlp_sgd_step_(ours, X, y, 0.2, state=state)
         twin.mlp_sgd_step_(theirs, X, y, 0.2)
         for (W, b), (W2, b2) in zip(ours, theirs):
             np.testing.assert_allclose(W, W2, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(b, b2, rtol=1e-5, atol=1e-6)
 
 
-def test_step_releases_the_gil():
+@both_backends
+def test_step_releases_the_gil(K):
     rng = np.random.default_rng(19)
     sizes = (1024, 1024, 10)
     layers = make_model(sizes, rng)
@@ -605,15 +625,16 @@ def test_step_releases_the_gil():
 
 # --- whole epochs in one call -------------------------------------------------------------------
 
-def _epochs_by_steps(step, layers, X, y, lr, rng, epochs, batch, **hyper):
-    """The epoch loop written out with single steps: the definition mlp_sgd_epochs_ follows."""
+def _epochs_by_steps(K, layers, X, y, lr, rng, epochs, batch, **hyper):
+    """The epoch loop written out with ``K``'s single steps: the definition mlp_sgd_epochs_
+    follows."""
     n = X.shape[0]
     batch = min(batch, n)
     state = hyper.pop("state", None) or K.SGDState(
         [layers[0][0].shape[0]] + [W.shape[1] for W, _ in layers], batch)
     for _ in range(epochs):
         order = rng.permutation(n)
-        losses = [step(layers, np.ascontiguousarray(X[order[s:s + batch]]),
+        losses = [K.mlp_sgd_step_(layers, np.ascontiguousarray(X[order[s:s + batch]]),
                        y[order[s:s + batch]], lr, state=state, **hyper)
                   for s in range(0, n, batch)]
     return float(np.mean(losses))
@@ -637,11 +658,10 @@ def test_epochs_are_the_steps_over_numpys_permutations(sizes, n, batch, epochs, 
     hyper = dict(momentum=momentum, weight_decay=1e-3, mu=mu, ref=ref)
     ours, by_steps, theirs = copy_model(start), copy_model(start), copy_model(start)
     rngs = [np.random.default_rng(seed + 1) for _ in range(3)]
-    loss = K.mlp_sgd_epochs_(ours, X, y, 0.05, rng=rngs[0], epochs=epochs, batch_size=batch,
+    loss = COMPILED.mlp_sgd_epochs_(ours, X, y, 0.05, rng=rngs[0], epochs=epochs, batch_size=batch,
                              **hyper)
     # The same backend stepping over the same permutations gives the same bits.
-    expected = _epochs_by_steps(K.mlp_sgd_step_, by_steps, X, y, 0.05, rngs[1], epochs, batch,
-                                **hyper)
+    expected = _epochs_by_steps(COMPILED, by_steps, X, y, 0.05, rngs[1], epochs, batch, **hyper)
     assert loss == pytest.approx(expected, rel=1e-12)
     for (W, b), (W2, b2) in zip(ours, by_steps):
         np.testing.assert_array_equal(W, W2)
@@ -658,7 +678,8 @@ def test_epochs_are_the_steps_over_numpys_permutations(sizes, n, batch, epochs, 
     assert follow[0] == follow[1] == follow[2]
 
 
-def test_epochs_carry_the_velocity_of_a_given_state_and_leave_it_updated():
+@both_backends
+def test_epochs_carry_the_velocity_of_a_given_state_and_leave_it_updated(K):
     rng = np.random.default_rng(30)
     sizes = (6, 5, 3)
     start = make_model(sizes, rng)
@@ -670,7 +691,7 @@ def test_epochs_carry_the_velocity_of_a_given_state_and_leave_it_updated():
         v_b.fill(-0.5)
     K.mlp_sgd_epochs_(ours, X, y, 0.1, rng=np.random.default_rng(1), epochs=2, batch_size=8,
                       momentum=0.9, state=state)
-    _epochs_by_steps(K.mlp_sgd_step_, by_steps, X, y, 0.1, np.random.default_rng(1), 2, 8,
+    _epochs_by_steps(K, by_steps, X, y, 0.1, np.random.default_rng(1), 2, 8,
                      momentum=0.9, state=state_steps)
     for (W, b), (W2, b2), (v, vb), (v2, vb2) in zip(ours, by_steps, state.velocity,
                                                     state_steps.velocity):
@@ -679,7 +700,8 @@ def test_epochs_carry_the_velocity_of_a_given_state_and_leave_it_updated():
         np.testing.assert_array_equal(vb, vb2)
 
 
-def test_epochs_train_the_digits_mlp_to_95_percent():
+@both_backends
+def test_epochs_train_the_digits_mlp_to_95_percent(K):
     digits = load_digits()
     X = (digits.data / 16.0).astype(np.float32)
     X_train, X_test, y_train, y_test = train_test_split(X, digits.target, test_size=0.25,
@@ -714,9 +736,9 @@ EPOCH_ERRORS = [
      "X holds no samples"),
     (lambda a: a.update(y=np.zeros(4, np.int64)), ValueError, r"y must have shape \(5,\)"),
     (lambda a: a.update(lr=np.nan), ValueError, "lr must be a finite number"),
-    (lambda a: a.update(state=K.SGDState((4, 5, 3), 1)), ValueError,
+    (lambda a: a.update(state=COMPILED.SGDState((4, 5, 3), 1)), ValueError,
      "minibatches of 2 rows need an SGDState with max_batch >= 2"),
-    (lambda a: a.update(state=K.SGDState((4, 3), 8)), ValueError,
+    (lambda a: a.update(state=COMPILED.SGDState((4, 3), 8)), ValueError,
      r"state was built for layer sizes \(4, 3\)"),
     (lambda a: a.update(state="state"), TypeError, "state must be an SGDState"),
 ]
@@ -730,14 +752,14 @@ def test_epochs_reject_bad_arguments_and_change_nothing(change, error, words):
     draws_before = args["rng"].bit_generator.state
     change(args)
     with pytest.raises(error, match=words) as raised:
-        K.mlp_sgd_epochs_(**args)
+        COMPILED.mlp_sgd_epochs_(**args)
     for a, a0 in zip(weights, before):
         np.testing.assert_array_equal(a, a0)
     if isinstance(args["rng"], np.random.Generator):
         assert args["rng"].bit_generator.state == draws_before
     twin_args = _epoch_args()
     change(twin_args)
-    if isinstance(twin_args.get("state"), K.SGDState):  # the twin checks for its own class
+    if isinstance(twin_args.get("state"), COMPILED.SGDState):  # the twin checks for its own class
         twin_args["state"] = twin.SGDState(twin_args["state"].sizes,
                                            twin_args["state"].max_batch)
     with pytest.raises(error) as raised_by_twin:
@@ -745,7 +767,7 @@ def test_epochs_reject_bad_arguments_and_change_nothing(change, error, words):
     assert str(raised.value) == str(raised_by_twin.value)
 
 
-@pytest.mark.parametrize("module", [K, twin], ids=["backend", "twin"])
+@pytest.mark.parametrize("module", [COMPILED, twin], ids=["backend", "twin"])
 def test_epochs_stop_at_a_diverging_batch_with_a_clear_error(module):
     rng = np.random.default_rng(31)
     layers = make_model((8, 4), rng)

@@ -1,8 +1,8 @@
 """Top-k family (edgefl.kernels) against its NumPy twin and against the definitions.
 
-Runs under both backends: with the compiled kernels it holds them to the twin bit for bit; with
-``EDGEFL_PUREPYTHON=1`` the twin is checked against independent definitions (a stable sort of
-``-abs(x)``, ``abs(x) > tau`` in double, SplitMix64's published test vectors).
+The compiled kernels are held to the twin bit for bit, and both backends to independent
+definitions (a stable sort of ``-abs(x)``, ``abs(x) > tau`` in double, SplitMix64's published
+test vectors), whatever ``EDGEFL_PUREPYTHON`` says (tests/backends.py).
 """
 import itertools
 import math
@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-import edgefl.kernels as K
+from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import topk as twin
+
+pytestmark = pytest.mark.kernels
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -61,7 +63,7 @@ def vectors_and_k(draw, max_size=300):
 @given(vectors_and_k())
 def test_topk_equals_twin_and_definition(case):
     x, k = case
-    got = K.topk(x, k)
+    got = COMPILED.topk(x, k)
     assert_same_selection(got, twin.topk(x, k))
     assert_same_selection(got, topk_by_definition(x, k))
 
@@ -82,13 +84,14 @@ def test_topk_large_equals_definition(name, make, fraction):
     n = 100_003
     x = make(rng, n).astype(np.float32)
     k = int(n * fraction)
-    got = K.topk(x, k)
+    got = COMPILED.topk(x, k)
     assert_same_selection(got, topk_by_definition(x, k))
     assert_same_selection(got, twin.topk(x, k))
 
 
+@both_backends
 @pytest.mark.parametrize("sampled_big", [True, False])
-def test_topk_layouts_against_the_sample_stride(sampled_big):
+def test_topk_layouts_against_the_sample_stride(K, sampled_big):
     """Large entries exactly where an evenly spaced sample looks, or exactly where it does not:
     a bound estimated from such a sample is wrong, and the result must still be exact."""
     n, k = 4096 * 20, 2000
@@ -105,7 +108,8 @@ def test_topk_layouts_against_the_sample_stride(sampled_big):
     np.testing.assert_array_equal(residual, expected)
 
 
-def test_topk_edge_sizes():
+@both_backends
+def test_topk_edge_sizes(K):
     x = np.array([3.0, -4.0, 0.0, -0.0, 4.0], dtype=np.float32)
     assert_same_selection(K.topk(x, 0), (np.empty(0, np.uint32), np.empty(0, np.float32)))
     assert_same_selection(K.topk(x, 5), (np.arange(5, dtype=np.uint32), x))
@@ -117,7 +121,8 @@ def test_topk_edge_sizes():
     assert_same_selection(K.topk(empty, 0), (np.empty(0, np.uint32), empty))
 
 
-def test_read_only_and_multidimensional_input_is_fine_for_selection():
+@both_backends
+def test_read_only_and_multidimensional_input_is_fine_for_selection(K):
     x = np.arange(-6, 6, dtype=np.float32).reshape(3, 4)
     x.flags.writeable = False
     idx, vals = K.topk(x, 3)
@@ -128,10 +133,11 @@ def test_read_only_and_multidimensional_input_is_fine_for_selection():
     np.testing.assert_array_equal(vals, [-6.0, -5.0, 5.0])
 
 
+@both_backends
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("n, k", [(9, 0), (9, 1), (9, 4), (100_000, 0), (100_000, 1000),
                                   (100_000, 50_000)])
-def test_topk_rejects_non_finite_and_names_the_index(bad, n, k):
+def test_topk_rejects_non_finite_and_names_the_index(K, bad, n, k):
     x = np.ones(n, dtype=np.float32)
     x[6] = bad
     with pytest.raises(ValueError, match=r"x is not finite at flat index 6"):
@@ -141,18 +147,18 @@ def test_topk_rejects_non_finite_and_names_the_index(bad, n, k):
 def test_topk_argument_errors():
     x = np.ones(10, dtype=np.float32)
     with pytest.raises(TypeError, match="x must have dtype float32, got float64"):
-        K.topk(np.ones(10), 2)
+        COMPILED.topk(np.ones(10), 2)
     with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
-        K.topk([1.0, 2.0], 1)
+        COMPILED.topk([1.0, 2.0], 1)
     with pytest.raises(ValueError, match="x must be C-contiguous"):
-        K.topk(np.ones(20, dtype=np.float32)[::2], 2)
+        COMPILED.topk(np.ones(20, dtype=np.float32)[::2], 2)
     with pytest.raises(ValueError, match=r"0 <= k <= n = 10, got k = 11"):
-        K.topk(x, 11)
+        COMPILED.topk(x, 11)
     with pytest.raises(ValueError, match=r"got k = -1"):
-        K.topk(x, -1)
+        COMPILED.topk(x, -1)
     with pytest.raises(TypeError, match="k must be an integer, got float"):
-        K.topk(x, 2.0)
-    assert_same_selection(K.topk(x, np.int64(2)), twin.topk(x, 2))
+        COMPILED.topk(x, 2.0)
+    assert_same_selection(COMPILED.topk(x, np.int64(2)), twin.topk(x, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def test_topk_ef_invariants_and_twin(case, data):
     total = residual + update  # what the kernel must accumulate
     assume(np.isfinite(total).all())  # overflow to Inf is an error case, tested below
     ours, theirs = residual.copy(), residual.copy()
-    idx, vals = K.topk_ef_(ours, update, k)
+    idx, vals = COMPILED.topk_ef_(ours, update, k)
     # Emitted: the top-k of the accumulated residual, with its values before zeroing.
     assert_same_selection((idx, vals), topk_by_definition(total, k))
     # Kept: everything else of the accumulated residual, the emitted coordinates zeroed.
@@ -189,7 +195,7 @@ def test_topk_ef_rounds_match_twin_and_lose_nothing():
     for _ in range(20):
         update = (rng.standard_normal(n) * 1e-3).astype(np.float32)
         received += update
-        got = K.topk_ef_(ours, update, k)
+        got = COMPILED.topk_ef_(ours, update, k)
         assert_same_selection(got, twin.topk_ef_(theirs, update, k))
         sent[got[0]] += got[1]
     np.testing.assert_array_equal(ours, theirs)
@@ -197,18 +203,20 @@ def test_topk_ef_rounds_match_twin_and_lose_nothing():
     np.testing.assert_allclose(sent + ours, received, atol=1e-5)
 
 
-def test_topk_ef_k_zero_accumulates_only():
+@both_backends
+def test_topk_ef_k_zero_accumulates_only(K):
     residual = np.array([1.0, -2.0, 0.5], np.float32)
     idx, vals = K.topk_ef_(residual, np.array([0.5, 0.5, 0.5], np.float32), 0)
     assert idx.shape == vals.shape == (0,)
     np.testing.assert_array_equal(residual, [1.5, -1.5, 1.0])
 
 
+@both_backends
 @pytest.mark.parametrize("residual_value, update_value", [
     (np.nan, 0.0), (0.0, np.inf), (3e38, 3e38),  # the last overflows only when added
 ])
 @pytest.mark.parametrize("n, k", [(8, 2), (100_000, 1000), (100_000, 50_000)])
-def test_topk_ef_non_finite_sum_leaves_residual_unchanged(residual_value, update_value, n, k):
+def test_topk_ef_non_finite_sum_leaves_residual_unchanged(K, residual_value, update_value, n, k):
     residual = np.arange(n, dtype=np.float32)
     update = np.ones(n, np.float32)
     residual[5], update[5] = residual_value, update_value
@@ -218,7 +226,8 @@ def test_topk_ef_non_finite_sum_leaves_residual_unchanged(residual_value, update
     np.testing.assert_array_equal(residual, before)
 
 
-def test_topk_ef_argument_errors():
+@both_backends
+def test_topk_ef_argument_errors(K):
     residual = np.zeros(6, np.float32)
     update = np.ones(6, np.float32)
     read_only = residual.copy()
@@ -249,12 +258,13 @@ def test_topk_ef_argument_errors():
 def test_threshold_select_equals_definition_and_twin(case, tau):
     x, _ = case
     idx = np.flatnonzero(np.abs(x.astype(np.float64)) > tau).astype(np.uint32)
-    got = K.threshold_select(x, tau)
+    got = COMPILED.threshold_select(x, tau)
     assert_same_selection(got, (idx, x[idx]))
     assert_same_selection(got, twin.threshold_select(x, tau))
 
 
-def test_threshold_select_compares_tau_exactly():
+@both_backends
+def test_threshold_select_compares_tau_exactly(K):
     # float32(0.1) is 0.100000001490116..., above the double 0.1 and equal to float32(0.1).
     x = np.array([0.1, -0.1, 0.0, -0.0, 0.2], np.float32)
     np.testing.assert_array_equal(K.threshold_select(x, 0.1)[0], [0, 1, 4])
@@ -263,7 +273,8 @@ def test_threshold_select_compares_tau_exactly():
     assert K.threshold_select(x, 1e300)[0].shape == (0,)
 
 
-def test_threshold_select_errors():
+@both_backends
+def test_threshold_select_errors(K):
     x = np.ones(4, np.float32)
     for tau in (-1e-9, math.nan, math.inf):
         with pytest.raises(ValueError, match="tau must be finite and >= 0"):
@@ -288,8 +299,9 @@ GOLDEN = [
 ]
 
 
+@both_backends
 @pytest.mark.parametrize("args, expected", GOLDEN)
-def test_randomk_golden_values(args, expected):
+def test_randomk_golden_values(K, args, expected):
     idx = K.randomk(*args)
     assert idx.dtype == np.uint32
     np.testing.assert_array_equal(idx, expected)
@@ -309,20 +321,21 @@ def test_splitmix64_matches_reference_vectors():
 @given(st.integers(0, 5000), st.data(), st.integers(0, 2**64 - 1))
 def test_randomk_contract_and_twin(n, data, seed):
     k = data.draw(st.integers(0, n))
-    idx = K.randomk(n, k, seed)
+    idx = COMPILED.randomk(n, k, seed)
     assert idx.dtype == np.uint32 and idx.shape == (k,)
     assert (np.diff(idx.astype(np.int64)) > 0).all()  # sorted and distinct
     assert k == 0 or idx[-1] < n
     np.testing.assert_array_equal(idx, twin.randomk(n, k, seed))
-    np.testing.assert_array_equal(idx, K.randomk(np.uint64(n), np.int32(k), np.uint64(seed)))
+    np.testing.assert_array_equal(idx, COMPILED.randomk(np.uint64(n), np.int32(k), np.uint64(seed)))
 
 
 def test_randomk_large_equals_twin():
-    np.testing.assert_array_equal(K.randomk(10**6, 10**4, 99), twin.randomk(10**6, 10**4, 99))
-    np.testing.assert_array_equal(K.randomk(1000, 1000, 5), np.arange(1000))
+    np.testing.assert_array_equal(COMPILED.randomk(10**6, 10**4, 99), twin.randomk(10**6, 10**4, 99))
+    np.testing.assert_array_equal(COMPILED.randomk(1000, 1000, 5), np.arange(1000))
 
 
-def test_randomk_every_subset_equally_likely():
+@both_backends
+def test_randomk_every_subset_equally_likely(K):
     """Chi-square over all 20 subsets of 3 out of 6, one draw per seed."""
     subsets = {s: i for i, s in enumerate(itertools.combinations(range(6), 3))}
     counts = np.zeros(len(subsets))
@@ -331,7 +344,8 @@ def test_randomk_every_subset_equally_likely():
     assert stats.chisquare(counts).pvalue > 1e-4, counts
 
 
-def test_randomk_every_coordinate_equally_likely():
+@both_backends
+def test_randomk_every_coordinate_equally_likely(K):
     """Chi-square of how often each of 200 coordinates is picked, k = 20, over 3000 seeds."""
     counts = np.zeros(200)
     for seed in range(3000):
@@ -339,7 +353,8 @@ def test_randomk_every_coordinate_equally_likely():
     assert stats.chisquare(counts).pvalue > 1e-4, counts
 
 
-def test_randomk_errors():
+@both_backends
+def test_randomk_errors(K):
     with pytest.raises(ValueError, match=r"0 <= k <= n = 5, got k = 6"):
         K.randomk(5, 6, 0)
     with pytest.raises(ValueError, match="0 <= n <= 2\\*\\*32"):

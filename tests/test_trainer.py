@@ -11,6 +11,8 @@ from edgefl.wire.protocol import TrainingConfig
 from edgefl.device.trainer import LocalTrainer
 from edgefl_server.model_builder import build_mlp, dense_extractor
 
+pytestmark = pytest.mark.backend
+
 
 @pytest.fixture(scope="module")
 def digits():

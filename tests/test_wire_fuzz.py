@@ -6,12 +6,15 @@ validation behind it (lengths, encodings, index and value decoding).
 import hashlib
 
 import numpy as np
+import pytest
 
 from edgefl.device.compression import Compressor
 from edgefl.wire.protocol import CompressionConfig
 from edgefl.wire import (VALUE_ENCODINGS, ModelDecodeError, Update, UpdateDecodeError,
                          decode_model, decode_update, encode_model, encode_update)
 from edgefl_server.model_builder import build_mlp
+
+pytestmark = pytest.mark.backend
 
 CASES_PER_MESSAGE = 1500
 

@@ -469,7 +469,9 @@ def decode_indices_rice(buf, n, k):
         raise ValueError(where + f"truncated: {size} bytes cannot hold {kk} gaps of at least {r + 1} bits")
     out = np.empty(kk, dtype=np.uint32)
     cdef uint32_t *o = <uint32_t *>cnp.PyArray_DATA(out)
-    cdef const uint8_t *d = &b[1]
+    # The gaps start after the parameter byte; with no gap bytes this is one past the end,
+    # which the loop (k = 0 here) never reads, and indexing b[1] would be out of bounds.
+    cdef const uint8_t *d = &b[0] + 1
     cdef Fault fault = OK
     cdef intp_t i = 0
     cdef uint64_t pos = 0, q, value = 0, next_free = 0
