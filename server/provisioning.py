@@ -293,9 +293,11 @@ def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool =
         "allow_anonymous false",
         f"password_file {b / 'passwd'}",
         f"acl_file {b / 'acl'}",
-        # Identity is the login: a device cannot take over another device's session.
-        "use_username_as_clientid true",
         f"listener {fleet.port} {bind}",
+        # Identity is the login: a device cannot take over another device's session. A listener
+        # option: placed before the first `listener` line, Mosquitto 2.0 would open a default
+        # plain-MQTT listener on 0.0.0.0:1883 for it.
+        "use_username_as_clientid true",
         f"cafile {fleet.ca_cert}",
         f"certfile {b / 'broker.crt'}",
         f"keyfile {b / 'broker.key'}",

@@ -1,8 +1,10 @@
 """Provisioning (edgefl_server.provisioning) checked against a real Mosquitto running its output."""
 import json
+import os
 import stat
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -76,6 +78,27 @@ def test_anonymous_and_wrong_password_connections_are_refused(secure_broker, fle
     assert anonymous.code.is_failure and "authorized" in str(anonymous.code)
     wrong = Probe(secure_broker, fleet, "dev-1", "not-the-password")
     assert wrong.code.is_failure and "authorized" in str(wrong.code)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (Linux: its socket inodes in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_the_broker_listens_on_the_fleets_tls_port_only(secure_broker, fleet):
+    """No option may open Mosquitto's default plain listener (0.0.0.0:1883) next to the TLS one."""
+    assert listening_ports(secure_broker.process.pid) == {fleet.port}
 
 
 def test_a_device_publishes_only_on_its_own_topics(secure_broker, fleet):
