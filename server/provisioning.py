@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from edgefl.wire.protocol import Topics, check_name
+from edgefl.durable import create_file, replace_file
 from edgefl.trust.keys import load_private_key, raw_public, write_private_key
 
 log = logging.getLogger(__name__)
@@ -204,26 +205,12 @@ def open_fleet(directory) -> Fleet:
 def _write_new(path: Path, data: bytes, mode: int = 0o644) -> bool:
     """Create ``path`` with ``data``; False (and nothing written) if it exists already."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+    return create_file(path, data, mode=mode)
 
 
 def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace a file that provisioning owns (password file, ACL, fleet.json) atomically."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    """Replace a file that provisioning owns (password file, ACL, fleet.json) durably."""
+    replace_file(path, data, mode=mode)
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefl import __version__, kernels
-from edgefl.durable import write_durably
+from edgefl.durable import replace_file
 from edgefl.device.local_data import all_labels_out_of_range, check_samples, describe_skipped
 from edgefl.wire.model import ModelManifest
 from edgefl.device.outbox import Outbox
@@ -188,6 +188,9 @@ class EdgeClient:
         self._stopping = False
         self._worker: threading.Thread | None = None
         self.swaps: deque[tuple[float, float]] = deque(maxlen=1024)  # perf_counter (start, end)
+        # Changed by the MQTT dispatcher thread (models, receipts) and the training worker (rounds,
+        # updates), read by stats(): every change and read holds this lock.
+        self._counters_lock = threading.Lock()
         self.counters = dict(updates_sent=0, accepted=0, rejected=0, bytes_up=0, bytes_down=0,
                              models_installed=0, models_refused=0, rounds_skipped=0,
                              refreshes_applied=0, refresh_fallbacks=0)
@@ -380,13 +383,22 @@ class EdgeClient:
             "last_round": self._last_round, "samples": self.num_samples,
             "privacy_spent": self.privacy_spent, "privacy_remaining": self.privacy_remaining,
             "outbox": len(self._outbox), "last_loss": self.last_loss, "predictor": latency,
-            "rejections": list(self.rejections[-20:]), **self.counters,
+            **self._counted(),
         }
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[name] += amount
+
+    def _counted(self) -> dict:
+        """A consistent copy of the counters and the last rejections."""
+        with self._counters_lock:
+            return {"rejections": list(self.rejections[-20:]), **self.counters}
 
     def write_stats(self, extra: dict | None = None) -> Path:
         """Write :meth:`stats` (plus ``extra``) to ``state_dir/stats.json`` atomically."""
         path = self.state_dir / "stats.json"
-        write_durably(path, json.dumps({**self.stats(), **(extra or {})}, indent=1).encode())
+        replace_file(path, json.dumps({**self.stats(), **(extra or {})}, indent=1).encode())
         return path
 
     # -- persistence -----------------------------------------------------------------------------
@@ -424,7 +436,7 @@ class EdgeClient:
 
     def _on_message(self, msg: Message) -> None:
         payload = bytes(msg.payload)
-        self.counters["bytes_down"] += len(payload)
+        self._count("bytes_down", len(payload))
         if msg.topic == self.topics.model:
             self._on_model(payload)
         elif msg.topic == self.topics.refresh:
@@ -468,7 +480,7 @@ class EdgeClient:
 
     def _decline(self, a: RoundAnnouncement, reason: str) -> None:
         """Tell the server (status) that this device will not answer round ``a``, and why."""
-        self.counters["rounds_skipped"] += 1
+        self._count("rounds_skipped")
         self._scheduled_round = max(self._scheduled_round, a.round_id)
         log.warning("%s: round %d: %s; declined (in the status)", self.client_id, a.round_id,
                     reason)
@@ -494,7 +506,7 @@ class EdgeClient:
         try:
             return decode(payload)
         except ValueError as exc:
-            self.counters["models_refused"] += 1
+            self._count("models_refused")
             log.warning("%s: ignoring a %s of %d bytes: %s", self.client_id, what, len(payload),
                         exc)
             return None
@@ -539,7 +551,7 @@ class EdgeClient:
             if self._wants_full:
                 return
             self._wants_full = True
-        self.counters["refresh_fallbacks"] += 1
+        self._count("refresh_fallbacks")
         log.info("%s: %s; taking the full model envelope", self.client_id, reason)
         self._conn.subscribe(self.topics.model)
 
@@ -603,7 +615,7 @@ class EdgeClient:
             self._saved.save_refresh(refresh.version, payload)
 
         if self._install(model, save):
-            self.counters["refreshes_applied"] += 1
+            self._count("refreshes_applied")
 
     def _install(self, model, save) -> bool:
         """Swap ``model`` in (the first one builds the predictor), ``save()`` it, schedule."""
@@ -616,11 +628,11 @@ class EdgeClient:
             else:
                 current.swap(model)
         except ModelRejected as exc:
-            self.counters["models_refused"] += 1
+            self._count("models_refused")
             log.warning("%s: refused model version %d: %s", self.client_id, model.version, exc)
             return False
         self.swaps.append((started, time.perf_counter()))
-        self.counters["models_installed"] += 1
+        self._count("models_installed")
         try:
             save()
         except OSError as exc:
@@ -661,12 +673,13 @@ class EdgeClient:
             log.warning("%s: ignoring a receipt: %s", self.client_id, exc)
             return
         if receipt.status == "accepted":
-            self.counters["accepted"] += 1
+            self._count("accepted")
             log.info("%s: round %d: update %d accepted", self.client_id, receipt.round_id,
                      receipt.update_id)
         else:
-            self.counters["rejected"] += 1
-            self.rejections.append(f"round {receipt.round_id}: {receipt.reason}")
+            self._count("rejected")
+            with self._counters_lock:
+                self.rejections.append(f"round {receipt.round_id}: {receipt.reason}")
             log.warning("%s: round %d: update %d rejected by the server: %s", self.client_id,
                         receipt.round_id, receipt.update_id, receipt.reason)
         self._outbox.remove(receipt.round_id, receipt.update_id)
@@ -774,7 +787,7 @@ class EdgeClient:
             except PrivacyBudgetExhausted as exc:
                 log.warning("%s: round %d: %s", self.client_id, announcement.round_id, exc)
             except Exception:  # noqa: BLE001 - one failed round must not end the device
-                self.counters["rounds_skipped"] += 1
+                self._count("rounds_skipped")
                 log.exception("%s: round %d: local training or encoding failed; no update sent",
                               self.client_id, announcement.round_id)
             finally:
@@ -782,7 +795,7 @@ class EdgeClient:
 
     def _take_part(self, a: RoundAnnouncement, model) -> None:
         if time.time() > a.deadline:
-            self.counters["rounds_skipped"] += 1
+            self._count("rounds_skipped")
             log.info("%s: round %d: its deadline passed before training could start; skipping",
                      self.client_id, a.round_id)
             return
@@ -795,13 +808,13 @@ class EdgeClient:
         with self._lock:
             over = self._announcement is not None and self._announcement.round_id > a.round_id
         if over:
-            self.counters["rounds_skipped"] += 1
+            self._count("rounds_skipped")
             log.info("%s: round %d ended while training; the update is not sent", self.client_id,
                      a.round_id)
             return
         self._outbox.put(a.round_id, update.update_id, payload)
         self._last_round = a.round_id
-        write_durably(self.state_dir / "state.json",
+        replace_file(self.state_dir / "state.json",
                           json.dumps({"last_round": a.round_id}).encode())
         self._send(a.round_id, update.update_id, payload)
         if self._budget_spent(a):  # another round like this one would not fit: say so now
@@ -818,6 +831,6 @@ class EdgeClient:
                       update_id, round_id, exc)
             return
         self._handed.add((round_id, update_id))
-        self.counters["updates_sent"] += 1
-        self.counters["bytes_up"] += len(payload)
+        self._count("updates_sent")
+        self._count("bytes_up", len(payload))
 

@@ -12,16 +12,16 @@ exactly as published (:func:`edgefl.wire.encode_update`).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefl.durable import TEMP_SUFFIX, replace_file
+
 log = logging.getLogger(__name__)
 
 _ENTRY = re.compile(r"^(\d{10})-(\d{20})\.update$")
-_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True, order=True)
@@ -62,7 +62,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._entries: dict[tuple[int, int], OutboxEntry] = {}
         for path in self.directory.iterdir():
-            if path.name.endswith(_TEMP_SUFFIX):
+            if path.name.endswith(TEMP_SUFFIX):
                 path.unlink(missing_ok=True)  # a write that never completed was never published
                 continue
             match = _ENTRY.match(path.name)
@@ -102,13 +102,7 @@ class Outbox:
                 f"{self.max_bytes} bytes; raise max_bytes or compress the update"
             )
         path = self.directory / f"{round_id:010d}-{update_id:020d}.update"
-        temp = path.with_name(path.name + _TEMP_SUFFIX)
-        with open(temp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-        self._fsync_directory()
+        replace_file(path, payload)
         entry = OutboxEntry(round_id, update_id, len(payload), path)
         with self._lock:
             self._entries[(round_id, update_id)] = entry
@@ -161,14 +155,3 @@ class Outbox:
             total -= e.size
             evicted.append(e)
         return evicted
-
-    def _fsync_directory(self) -> None:
-        # The rename is durable only once the directory entry is on disk too.
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:
-            return  # platforms without directory handles (Windows)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -41,13 +41,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from edgefl import kernels
+from edgefl.durable import replace_file
 from edgefl.wire.calibration import MAX_GAUSSIAN_EPSILON, local_noise_scale
 from edgefl.wire.protocol import LOCAL_MECHANISMS, PrivacyConfig
 from edgefl.device.secure_noise import ChaChaUniforms, add_discrete_laplace_
@@ -157,21 +157,7 @@ class PrivacyAccountant:
                             "updates": self.updates, "budget": self.budget,
                             "delta_budget": self.delta_budget, **LOCAL_GUARANTEE})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(state)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        replace_file(self.path, state.encode())
 
 
 class PrivacyPolicy:

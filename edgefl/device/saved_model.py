@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from edgefl.durable import write_durably
+from edgefl.durable import replace_file
 from edgefl.wire.model import Model
 from edgefl.wire.refresh import ModelRefresh, RefreshMismatch
 
@@ -51,14 +51,14 @@ class SavedModel:
 
     def save_full(self, message: bytes) -> None:
         """Keep ``message`` (a full model) as the new base; the refreshes before it go."""
-        write_durably(self.path, message)
+        replace_file(self.path, message)
         for path in self._refresh_files():
             path.unlink(missing_ok=True)
 
     def save_refresh(self, version: int, message: bytes) -> None:
         """Keep the refresh ``message`` that produced ``version``."""
         self.refresh_dir.mkdir(exist_ok=True)
-        write_durably(self.refresh_dir / f"{version:010d}.bin", message)
+        replace_file(self.refresh_dir / f"{version:010d}.bin", message)
 
     def load(self, open_model: Callable[[bytes], Model],
              open_refresh: Callable[[bytes], ModelRefresh]) -> Model | None:

@@ -8,13 +8,14 @@ every signed message and sealed update so a receiver can tell which key was mean
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from edgefl.durable import create_file
 
 from .errors import KeyFileError
 
@@ -67,11 +68,9 @@ def write_private_key(path, key) -> Path:
     path = Path(path)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
+    if not create_file(path, pem, mode=0o600):
+        raise FileExistsError(f"{path} exists: a key is never replaced silently; delete it "
+                              "deliberately first")
     return path
 
 

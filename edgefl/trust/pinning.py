@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from edgefl.durable import write_durably
+from edgefl.durable import replace_file
 from .errors import KeyFileError, ReplayedMessage, SignatureInvalid
 from .keys import key_id, raw_public, sealing_public_key, signing_public_key
 from .sealing import seal
@@ -180,7 +180,7 @@ class PinnedKeys:
     def _save_locked(self) -> None:
         if self.path is None:
             return
-        write_durably(self.path, json.dumps({
+        replace_file(self.path, json.dumps({
             "v": 1, "fleet": self.fleet, "provisioned": self._provisioned,
             "signing_key": raw_public(self.signing_key).hex(),
             "sealing_key": raw_public(self.sealing_key).hex(), "sequences": self.sequences,

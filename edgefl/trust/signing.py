@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgefl.durable import write_durably
+from edgefl.durable import replace_file
 from .errors import MessageMisbound, SignatureInvalid
 from .keys import KEY_ID_BYTES, key_id
 
@@ -126,7 +126,7 @@ class Signer:
         return body + self._key.sign(body)
 
     def _reserve(self, reserved: int) -> None:
-        write_durably(self._path, json.dumps({"reserved": reserved}).encode())
+        replace_file(self._path, json.dumps({"reserved": reserved}).encode())
         self._reserved = reserved
 
 
