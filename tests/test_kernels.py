@@ -43,3 +43,16 @@ def test_a_debug_session_runs_the_bounds_checking_build():
     for name in ("clip_l2_", "laplace_", "topk", "encode_indices", "mlp_sgd_step_"):
         module = sys.modules[getattr(COMPILED, name).__module__]
         assert ("debug-kernels" in Path(module.__file__).parts) == debug, module.__file__
+
+
+def test_every_public_kernel_is_documented_once_for_both_backends():
+    from edgefl._kernels.docs import DOCS
+
+    for name in kernels.__all__:
+        if name == "BACKEND":
+            continue
+        assert "Parameters\n----------" in DOCS[name] or name == "SGDState", name
+        assert getattr(TWIN, name).__doc__ == DOCS[name], name
+        if name != "SGDState":  # a cdef class's docstring cannot be assigned
+            assert getattr(COMPILED, name).__doc__ == DOCS[name], name
+    assert 'DOCS["SGDState"]' in COMPILED.SGDState.__doc__

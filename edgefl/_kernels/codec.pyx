@@ -51,7 +51,6 @@ from libc.math cimport isfinite, nextafterf
 from libc.stdint cimport int8_t, uint16_t
 from libc.string cimport memcpy, memset
 
-import operator
 import sys
 
 import numpy as np
@@ -74,9 +73,14 @@ if sys.byteorder != "little":
     # The loops below copy native words into little-endian messages; the NumPy twin byte-swaps.
     raise ImportError("the compiled codec needs a little-endian host; using the NumPy twin")
 
+from edgefl._kernels.checks.codec import (
+    KINDS, check_dequantize_args, check_k, check_kind, check_n, decode_fault, encoded_size,
+    indices, values,
+)
+from edgefl._kernels.docs import document
+
 cnp.import_array()
 
-KINDS = ("f32", "f16", "int8", "ternary")
 
 
 cdef enum Fault:
@@ -97,29 +101,11 @@ cdef enum Fault:
 
 
 cdef const uint32_t[::1] _indices(object idx):
-    if not isinstance(idx, np.ndarray):
-        raise TypeError(f"idx must be a numpy.ndarray of uint32, got {type(idx).__name__}")
-    if idx.dtype != np.uint32:
-        raise TypeError(f"idx must have dtype uint32, got {idx.dtype}; convert with idx.astype(np.uint32)")
-    if idx.ndim != 1:
-        raise ValueError(f"idx must be 1-D, got shape {idx.shape}")
-    if not idx.flags.c_contiguous:
-        raise ValueError("idx must be C-contiguous; pass np.ascontiguousarray(idx)")
-    return idx
+    return indices(idx)
 
 
 cdef const float32_t[::1] _values(object vals):
-    if not isinstance(vals, np.ndarray):
-        raise TypeError(f"vals must be a numpy.ndarray of float32, got {type(vals).__name__}")
-    if vals.dtype != np.float32:
-        raise TypeError(
-            f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)"
-        )
-    if vals.ndim != 1:
-        raise ValueError(f"vals must be 1-D, got shape {vals.shape}")
-    if not vals.flags.c_contiguous:
-        raise ValueError("vals must be C-contiguous; pass np.ascontiguousarray(vals)")
-    return vals
+    return values(vals)
 
 
 cdef const uint8_t[::1] _buffer(object buf):
@@ -134,32 +120,6 @@ cdef const uint8_t[::1] _buffer(object buf):
             f"got {type(buf).__name__}"
         ) from None
     return b
-
-
-cdef uint64_t _check_n(object n) except? 0:
-    try:
-        value = operator.index(n)
-    except TypeError:
-        raise TypeError(f"n must be an integer, got {type(n).__name__}") from None
-    if not 0 <= value <= 2**32:
-        raise ValueError(f"n must be in [0, 2**32] (indices are uint32), got {value}")
-    return value
-
-
-cdef intp_t _check_k(object k, uint64_t n) except -1:
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
-    if not 0 <= value <= n:
-        raise ValueError(f"k must be in [0, n] = [0, {n}], got {value}")
-    return value
-
-
-cdef str _check_kind(object kind):
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    return kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +150,7 @@ cdef _raise_index_fault(Fault fault, intp_t i, object idx, uint64_t n):
 
 cdef _raise_decode_fault(str coder, Fault fault, intp_t i, Py_ssize_t pos, Py_ssize_t size,
                          intp_t k, uint64_t n, uint64_t value):
-    where = f"{coder}: corrupt buffer or wrong header (n = {n}, k = {k}): "
+    where = decode_fault(coder, n, k)
     if fault == TRUNCATED:
         raise ValueError(where + f"truncated: the {size}-byte buffer ends inside index {i}")
     if fault == OVERFLOW:
@@ -213,29 +173,8 @@ cdef inline int _varint_size(uint32_t gap) noexcept nogil:
 
 
 def encode_indices(idx, n):
-    """Encode sorted indices as gap-1 LEB128 varints.
-
-    Parameters
-    ----------
-    idx : numpy.ndarray
-        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
-    n : int
-        The dense length, 0 <= n <= 2**32.
-
-    Returns
-    -------
-    bytes
-        The encoding (between k and 5k bytes), see the module docstring.
-
-    Raises
-    ------
-    TypeError
-        ``idx`` is not a uint32 ndarray or ``n`` is not an integer.
-    ValueError
-        ``idx`` is not 1-D and contiguous, not strictly ascending, or has an index >= n.
-    """
     cdef const uint32_t[::1] v = _indices(idx)
-    cdef uint64_t nn = _check_n(n)
+    cdef uint64_t nn = check_n(n)
     cdef intp_t k = v.shape[0], i, at = 0
     cdef const uint32_t *p = &v[0] if k else NULL
     cdef Fault fault
@@ -268,33 +207,9 @@ def encode_indices(idx, n):
 
 
 def decode_indices(buf, n, k):
-    """Decode the output of :func:`encode_indices`, checking it against the header's n and k.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        The encoded indices, nothing before or after them.
-    n : int
-        The dense length from the message header, 0 <= n <= 2**32.
-    k : int
-        The number of indices from the message header, 0 <= k <= n.
-
-    Returns
-    -------
-    numpy.ndarray
-        k uint32 indices, sorted strictly ascending, all < n.
-
-    Raises
-    ------
-    TypeError
-        ``buf`` is not bytes-like, or ``n`` or ``k`` is not an integer.
-    ValueError
-        ``n`` or ``k`` is out of range, or the buffer is truncated, has trailing bytes, an
-        over-long, over-large or non-canonical varint, or decodes to an index >= n.
-    """
     cdef const uint8_t[::1] b = _buffer(buf)
-    cdef uint64_t nn = _check_n(n)
-    cdef intp_t kk = _check_k(k, nn)
+    cdef uint64_t nn = check_n(n)
+    cdef intp_t kk = check_k(k, nn)
     cdef Py_ssize_t size = b.shape[0], pos = 0
     if kk > size:
         raise ValueError(
@@ -370,29 +285,8 @@ cdef inline uint64_t _get_bits(const uint8_t *d, uint64_t pos, int count) noexce
 
 
 def encode_indices_rice(idx, n):
-    """Encode sorted indices as Golomb-Rice coded gaps.
-
-    Parameters
-    ----------
-    idx : numpy.ndarray
-        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
-    n : int
-        The dense length, 0 <= n <= 2**32.
-
-    Returns
-    -------
-    bytes
-        The Rice parameter byte, then the coded gaps (see the module docstring).
-
-    Raises
-    ------
-    TypeError
-        ``idx`` is not a uint32 ndarray or ``n`` is not an integer.
-    ValueError
-        ``idx`` is not 1-D and contiguous, not strictly ascending, or has an index >= n.
-    """
     cdef const uint32_t[::1] v = _indices(idx)
-    cdef uint64_t nn = _check_n(n)
+    cdef uint64_t nn = check_n(n)
     cdef intp_t k = v.shape[0], i, at = 0
     cdef const uint32_t *p = &v[0] if k else NULL
     cdef Fault fault
@@ -430,35 +324,11 @@ def encode_indices_rice(idx, n):
 
 
 def decode_indices_rice(buf, n, k):
-    """Decode the output of :func:`encode_indices_rice`, checking it against the header.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        The Rice parameter byte and the coded gaps, nothing after them.
-    n : int
-        The dense length from the message header, 0 <= n <= 2**32.
-    k : int
-        The number of indices from the message header, 0 <= k <= n.
-
-    Returns
-    -------
-    numpy.ndarray
-        k uint32 indices, sorted strictly ascending, all < n.
-
-    Raises
-    ------
-    TypeError
-        ``buf`` is not bytes-like, or ``n`` or ``k`` is not an integer.
-    ValueError
-        ``n`` or ``k`` is out of range, or the buffer is empty or truncated, has a Rice parameter
-        above 31, trailing bytes or nonzero padding, or decodes to an index >= n.
-    """
     cdef const uint8_t[::1] b = _buffer(buf)
-    cdef uint64_t nn = _check_n(n)
-    cdef intp_t kk = _check_k(k, nn)
+    cdef uint64_t nn = check_n(n)
+    cdef intp_t kk = check_k(k, nn)
     cdef Py_ssize_t size = b.shape[0]
-    where = f"decode_indices_rice: corrupt buffer or wrong header (n = {nn}, k = {kk}): "
+    where = decode_fault("decode_indices_rice", nn, kk)
     if size == 0:
         raise ValueError(where + "truncated: the Rice parameter byte is missing")
     cdef int r = b[0]
@@ -523,29 +393,8 @@ def decode_indices_rice(buf, n, k):
 
 
 def encode_indices_bitmap(idx, n):
-    """Encode sorted indices as an n-bit bitmap (least significant bit first).
-
-    Parameters
-    ----------
-    idx : numpy.ndarray
-        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
-    n : int
-        The dense length, 0 <= n <= 2**32.
-
-    Returns
-    -------
-    bytes
-        ``ceil(n / 8)`` bytes; bit i % 8 of byte i // 8 is set when i is in ``idx``.
-
-    Raises
-    ------
-    TypeError
-        ``idx`` is not a uint32 ndarray or ``n`` is not an integer.
-    ValueError
-        ``idx`` is not 1-D and contiguous, not strictly ascending, or has an index >= n.
-    """
     cdef const uint32_t[::1] v = _indices(idx)
-    cdef uint64_t nn = _check_n(n)
+    cdef uint64_t nn = check_n(n)
     cdef intp_t k = v.shape[0], i, at = 0
     cdef const uint32_t *p = &v[0] if k else NULL
     cdef Fault fault
@@ -564,35 +413,11 @@ def encode_indices_bitmap(idx, n):
 
 
 def decode_indices_bitmap(buf, n, k):
-    """Decode the output of :func:`encode_indices_bitmap`, checking it against the header.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        Exactly ``ceil(n / 8)`` bytes.
-    n : int
-        The dense length from the message header, 0 <= n <= 2**32.
-    k : int
-        The number of indices from the message header, 0 <= k <= n.
-
-    Returns
-    -------
-    numpy.ndarray
-        k uint32 indices, sorted strictly ascending, all < n.
-
-    Raises
-    ------
-    TypeError
-        ``buf`` is not bytes-like, or ``n`` or ``k`` is not an integer.
-    ValueError
-        ``n`` or ``k`` is out of range, the length is not ``ceil(n / 8)``, a padding bit (an index
-        >= n) is set, or the number of set bits is not k.
-    """
     cdef const uint8_t[::1] b = _buffer(buf)
-    cdef uint64_t nn = _check_n(n)
-    cdef intp_t kk = _check_k(k, nn)
+    cdef uint64_t nn = check_n(n)
+    cdef intp_t kk = check_k(k, nn)
     cdef Py_ssize_t size = b.shape[0], expected = <Py_ssize_t>((nn + 7) >> 3), j
-    where = f"decode_indices_bitmap: corrupt buffer or wrong header (n = {nn}, k = {kk}): "
+    where = decode_fault("decode_indices_bitmap", nn, kk)
     if size < expected:
         raise ValueError(where + f"truncated: {size} bytes, an {nn}-bit bitmap needs {expected}")
     if size > expected:
@@ -627,43 +452,9 @@ def decode_indices_bitmap(buf, n, k):
 # value quantizers
 
 
-cdef Py_ssize_t _encoded_size(str kind, intp_t k):
-    if kind == "f32":
-        return 4 * k
-    if kind == "f16":
-        return 2 * k
-    if kind == "int8":
-        return k
-    return (k + 3) // 4
-
-
 def quantize(vals, kind):
-    """Quantize float32 values for the wire.
-
-    Parameters
-    ----------
-    vals : numpy.ndarray
-        float32, 1-D, C-contiguous, all finite.
-    kind : {"f32", "f16", "int8", "ternary"}
-        The encoding; see the module docstring for each rule.
-
-    Returns
-    -------
-    data : bytes
-        The encoded values, little-endian.
-    scale : float
-        1.0 for "f32" and "f16"; the float32 step for "int8"; the float32 magnitude for "ternary".
-
-    Raises
-    ------
-    TypeError
-        ``vals`` is not a float32 ndarray.
-    ValueError
-        ``vals`` is not 1-D and contiguous, holds NaN or Inf, ``kind`` is unknown, or (for "f16")
-        a value is beyond half precision's range.
-    """
     cdef const float32_t[::1] v = _values(vals)
-    cdef str k_ind = _check_kind(kind)
+    cdef str k_ind = check_kind(kind)
     cdef intp_t k = v.shape[0], i, nonzero = 0
     cdef const float32_t *p = &v[0] if k else NULL
     cdef bint bad
@@ -674,7 +465,7 @@ def quantize(vals, kind):
         raise ValueError(
             f"vals contains a non-finite value ({vals[at]} at index {at}); quantize only finite values"
         )
-    cdef Py_ssize_t size = _encoded_size(k_ind, k)
+    cdef Py_ssize_t size = encoded_size(k_ind, k)
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef uint8_t *d = <uint8_t *>PyBytes_AS_STRING(out)
     cdef float32_t scale = 1.0
@@ -715,63 +506,10 @@ def quantize(vals, kind):
 
 
 def dequantize(buf, kind, k, scale):
-    """Decode the output of :func:`quantize`.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        Exactly the bytes ``quantize`` produced for k values of this kind.
-    kind : {"f32", "f16", "int8", "ternary"}
-        The encoding.
-    k : int
-        The number of values (from the message header), >= 0.
-    scale : float
-        The scale ``quantize`` returned: 1.0 for "f32" and "f16", finite and >= 0 otherwise.
-
-    Returns
-    -------
-    numpy.ndarray
-        k float32 values.
-
-    Raises
-    ------
-    TypeError
-        ``buf`` is not bytes-like, ``k`` is not an integer or ``scale`` not a number.
-    ValueError
-        ``kind`` is unknown, the length does not match kind and k, ``scale`` is invalid, or the
-        buffer holds NaN/Inf, the int8 code -128, the ternary code 10 or nonzero padding.
-    """
     cdef const uint8_t[::1] b = _buffer(buf)
-    cdef str k_ind = _check_kind(kind)
-    try:
-        count = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
-    if count < 0:
-        raise ValueError(f"k must be >= 0, got {count}")
     cdef Py_ssize_t size = b.shape[0]
-    expected = {"f32": 4 * count, "f16": 2 * count, "int8": count, "ternary": (count + 3) // 4}[k_ind]
-    if size != expected:
-        raise ValueError(
-            f"dequantize: buf has {size} bytes, kind {k_ind!r} with k = {count} needs exactly "
-            f"{expected}: the buffer is corrupt or the header does not match it"
-        )
-    cdef float64_t s
-    try:
-        s = scale
-    except TypeError:
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
-    if k_ind in ("f32", "f16"):
-        if s != 1.0:
-            raise ValueError(f"scale must be 1.0 for kind {k_ind!r} (quantize returns 1.0), got {scale!r}")
-    elif not (isfinite(<float32_t>s) and s >= 0):
-        raise ValueError(f"scale must be finite and >= 0 for kind {k_ind!r}, got {scale!r}")
-    elif k_ind == "int8" and <float32_t>s > FLT_MAX / 127:
-        raise ValueError(
-            f"scale {scale!r} is too large for kind 'int8': 127 * scale overflows float32 "
-            "(quantize never returns such a scale)"
-        )
-    cdef float32_t s32 = <float32_t>s
+    k_ind, count, scale32 = check_dequantize_args(size, kind, k, scale)
+    cdef float32_t s32 = scale32
     cdef intp_t kk = count, i, at = 0
     out = np.empty(kk, dtype=np.float32)
     cdef float32_t *o = <float32_t *>cnp.PyArray_DATA(out)
@@ -817,3 +555,6 @@ def dequantize(buf, kind, k, scale):
     if fault == PADDING:
         raise ValueError(where + "nonzero padding bits after the last value")
     return out
+
+
+document(encode_indices, decode_indices, encode_indices_rice, decode_indices_rice, encode_indices_bitmap, decode_indices_bitmap, quantize, dequantize)

@@ -33,6 +33,7 @@ import numpy as np
 
 
 from edgefl._kernels._arrays cimport writeable_float32_fast
+from edgefl._kernels.checks.noise import check_generator, check_scale
 from edgefl._kernels._random cimport (
     bitgen_t,
     random_standard_exponential_fill_f,
@@ -40,6 +41,7 @@ from edgefl._kernels._random cimport (
 )
 from edgefl._kernels._typedefs cimport float32_t, float64_t, intp_t, uint32_t
 from edgefl._kernels.noise cimport edgefl_add_scaled, edgefl_add_signed_scaled
+from edgefl._kernels.docs import document
 
 cnp.import_array()
 
@@ -49,26 +51,8 @@ cdef enum:
     CHUNK = 2048
 
 
-cdef float32_t _check_scale(object value, str name) except -1:
-    cdef float64_t v
-    try:
-        v = value
-    except TypeError:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    cdef float32_t v32 = <float32_t>v
-    if not (isfinite(v32) and v32 > 0):
-        raise ValueError(
-            f"{name} must be finite and > 0 in float32 (about 1.2e-38 to 3.4e38), got {value!r}"
-        )
-    return v32
-
-
 cdef bitgen_t *_bitgen(object rng) except NULL:
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)), "
-            f"got {type(rng).__name__}"
-        )
+    check_generator(rng)
     capsule = rng.bit_generator.capsule
     if not PyCapsule_IsValid(capsule, "BitGenerator"):
         raise TypeError("rng.bit_generator does not expose a valid BitGenerator capsule")
@@ -76,32 +60,8 @@ cdef bitgen_t *_bitgen(object rng) except NULL:
 
 
 def laplace_(x, scale, rng):
-    """Add i.i.d. Laplace(0, ``scale``) noise to ``x`` in place.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        float32, C-contiguous, writeable, any shape.
-    scale : float
-        The Laplace scale b (noise standard deviation ``sqrt(2) * b``); finite and > 0 in float32.
-        For epsilon-DP after :func:`clip_l1_` with bound C, ``b = C / epsilon``.
-    rng : numpy.random.Generator
-        Source of randomness; the same seed gives the same noise on both backends.
-
-    Raises
-    ------
-    TypeError
-        ``x`` is not a float32 ndarray, ``scale`` is not a number, or ``rng`` is not a Generator.
-    ValueError
-        ``x`` is non-contiguous or read-only, or ``scale`` is not finite and positive.
-
-    Notes
-    -----
-    Draws ``ceil(n / 32)`` raw values for the signs, then n float32 exponentials (see the module
-    docstring for the exact order).
-    """
     cdef cnp.ndarray a = writeable_float32_fast(x, "add noise to that array")
-    cdef float32_t b = _check_scale(scale, "scale")
+    cdef float32_t b = check_scale(scale, "scale")
     cdef bitgen_t *bitgen = _bitgen(rng)
     cdef intp_t n = cnp.PyArray_SIZE(a)
     cdef float32_t *data = <float32_t *>cnp.PyArray_DATA(a)
@@ -122,31 +82,8 @@ def laplace_(x, scale, rng):
 
 
 def gaussian_(x, sigma, rng):
-    """Add i.i.d. N(0, ``sigma**2``) noise to ``x`` in place.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        float32, C-contiguous, writeable, any shape.
-    sigma : float
-        The standard deviation; finite and > 0 in float32. Calibrate it to the L2 bound of
-        :func:`clip_l2_`.
-    rng : numpy.random.Generator
-        Source of randomness; the same seed gives the same noise on both backends.
-
-    Raises
-    ------
-    TypeError
-        ``x`` is not a float32 ndarray, ``sigma`` is not a number, or ``rng`` is not a Generator.
-    ValueError
-        ``x`` is non-contiguous or read-only, or ``sigma`` is not finite and positive.
-
-    Notes
-    -----
-    Draws n float32 normals from NumPy's ziggurat (``standard_normal(n, dtype=np.float32)``).
-    """
     cdef cnp.ndarray a = writeable_float32_fast(x, "add noise to that array")
-    cdef float32_t s = _check_scale(sigma, "sigma")
+    cdef float32_t s = check_scale(sigma, "sigma")
     cdef bitgen_t *bitgen = _bitgen(rng)
     cdef intp_t n = cnp.PyArray_SIZE(a)
     cdef float32_t *data = <float32_t *>cnp.PyArray_DATA(a)
@@ -159,3 +96,6 @@ def gaussian_(x, sigma, rng):
             random_standard_normal_fill_f(bitgen, m, draws)
             edgefl_add_scaled(data + start, draws, m, s)
             start += m
+
+
+document(laplace_, gaussian_)

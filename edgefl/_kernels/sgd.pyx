@@ -17,9 +17,9 @@ a few microseconds, so per-call overhead decides. Arguments are checked through 
 allocates nothing, and the products run in register tiles (``sgd_impl.h``) on buffers padded to
 whole vectors. Matrix products accumulate in float32, like NumPy's; the loss in double.
 
-Errors: the arguments are checked with cheap C-level tests first; when one fails, the twin's
-validation runs on the same arguments and raises its error, so both backends report a bad
-argument with the same words.
+Errors: the arguments are checked with cheap C-level tests first; when one fails, the shared
+validation (:mod:`edgefl._kernels.checks.sgd`, which the twin runs too) raises its error on the
+same arguments, so both backends report a bad argument with the same words.
 """
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
@@ -36,12 +36,15 @@ import numpy as np
 
 from edgefl._kernels._random cimport bitgen_t, random_interval
 from edgefl._kernels._typedefs cimport float32_t, int32_t, intp_t
-from edgefl._kernels.fallback import sgd as _twin
+from edgefl._kernels.checks.sgd import (
+    TrainingDiverged, check_architecture, check_epochs_args, check_mlp_args, check_softmax_args,
+    divergence_error,
+)
+from edgefl._kernels.docs import document
 
 cnp.import_array()
 
 #: Raised for a non-finite batch loss; one class for both backends.
-TrainingDiverged = _twin.TrainingDiverged
 
 
 cdef struct Hyperparameters:
@@ -54,33 +57,12 @@ cdef struct Hyperparameters:
 cdef class SGDState:
     """Momentum buffers and scratch memory for repeated steps of one architecture.
 
-    Parameters
-    ----------
-    sizes : sequence of int
-        Layer widths from input to output: ``(d, c)`` for softmax regression, ``(64, 32, 10)``
-        for a 64-32-10 MLP. At least two entries, each >= 1.
-    max_batch : int
-        The largest minibatch (rows of ``X``) a step with this state may take, >= 1.
-
-    Attributes
-    ----------
-    sizes : tuple of int
-        The layer widths the state was built for.
-    max_batch : int
-        The largest minibatch it accepts.
-    velocity : tuple of (ndarray, ndarray)
-        One ``(vW, vb)`` float32 pair per layer, shaped like ``(W, b)``, zero at first. The
-        step updates these arrays in place; write into them (or call :meth:`reset`) to change
-        them.
-
-    Notes
-    -----
-    A state belongs to one training thread: two steps must not use it at the same time (they
-    would share its scratch buffers).
+    Documented in full in ``edgefl/_kernels/docs.py`` (``DOCS["SGDState"]``): a ``cdef
+    class``'s docstring cannot be assigned at import.
     """
 
     def __cinit__(self, sizes, max_batch):
-        self.sizes, self.max_batch = _twin._check_architecture(sizes, max_batch)
+        self.sizes, self.max_batch = check_architecture(sizes, max_batch)
         cdef Py_ssize_t n = len(self.sizes) - 1, l
         self.n_layers = n
         self.width = <intp_t *>PyMem_Calloc(n + 1, sizeof(intp_t))
@@ -169,47 +151,6 @@ cdef class SGDState:
 
 def softmax_sgd_step_(W, b, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, W_ref=None,
                       b_ref=None, state=None):
-    """One minibatch SGD step of softmax regression, in place.
-
-    Parameters
-    ----------
-    W : ndarray of float32, shape (d, c), C-contiguous, writeable
-        Weights, updated in place.
-    b : ndarray of float32, shape (c,), writeable
-        Biases, updated in place.
-    X : ndarray of float32, shape (m, d), C-contiguous
-        The minibatch, m >= 1 rows.
-    y : ndarray of integers, shape (m,)
-        Class labels in ``[0, c)``.
-    lr : float
-        Learning rate, finite and >= 0 (0 computes the loss and changes nothing).
-    momentum : float, optional
-        Classical momentum in ``[0, 1)``; > 0 needs ``state``.
-    weight_decay : float, optional
-        L2 penalty coefficient (>= 0) on ``W``; biases are not decayed.
-    mu : float, optional
-        FedProx proximal coefficient (>= 0) pulling ``(W, b)`` towards ``(W_ref, b_ref)``, which
-        are required when ``mu > 0`` and ignored when ``mu == 0``.
-    W_ref, b_ref : ndarray of float32, optional
-        The reference (global) model, shaped like ``W`` and ``b``.
-    state : SGDState, optional
-        Built with ``SGDState((d, c), max_batch)``: holds the velocity and the scratch memory,
-        so repeated steps allocate nothing. Without it each call allocates its scratch.
-
-    Returns
-    -------
-    float
-        The mean cross-entropy of the batch *before* the step (accumulated in double).
-
-    Raises
-    ------
-    TypeError, ValueError
-        For a bad argument, naming it; nothing is changed.
-    TrainingDiverged
-        When the loss of the batch is not finite (divergence, or inf/nan in ``X`` or the
-        weights): the step is refused and the weights and velocity are left unchanged. It is a
-        ``FloatingPointError`` and a ``ValueError``.
-    """
     cdef Hyperparameters h
     cdef intp_t m = 0
     cdef SGDState s = None
@@ -217,7 +158,7 @@ def softmax_sgd_step_(W, b, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0,
     if _hyperparameters_ok(lr, momentum, weight_decay, mu, &h):
         s = _prepare(((W, b),), ref, X, y, &h, state, &m)
     if s is None:
-        _twin._check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state,
+        check_softmax_args(W, b, X, y, lr, momentum, weight_decay, mu, W_ref, b_ref, state,
                                   state_type=SGDState)
         raise _disagreement()
     return _run_step(s, X, m, &h)
@@ -225,42 +166,13 @@ def softmax_sgd_step_(W, b, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0,
 
 def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, ref=None,
                   state=None):
-    """One minibatch SGD step of a ReLU MLP with a softmax cross-entropy head, in place.
-
-    Parameters
-    ----------
-    layers : list of (W, b)
-        ``W`` float32 of shape ``(d_in, d_out)``, ``b`` of shape ``(d_out,)``, consecutive
-        layers chaining; ReLU between layers, none after the last. Updated in place.
-    X : ndarray of float32, shape (m, d)
-        The minibatch, ``d`` = rows of the first ``W``.
-    y : ndarray of integers, shape (m,)
-        Class labels in ``[0, c)``, ``c`` = columns of the last ``W``.
-    lr, momentum, weight_decay, mu : float
-        As in :func:`softmax_sgd_step_`; weight decay applies to every ``W``, not to biases.
-    ref : list of (W, b), optional
-        The reference (global) model for the FedProx term, shaped like ``layers``; required
-        when ``mu > 0``, ignored when ``mu == 0``.
-    state : SGDState, optional
-        Built with ``SGDState(sizes, max_batch)`` where ``sizes = (d, d_1, ..., c)``.
-
-    Returns
-    -------
-    float
-        The mean cross-entropy of the batch before the step.
-
-    Raises
-    ------
-    TypeError, ValueError, TrainingDiverged
-        As in :func:`softmax_sgd_step_`.
-    """
     cdef Hyperparameters h
     cdef intp_t m = 0
     cdef SGDState s = None
     if _hyperparameters_ok(lr, momentum, weight_decay, mu, &h):
         s = _prepare(layers, ref, X, y, &h, state, &m)
     if s is None:
-        _twin._check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state,
+        check_mlp_args(layers, X, y, lr, momentum, weight_decay, mu, ref, state,
                               state_type=SGDState)
         raise _disagreement()
     return _run_step(s, X, m, &h)
@@ -268,45 +180,6 @@ def mlp_sgd_step_(layers, X, y, lr, *, momentum=0.0, weight_decay=0.0, mu=0.0, r
 
 def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=0.0,
                     weight_decay=0.0, mu=0.0, ref=None, state=None):
-    """Whole epochs of minibatch SGD over ``(X, y)``, in place: a round of local training.
-
-    Each epoch visits every sample once in the order ``rng.permutation(n)`` draws, in minibatches
-    of ``batch_size`` rows (the last one may be smaller), each a :func:`mlp_sgd_step_`. All the
-    epochs run in one call without the GIL (shuffle, minibatch gather and steps), so a device's
-    predictions never queue behind the Python glue of a training loop. The permutations are
-    NumPy's own: ``arange(n)`` shuffled by Fisher-Yates with ``random_interval`` from the
-    BitGenerator, as ``Generator.permutation`` does.
-
-    Parameters
-    ----------
-    layers, lr, momentum, weight_decay, mu, ref
-        As in :func:`mlp_sgd_step_`.
-    X : ndarray of float32, shape (n, d), C-contiguous
-        All the samples, n >= 1.
-    y : ndarray of integers, shape (n,)
-        Their class labels.
-    rng : numpy.random.Generator
-        Draws each epoch's order; its BitGenerator lock is held for the whole call.
-    epochs : int
-        Passes over the data, >= 1.
-    batch_size : int
-        Rows per step, >= 1; ``min(batch_size, n)`` is used.
-    state : SGDState, optional
-        Built for these layer sizes with ``max_batch >= min(batch_size, n)``; its velocity
-        carries over from earlier calls. Without one, a fresh state (zero velocity) is used.
-
-    Returns
-    -------
-    float
-        The mean over the last epoch's minibatches of each batch's loss before its step.
-
-    Raises
-    ------
-    TypeError, ValueError
-        For a bad argument, naming it; nothing is changed.
-    TrainingDiverged
-        When a batch's loss is not finite; the steps before it stay applied.
-    """
     cdef Hyperparameters h
     cdef SGDState s = None
     cdef intp_t n = 0, n_epochs = 0, batch = 0
@@ -327,7 +200,7 @@ def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=
     else:
         s = None
     if s is None or bitgen == NULL:
-        _twin._check_epochs_args(layers, X, y, lr, rng, epochs, batch_size, momentum,
+        check_epochs_args(layers, X, y, lr, rng, epochs, batch_size, momentum,
                                  weight_decay, mu, ref, state, state_type=SGDState)
         raise _disagreement()
     cdef cnp.ndarray order = np.empty(n, np.intp)
@@ -337,7 +210,7 @@ def mlp_sgd_epochs_(layers, X, y, lr, *, rng, epochs=1, batch_size=32, momentum=
         <const int32_t *>cnp.PyArray_DATA(labels), <intp_t *>cnp.PyArray_DATA(order),
         <float32_t *>cnp.PyArray_DATA(rows), n_epochs, batch, &h, bitgen, rng.bit_generator.lock)
     if not isfinite(loss):
-        raise _twin._divergence_error(loss, h.lr, within_epochs=True)
+        raise divergence_error(loss, h.lr, within_epochs=True)
     return loss
 
 
@@ -394,7 +267,7 @@ cdef bitgen_t *_generator_bitgen(object rng):
 
 
 cdef bint _positive_ok(object value, intp_t *out):
-    """An integer from 1 to sys.maxsize, by the twin's operator.index check."""
+    """An integer from 1 to sys.maxsize, by the shared checks' operator.index rule."""
     try:
         value = operator.index(value)
     except TypeError:
@@ -411,7 +284,7 @@ cdef object _run_step(SGDState s, object X, intp_t m, Hyperparameters *h):
     with nogil:
         loss = _step(s, x, m, h)
     if not isfinite(loss):
-        raise _twin._divergence_error(loss, h.lr)
+        raise divergence_error(loss, h.lr)
     return loss
 
 
@@ -463,7 +336,7 @@ cdef SGDState _prepare(object layers, object ref, object X, object y, Hyperparam
                        object state, intp_t *m):
     """The state to step with, pointed at the caller's arrays, with the labels copied in.
 
-    Returns None when any argument is invalid: the caller then lets the twin say which.
+    Returns None when any argument is invalid: the caller then lets the shared checks say which.
     """
     cdef SGDState s
     if state is None and (h.momentum > 0 or not _float32_ok(X, 2, False)
@@ -594,7 +467,7 @@ cdef bint _labels_to_int32(object y, intp_t m, intp_t classes, int32_t *out):
 
 
 cdef bint _float32_ok(object a, int ndim, bint writeable):
-    """A float32 array of ndim dimensions the kernel can use as is (see the twin's checks)."""
+    """A float32 array of ndim dimensions the kernel can use as is (see edgefl._kernels.checks.sgd)."""
     if not cnp.PyArray_Check(a):
         return False
     cdef cnp.ndarray array = <cnp.ndarray>a
@@ -635,3 +508,6 @@ cdef object _disagreement():
     return RuntimeError(
         "edgefl's compiled SGD step rejected arguments that its NumPy twin accepts; this is a "
         "bug in edgefl, please report it with the shapes and dtypes of the arguments")
+
+
+document(softmax_sgd_step_, mlp_sgd_step_, mlp_sgd_epochs_)

@@ -3,7 +3,7 @@
 ``topk`` picks the k entries of largest magnitude, ``topk_ef_`` does the same with error feedback
 fused in, ``threshold_select`` keeps every entry above a threshold and ``randomk`` picks k
 coordinates from a seed the server announces. Results equal the NumPy twin
-(:mod:`edgefl._kernels.fallback.topk`) bit for bit; the argument checks are the twin's.
+(:mod:`edgefl._kernels.fallback.topk`) bit for bit; the argument checks are shared with it (:mod:`edgefl._kernels.checks.topk`).
 
 How top-k is selected: a radix select on the float bit patterns. With the sign bit cleared, the
 bits of a float read as an unsigned integer order exactly like its magnitude (the *key*). Pass 1
@@ -38,10 +38,12 @@ from edgefl._kernels.topk cimport (
     edgefl_topk_histogram, edgefl_topk_sample_keys,
 )
 
-from edgefl._kernels.fallback.topk import (
-    _check_array, _check_k, _check_no_overlap, _check_randomk_args, _check_tau,
-    _empty_selection, _raise_non_finite, _raise_non_finite_sum,
+from edgefl._kernels.checks.topk import (
+    check_array, check_error_feedback_arrays, check_k, check_randomk_args, check_tau,
+    empty_selection,
+    raise_non_finite, raise_non_finite_sum,
 )
+from edgefl._kernels.docs import document
 
 cnp.import_array()
 
@@ -301,44 +303,11 @@ cdef _raise_no_memory(str kernel, intp_t n, str state=""):
 
 
 def topk(x, k):
-    """The k entries of ``x`` with the largest magnitude.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        float32, C-contiguous, any shape (indices are into ``x.reshape(-1)``); may be read-only.
-    k : int
-        How many entries to select, ``0 <= k <= x.size``.
-
-    Returns
-    -------
-    idx : numpy.ndarray
-        uint32, shape (k,), sorted ascending. Among equal magnitudes the lower index is chosen;
-        ``-0.0`` has magnitude 0.
-    vals : numpy.ndarray
-        float32, shape (k,), ``x.reshape(-1)[idx]`` (signs kept).
-
-    Raises
-    ------
-    TypeError
-        ``x`` is not a float32 ndarray, or ``k`` is not an integer.
-    ValueError
-        ``x`` is not C-contiguous, ``k`` is out of range, or ``x`` holds NaN or Inf.
-
-    Notes
-    -----
-    Top-k of a clean update leaks which coordinates the local data moved. Under differential
-    privacy, select only after noise has been added (post-processing), or use :func:`randomk`.
-    Runs without the GIL: one pass over ``x`` for k <= x.size / 20 on large arrays, two
-    otherwise (see the module docstring). The work buffers hold a little more than k indices for
-    real-valued data, up to ``2 * x.size`` 32-bit words when most magnitudes are equal (an
-    all-zero update, say).
-    """
-    flat = _check_array(x, "x")
+    flat = check_array(x, "x")
     cdef intp_t n = flat.shape[0]
-    cdef intp_t kk = _check_k(k, n)
+    cdef intp_t kk = check_k(k, n)
     if n == 0:
-        return _empty_selection()
+        return empty_selection()
     idx = np.empty(kk, dtype=np.uint32)
     vals = np.empty(kk, dtype=np.float32)
     # Without an update to add, _topk_into only reads x (which may be read-only).
@@ -349,61 +318,18 @@ def topk(x, k):
     with nogil:
         status = _topk_into(px, NULL, n, kk, pidx, pvals)
     if status == NON_FINITE:
-        _raise_non_finite(flat, "x")
+        raise_non_finite(flat, "x")
     if status == NO_MEMORY:
         _raise_no_memory("topk", n)
     return idx, vals
 
 
 def topk_ef_(residual, update, k):
-    """Top-k with error feedback: accumulate, select, emit, and keep the rest for the next round.
-
-    ``residual += update``; the k entries of the new residual with the largest magnitude are
-    returned, and zeroed in ``residual``, so whatever is not sent now is carried to the next
-    update instead of being lost (error feedback, Seide et al. 2014; Stich et al. 2018).
-
-    Parameters
-    ----------
-    residual : numpy.ndarray
-        float32, C-contiguous, writeable; updated in place.
-    update : numpy.ndarray
-        float32, C-contiguous, same shape as ``residual``, not sharing memory with it.
-    k : int
-        How many entries to emit, ``0 <= k <= residual.size``.
-
-    Returns
-    -------
-    idx : numpy.ndarray
-        uint32, shape (k,), sorted ascending; ties in magnitude go to the lower index.
-    vals : numpy.ndarray
-        float32, shape (k,), the accumulated residual at ``idx`` before it was zeroed.
-
-    Raises
-    ------
-    TypeError
-        Wrong array types or dtypes, or ``k`` not an integer.
-    ValueError
-        Non-contiguous or read-only ``residual``, mismatched shapes, overlapping arrays, ``k`` out
-        of range, or ``residual + update`` not finite anywhere. On any error ``residual`` is left
-        unchanged.
-
-    Notes
-    -----
-    Runs without the GIL. The first pass reads ``residual + update`` without storing it (so an
-    error changes nothing); the second stores it while collecting the candidates.
-    """
-    r = _check_array(residual, "residual", writeable=True)
-    u = _check_array(update, "update")
-    if residual.shape != update.shape:
-        raise ValueError(
-            f"update has shape {update.shape} but residual has shape {residual.shape}; they must "
-            "match element for element"
-        )
-    _check_no_overlap(residual, update)
+    r, u = check_error_feedback_arrays(residual, update)
     cdef intp_t n = r.shape[0]
-    cdef intp_t kk = _check_k(k, n)
+    cdef intp_t kk = check_k(k, n)
     if n == 0:
-        return _empty_selection()
+        return empty_selection()
     idx = np.empty(kk, dtype=np.uint32)
     vals = np.empty(kk, dtype=np.float32)
     cdef float32_t* pr = <float32_t*> _data(r)
@@ -414,7 +340,7 @@ def topk_ef_(residual, update, k):
     with nogil:
         status = _topk_into(pr, pu, n, kk, pidx, pvals)
     if status == NON_FINITE:
-        _raise_non_finite_sum(r, u)
+        raise_non_finite_sum(r, u)
     if status == NO_MEMORY:
         # Only the fallback after a failed one-pass attempt can run out of memory after the
         # residual was written; say so rather than promise it is unchanged.
@@ -435,46 +361,18 @@ cdef uint32_t _threshold_key(double tau) noexcept nogil:
 
 
 def threshold_select(x, tau):
-    """Every entry of ``x`` whose magnitude exceeds ``tau``: send only the coordinates that moved.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        float32, C-contiguous, any shape (indices are into ``x.reshape(-1)``); may be read-only.
-    tau : float
-        Finite, >= 0. Compared exactly, in double precision: ``abs(x) > tau``.
-
-    Returns
-    -------
-    idx : numpy.ndarray
-        uint32, sorted ascending.
-    vals : numpy.ndarray
-        float32, ``x.reshape(-1)[idx]``.
-
-    Raises
-    ------
-    TypeError
-        ``x`` is not a float32 ndarray, or ``tau`` is not a real number.
-    ValueError
-        ``x`` is not C-contiguous, ``tau`` is negative or not finite, or ``x`` holds NaN or Inf.
-
-    Notes
-    -----
-    Two passes without the GIL: one counts (and checks finiteness), one collects into outputs of
-    exactly that size, allocated in between.
-    """
-    flat = _check_array(x, "x")
-    cdef uint32_t threshold = _threshold_key(_check_tau(tau))
+    flat = check_array(x, "x")
+    cdef uint32_t threshold = _threshold_key(check_tau(tau))
     cdef intp_t n = flat.shape[0]
     if n == 0:
-        return _empty_selection()
+        return empty_selection()
     cdef const float32_t* px = <const float32_t*> _data(flat)
     cdef size_t count
     cdef uint32_t largest
     with nogil:
         count = edgefl_count_above(px, n, threshold, &largest)
     if largest >= NON_FINITE_KEY:
-        _raise_non_finite(flat, "x")
+        raise_non_finite(flat, "x")
     idx = np.empty(count, dtype=np.uint32)
     vals = np.empty(count, dtype=np.float32)
     if count == 0:
@@ -525,51 +423,7 @@ cdef int _floyd_sample(uint64_t n, uint64_t k, uint64_t seed, uint32_t* out) noe
 
 
 def randomk(n, k, seed):
-    """k distinct coordinates out of n, sorted: the same on every device for the same seed.
-
-    Random-k picks coordinates independently of the data, so sending them leaks nothing about
-    it; the server announces ``seed`` and every device selects the same coordinates.
-
-    Parameters
-    ----------
-    n : int
-        Number of coordinates, ``0 <= n <= 2**32``.
-    k : int
-        How many to pick, ``0 <= k <= n``.
-    seed : int
-        A uint64, ``0 <= seed < 2**64``.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint32, shape (k,), distinct, sorted ascending.
-
-    Raises
-    ------
-    TypeError
-        An argument is not an integer.
-    ValueError
-        An argument is out of range.
-
-    Notes
-    -----
-    The algorithm, fixed so that a C device (or any language) reproduces it exactly; all
-    arithmetic is on unsigned 64-bit integers, wrapping modulo 2**64:
-
-    1. Generator: SplitMix64 with ``state = seed``. Each draw does
-       ``state += 0x9E3779B97F4A7C15; z = state;
-       z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9; z = (z ^ (z >> 27)) * 0x94D049BB133111EB;
-       return z ^ (z >> 31)``.
-    2. Uniform integer in ``[0, m)`` without bias: draw ``z``; while ``z < 2**64 mod m`` (in C:
-       ``(0 - m) % m``), draw again; return ``z % m``.
-    3. Floyd's sampling (Bentley, CACM 1987): start with an empty set S; for
-       ``j = n - k, ..., n - 1``: ``t = uniform(j + 1)``; if t is in S insert j, else insert t.
-    4. Return the elements of S in ascending order.
-
-    Every k-subset is equally likely. Not a cryptographic generator: the seed is public anyway.
-    Runs without the GIL in O(k) draws plus a bitmap of n bits.
-    """
-    nn, kk, s = _check_randomk_args(n, k, seed)
+    nn, kk, s = check_randomk_args(n, k, seed)
     idx = np.empty(kk, dtype=np.uint32)
     if kk == 0:
         return idx
@@ -581,3 +435,6 @@ def randomk(n, k, seed):
     if status == NO_MEMORY:
         raise MemoryError(f"randomk: out of memory for a bitmap of n = {nn} bits")
     return idx
+
+
+document(topk, topk_ef_, threshold_select, randomk)

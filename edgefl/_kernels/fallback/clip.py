@@ -10,7 +10,9 @@ import math
 
 import numpy as np
 
-from edgefl._kernels.fallback.arrays import writeable_float32
+from edgefl._kernels.checks.arrays import writeable_float32
+from edgefl._kernels.checks.clip import check_bound, raise_non_finite
+from edgefl._kernels.docs import document
 
 #: Lanes of the double accumulator; must equal EDGEFL_LANES in clip_impl.h.
 LANES = 32
@@ -52,32 +54,12 @@ def _lane_sum_of(x, term):
     return total
 
 
-def _check_bound(max_norm):
-    if isinstance(max_norm, (str, bytes, bytearray)):
-        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
-    try:
-        bound = float(max_norm)
-    except (TypeError, ValueError):
-        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}") from None
-    if not (math.isfinite(bound) and bound > 0.0):
-        raise ValueError(f"max_norm must be finite and > 0, got {max_norm!r}")
-    return bound
-
-
-def _raise_non_finite(flat):
-    i = int(np.flatnonzero(~np.isfinite(flat))[0])
-    raise ValueError(
-        f"x contains a non-finite value ({flat[i]} at flat index {i}); x is left unchanged. "
-        "Clip only finite updates: check the training step that produced it"
-    )
-
-
 def _clip(x, max_norm, term, root):
     flat = writeable_float32(x, "clip that array")
-    bound = _check_bound(max_norm)
+    bound = check_bound(max_norm)
     norm = root(_lane_sum_of(flat, term)) if flat.shape[0] else 0.0
     if not math.isfinite(norm):
-        _raise_non_finite(flat)
+        raise_non_finite(flat)
     if norm > bound:
         factor = bound / norm * _SHRINK
         if factor >= float(np.finfo(np.float32).tiny):  # compared in double, as in C
@@ -88,52 +70,11 @@ def _clip(x, max_norm, term, root):
 
 
 def clip_l2_(x, max_norm):
-    """Scale ``x`` in place so that its L2 norm is at most ``max_norm``.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        float32, C-contiguous, writeable, any shape (the norm is over all elements).
-    max_norm : float
-        The bound, finite and > 0.
-
-    Returns
-    -------
-    float
-        The L2 norm of ``x`` before clipping, accumulated in double.
-
-    Raises
-    ------
-    TypeError
-        ``x`` is not a float32 ndarray, or ``max_norm`` is not a number.
-    ValueError
-        ``x`` is non-contiguous or read-only, contains NaN or Inf (``x`` is left unchanged), or
-        ``max_norm`` is not finite and positive.
-    """
     return _clip(x, max_norm, np.square, math.sqrt)
 
 
 def clip_l1_(x, max_norm):
-    """Scale ``x`` in place so that its L1 norm is at most ``max_norm``.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        float32, C-contiguous, writeable, any shape (the norm is over all elements).
-    max_norm : float
-        The bound, finite and > 0.
-
-    Returns
-    -------
-    float
-        The L1 norm of ``x`` before clipping, accumulated in double.
-
-    Raises
-    ------
-    TypeError
-        ``x`` is not a float32 ndarray, or ``max_norm`` is not a number.
-    ValueError
-        ``x`` is non-contiguous or read-only, contains NaN or Inf (``x`` is left unchanged), or
-        ``max_norm`` is not finite and positive.
-    """
     return _clip(x, max_norm, np.abs, float)
+
+
+document(clip_l2_, clip_l1_)

@@ -6,44 +6,13 @@ bitmap decoder are vectorised; the varint decoder is too for valid buffers. To r
 buffer's first fault as the compiled loop does, the varint decoder then walks it element by
 element, and the Rice decoder always does (each code's start depends on the previous one).
 """
-import math
-import operator
 
 import numpy as np
 
+from edgefl._kernels.checks.codec import (check_dequantize_args, check_k, check_kind, check_n,
+                                          decode_fault, indices, values)
 from edgefl._kernels.fallback.clip import lane_sum
-
-KINDS = ("f32", "f16", "int8", "ternary")
-
-
-# ---------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _indices(idx):
-    if not isinstance(idx, np.ndarray):
-        raise TypeError(f"idx must be a numpy.ndarray of uint32, got {type(idx).__name__}")
-    if idx.dtype != np.uint32:
-        raise TypeError(f"idx must have dtype uint32, got {idx.dtype}; convert with idx.astype(np.uint32)")
-    if idx.ndim != 1:
-        raise ValueError(f"idx must be 1-D, got shape {idx.shape}")
-    if not idx.flags.c_contiguous:
-        raise ValueError("idx must be C-contiguous; pass np.ascontiguousarray(idx)")
-    return idx
-
-
-def _values(vals):
-    if not isinstance(vals, np.ndarray):
-        raise TypeError(f"vals must be a numpy.ndarray of float32, got {type(vals).__name__}")
-    if vals.dtype != np.float32:
-        raise TypeError(
-            f"vals must have dtype float32, got {vals.dtype}; convert with vals.astype(np.float32)"
-        )
-    if vals.ndim != 1:
-        raise ValueError(f"vals must be 1-D, got shape {vals.shape}")
-    if not vals.flags.c_contiguous:
-        raise ValueError("vals must be C-contiguous; pass np.ascontiguousarray(vals)")
-    return vals
+from edgefl._kernels.docs import document
 
 
 def _buffer(buf):
@@ -61,40 +30,14 @@ def _buffer(buf):
     return np.frombuffer(view, dtype=np.uint8)
 
 
-def _check_n(n):
-    try:
-        value = operator.index(n)
-    except TypeError:
-        raise TypeError(f"n must be an integer, got {type(n).__name__}") from None
-    if not 0 <= value <= 2**32:
-        raise ValueError(f"n must be in [0, 2**32] (indices are uint32), got {value}")
-    return value
-
-
-def _check_k(k, n):
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
-    if not 0 <= value <= n:
-        raise ValueError(f"k must be in [0, n] = [0, {n}], got {value}")
-    return value
-
-
-def _check_kind(kind):
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    return kind
-
-
 # ---------------------------------------------------------------------------------------------
 # index coders
 
 
 def _checked_gaps(idx, n):
     """The gap-1 values of valid indices, or the error for the first invalid one."""
-    idx = _indices(idx)
-    n = _check_n(n)
+    idx = indices(idx)
+    n = check_n(n)
     wide = idx.astype(np.int64)
     unsorted = np.flatnonzero(np.diff(wide) <= 0) + 1
     out_of_range = np.flatnonzero(wide >= n)
@@ -113,25 +56,7 @@ def _checked_gaps(idx, n):
     return np.diff(wide, prepend=-1) - 1, n
 
 
-def _decode_fault(coder, n, k):
-    return f"{coder}: corrupt buffer or wrong header (n = {n}, k = {k}): "
-
-
 def encode_indices(idx, n):
-    """Encode sorted indices as gap-1 LEB128 varints (see the compiled module for the format).
-
-    Parameters
-    ----------
-    idx : numpy.ndarray
-        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
-    n : int
-        The dense length, 0 <= n <= 2**32.
-
-    Returns
-    -------
-    bytes
-        The encoding.
-    """
     gaps, _ = _checked_gaps(idx, n)
     sizes = 1 + sum((gaps >= 1 << (7 * b)).astype(np.int64) for b in range(1, 5))
     starts = np.cumsum(sizes) - sizes
@@ -164,26 +89,10 @@ def _decode_valid_varints(data, n, k):
 
 
 def decode_indices(buf, n, k):
-    """Decode the output of :func:`encode_indices`, checking it against the header's n and k.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        The encoded indices, nothing before or after them.
-    n : int
-        The dense length from the message header, 0 <= n <= 2**32.
-    k : int
-        The number of indices from the message header, 0 <= k <= n.
-
-    Returns
-    -------
-    numpy.ndarray
-        k uint32 indices, sorted strictly ascending, all < n.
-    """
     data = _buffer(buf)
-    n = _check_n(n)
-    k = _check_k(k, n)
-    where = _decode_fault("decode_indices", n, k)
+    n = check_n(n)
+    k = check_k(k, n)
+    where = decode_fault("decode_indices", n, k)
     size = data.size
     if k > size:
         raise ValueError(where + f"truncated: {size} bytes cannot hold {k} varints")
@@ -232,20 +141,6 @@ def _rice_parameter(total, k):
 
 
 def encode_indices_rice(idx, n):
-    """Encode sorted indices as Golomb-Rice coded gaps (see the compiled module for the format).
-
-    Parameters
-    ----------
-    idx : numpy.ndarray
-        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
-    n : int
-        The dense length, 0 <= n <= 2**32.
-
-    Returns
-    -------
-    bytes
-        The Rice parameter byte, then the coded gaps.
-    """
     gaps, _ = _checked_gaps(idx, n)
     k = gaps.size
     r = _rice_parameter(int(gaps.sum()), k) if k else 0
@@ -261,26 +156,10 @@ def encode_indices_rice(idx, n):
 
 
 def decode_indices_rice(buf, n, k):
-    """Decode the output of :func:`encode_indices_rice`, checking it against the header.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        The Rice parameter byte and the coded gaps, nothing after them.
-    n : int
-        The dense length from the message header, 0 <= n <= 2**32.
-    k : int
-        The number of indices from the message header, 0 <= k <= n.
-
-    Returns
-    -------
-    numpy.ndarray
-        k uint32 indices, sorted strictly ascending, all < n.
-    """
     data = _buffer(buf)
-    n = _check_n(n)
-    k = _check_k(k, n)
-    where = _decode_fault("decode_indices_rice", n, k)
+    n = check_n(n)
+    k = check_k(k, n)
+    where = decode_fault("decode_indices_rice", n, k)
     size = data.size
     if size == 0:
         raise ValueError(where + "truncated: the Rice parameter byte is missing")
@@ -323,20 +202,6 @@ def decode_indices_rice(buf, n, k):
 
 
 def encode_indices_bitmap(idx, n):
-    """Encode sorted indices as an n-bit bitmap (least significant bit first).
-
-    Parameters
-    ----------
-    idx : numpy.ndarray
-        uint32, 1-D, C-contiguous, sorted strictly ascending, every index < n.
-    n : int
-        The dense length, 0 <= n <= 2**32.
-
-    Returns
-    -------
-    bytes
-        ``ceil(n / 8)`` bytes; bit i % 8 of byte i // 8 is set when i is in ``idx``.
-    """
     _, n = _checked_gaps(idx, n)
     out = np.zeros((n + 7) // 8, dtype=np.uint8)
     np.bitwise_or.at(out, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
@@ -344,26 +209,10 @@ def encode_indices_bitmap(idx, n):
 
 
 def decode_indices_bitmap(buf, n, k):
-    """Decode the output of :func:`encode_indices_bitmap`, checking it against the header.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        Exactly ``ceil(n / 8)`` bytes.
-    n : int
-        The dense length from the message header, 0 <= n <= 2**32.
-    k : int
-        The number of indices from the message header, 0 <= k <= n.
-
-    Returns
-    -------
-    numpy.ndarray
-        k uint32 indices, sorted strictly ascending, all < n.
-    """
     data = _buffer(buf)
-    n = _check_n(n)
-    k = _check_k(k, n)
-    where = _decode_fault("decode_indices_bitmap", n, k)
+    n = check_n(n)
+    k = check_k(k, n)
+    where = decode_fault("decode_indices_bitmap", n, k)
     size, expected = data.size, (n + 7) // 8
     if size < expected:
         raise ValueError(where + f"truncated: {size} bytes, an {n}-bit bitmap needs {expected}")
@@ -381,29 +230,9 @@ def decode_indices_bitmap(buf, n, k):
 # value quantizers
 
 
-def _encoded_size(kind, k):
-    return {"f32": 4 * k, "f16": 2 * k, "int8": k, "ternary": (k + 3) // 4}[kind]
-
-
 def quantize(vals, kind):
-    """Quantize float32 values for the wire (see the compiled module for each rule).
-
-    Parameters
-    ----------
-    vals : numpy.ndarray
-        float32, 1-D, C-contiguous, all finite.
-    kind : {"f32", "f16", "int8", "ternary"}
-        The encoding.
-
-    Returns
-    -------
-    data : bytes
-        The encoded values, little-endian.
-    scale : float
-        1.0 for "f32" and "f16"; the float32 step for "int8"; the float32 magnitude for "ternary".
-    """
-    vals = _values(vals)
-    kind = _check_kind(kind)
+    vals = values(vals)
+    kind = check_kind(kind)
     bad = np.flatnonzero(~np.isfinite(vals))
     if bad.size:
         at = int(bad[0])
@@ -442,58 +271,8 @@ def quantize(vals, kind):
 
 
 def dequantize(buf, kind, k, scale):
-    """Decode the output of :func:`quantize`.
-
-    Parameters
-    ----------
-    buf : bytes-like
-        Exactly the bytes ``quantize`` produced for k values of this kind.
-    kind : {"f32", "f16", "int8", "ternary"}
-        The encoding.
-    k : int
-        The number of values (from the message header), >= 0.
-    scale : float
-        The scale ``quantize`` returned: 1.0 for "f32" and "f16", finite and >= 0 otherwise.
-
-    Returns
-    -------
-    numpy.ndarray
-        k float32 values.
-    """
     data = _buffer(buf)
-    kind = _check_kind(kind)
-    try:
-        count = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
-    if count < 0:
-        raise ValueError(f"k must be >= 0, got {count}")
-    expected = _encoded_size(kind, count)
-    if data.size != expected:
-        raise ValueError(
-            f"dequantize: buf has {data.size} bytes, kind {kind!r} with k = {count} needs exactly "
-            f"{expected}: the buffer is corrupt or the header does not match it"
-        )
-    try:
-        if isinstance(scale, (str, bytes, bytearray)):
-            raise TypeError
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
-    if kind in ("f32", "f16"):
-        if s != 1.0:
-            raise ValueError(f"scale must be 1.0 for kind {kind!r} (quantize returns 1.0), got {scale!r}")
-    else:
-        with np.errstate(over="ignore"):
-            finite = math.isfinite(np.float32(s))
-        if not (finite and s >= 0):
-            raise ValueError(f"scale must be finite and >= 0 for kind {kind!r}, got {scale!r}")
-        if kind == "int8" and np.float32(s) > np.finfo(np.float32).max / np.float32(127):
-            raise ValueError(
-                f"scale {scale!r} is too large for kind 'int8': 127 * scale overflows float32 "
-                "(quantize never returns such a scale)"
-            )
-    s32 = np.float32(s)
+    kind, count, s32 = check_dequantize_args(data.size, kind, k, scale)
     where = f"dequantize: corrupt buffer ({kind!r}, k = {count}): "
     if kind in ("f32", "f16"):
         values = data.view("<f4" if kind == "f32" else "<f2").astype(np.float32)
@@ -515,3 +294,6 @@ def dequantize(buf, kind, k, scale):
         raise ValueError(where + "nonzero padding bits after the last value")
     table = np.array([0, s32, 0, -s32], dtype=np.float32)
     return table[codes[:count]]
+
+
+document(encode_indices, decode_indices, encode_indices_rice, decode_indices_rice, encode_indices_bitmap, decode_indices_bitmap, quantize, dequantize)
