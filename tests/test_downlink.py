@@ -13,6 +13,8 @@ from edgefl.wire import decode_refresh, weights_sha256
 from edgefl_server.downlink import DownlinkCompressor, DownlinkConfig
 from edgefl_server.model_builder import build_mlp
 
+pytestmark = pytest.mark.backend
+
 
 @functools.lru_cache(maxsize=None)
 def model_of(width: int, classes: int):

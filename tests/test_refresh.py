@@ -17,6 +17,8 @@ from edgefl.wire import (
 from edgefl.wire.framing import checksum
 from edgefl.wire.refresh import apply_refresh, build_refresh
 
+pytestmark = pytest.mark.backend
+
 ONNX_SHA = hashlib.sha256(b"onnx").digest()
 
 
