@@ -20,8 +20,10 @@ from backends import COMPILED, TWIN
 pytestmark = pytest.mark.kernels
 
 COUNTS_PER_YIELD = 2000
-#: "Substantial": the counter completed at least this many of its rounds during the kernel calls.
-MIN_ROUNDS = 25
+#: The counter completed at least this many of its rounds during the kernel calls. A kernel that
+#: kept the GIL allows none (no forced switches), so a few are proof; more would only measure how
+#: much CPU a loaded machine gave the counter thread (25 failed at a load average of 6 on 2 CPUs).
+MIN_ROUNDS = 3
 
 
 class Counter:
