@@ -10,7 +10,8 @@ from hypothesis.extra import numpy as hnp
 from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import clip as twin
 
-pytestmark = pytest.mark.kernels
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.kernels, pytest.mark.cpu]
 
 CLIPS = [("clip_l2_", 2), ("clip_l1_", 1)]
 

@@ -8,7 +8,8 @@ from hypothesis.extra import numpy as hnp
 from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import codec as twin
 
-pytestmark = pytest.mark.kernels
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.kernels, pytest.mark.cpu]
 
 CODERS = [
     ("encode_indices", "decode_indices"),

@@ -6,7 +6,8 @@ from edgefl import kernels
 from edgefl.device.compression import VALUE_ENCODINGS, Compressor
 from edgefl.wire.protocol import CompressionConfig
 
-pytestmark = pytest.mark.backend
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.backend, pytest.mark.cpu]
 
 
 def updates(n, rounds, seed=0):

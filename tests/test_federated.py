@@ -1,6 +1,7 @@
 """End to end against a real Mosquitto: the aggregation server in this process, devices as real
 device processes on the digits task (``edgefl client`` with the simulation's prediction load,
-:mod:`edgefl.simulation.device_process`, each with its part of digits as a ``--data`` file).
+:mod:`edgefl.simulation.device_process`, each with its part of digits as a ``--data`` file) and,
+for the one round that also runs under aarch64 emulation, EdgeClients in this process.
 
 Faults are made deterministic with signals: a device frozen with SIGSTOP before a round opens is
 still "online" (its retained status says so), so the server selects it and the round waits for
@@ -18,9 +19,11 @@ import time
 import numpy as np
 import pytest
 
+from edgefl.device.client import EdgeClient
 from edgefl.wire.protocol import DeviceStatus, Topics, TrainingConfig
 from edgefl.transport.mqtt import MqttConnection
-from edgefl.simulation.datasets import digits_evaluator, digits_partition_files
+from edgefl.simulation.datasets import (digits_evaluator, digits_partition_files,
+                                       dirichlet_partition, load_digits)
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.model_builder import build_mlp
 
@@ -167,6 +170,34 @@ def assert_everyone_on_the_final_model(server, fleet):
         records = fleet.predictions(i)
         assert stats["prediction_errors"] == 0
         assert np.all(np.diff(records["version"]) >= 0)  # versions only ever go forward
+
+
+@pytest.mark.cpu
+def test_one_round_with_devices_in_this_process(broker, tmp_path, watch):
+    """The smallest whole federation: two devices train, compress and send one round's update,
+    the server aggregates them and publishes model 1, and both devices serve it."""
+    X, y, X_test, _ = load_digits(0)
+    devices = []
+    try:
+        for i, part in enumerate(dirichlet_partition(y, 2, alpha=0.5, seed=0)):
+            device = EdgeClient(f"dev-{i}", FLEET, broker.url, tmp_path / f"dev-{i}",
+                                reconnect_delay=(0.1, 0.5))
+            device.add_data(X[part], y[part])
+            devices.append(device.start(timeout=30))
+        watch.wait(lambda online: len(online) == 2)
+        server = make_server(broker, tmp_path, rounds=1, min_clients=2).start()
+        try:
+            assert server.wait(120), "the round did not finish"
+        finally:
+            server.stop()
+        assert [(r.round_id, r.accepted) for r in server.history] == [(1, 2)]
+        for device in devices:  # "finished" is only set once the device holds the final model
+            assert device.finished.wait(60), f"{device.client_id} never got model 1"
+            assert device.model_version == 1
+            assert device.predict(X_test[:8]).shape == (8, 10)
+    finally:
+        for device in devices:
+            device.stop()
 
 
 def test_rounds_with_device_processes_improve_accuracy(broker, tmp_path, fleet, watch):

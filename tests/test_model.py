@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from edgefl.wire.model import ManifestError, Model, ModelManifest, TensorSpec, mlp_logits
 from edgefl_server.model_builder import build_mlp
 
+pytestmark = pytest.mark.cpu  # run again on an emulated aarch64 CPU by make test-arm64
+
 
 def test_manifest_describes_the_64_32_10_head():
     model = build_mlp((64, 32, 10))

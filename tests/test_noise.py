@@ -9,7 +9,8 @@ from scipy import stats
 from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import noise as twin
 
-pytestmark = pytest.mark.kernels
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.kernels, pytest.mark.cpu]
 
 NOISES = ["laplace_", "gaussian_"]
 BIT_GENERATORS = [np.random.PCG64, np.random.PCG64DXSM, np.random.MT19937, np.random.Philox, np.random.SFC64]

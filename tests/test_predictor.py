@@ -14,7 +14,8 @@ from edgefl.device.trainer import LocalTrainer
 from edgefl.simulation.datasets import load_digits
 from edgefl_server.model_builder import build_mlp, dense_extractor
 
-pytestmark = pytest.mark.backend
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.backend, pytest.mark.cpu]
 
 
 def softmax(z):

@@ -16,7 +16,8 @@ from edgefl.device.update_pipeline import UpdatePipeline
 from edgefl.wire.calibration import (analytic_gaussian_delta, analytic_gaussian_sigma,
                                      classic_gaussian_sigma)
 
-pytestmark = pytest.mark.backend
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.backend, pytest.mark.cpu]
 
 
 def laplace(epsilon=1.0, clip=1.0):

@@ -15,7 +15,8 @@ from sklearn.model_selection import train_test_split
 from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import sgd as twin
 
-pytestmark = pytest.mark.kernels
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.kernels, pytest.mark.cpu]
 
 
 #: The compiled backend has two matrix products (AVX2 and the 4-float baseline an ARM board

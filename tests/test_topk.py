@@ -17,7 +17,8 @@ from scipy import stats
 from backends import COMPILED, both_backends
 from edgefl._kernels.fallback import topk as twin
 
-pytestmark = pytest.mark.kernels
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.kernels, pytest.mark.cpu]
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

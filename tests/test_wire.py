@@ -17,7 +17,8 @@ from edgefl.wire import (INDEX_CODINGS, VALUE_ENCODINGS, WIRE_VALUE_CODES, Model
                          encode_update)
 from edgefl_server.model_builder import build_mlp
 
-pytestmark = pytest.mark.backend
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.backend, pytest.mark.cpu]
 
 HEADER = struct.Struct("<4sBBBBIIQIIIfII")  # as docs/wire-format.md specifies it
 

@@ -14,7 +14,8 @@ from edgefl.wire import (VALUE_ENCODINGS, ModelDecodeError, Update, UpdateDecode
                          decode_model, decode_update, encode_model, encode_update)
 from edgefl_server.model_builder import build_mlp
 
-pytestmark = pytest.mark.backend
+# cpu: run again on an emulated aarch64 CPU by make test-arm64
+pytestmark = [pytest.mark.backend, pytest.mark.cpu]
 
 CASES_PER_MESSAGE = 1500
 
