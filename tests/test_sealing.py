@@ -6,6 +6,8 @@ from hypothesis import given, settings, strategies as st
 from edgefl.trust import SealError, open_sealed, parse_sealed, seal
 from edgefl.trust.keys import key_id, raw_public
 
+pytestmark = pytest.mark.cpu  # run again on an emulated aarch64 CPU by make test-arm64
+
 SERVER = bytes(range(32, 64))
 EPHEMERAL = bytes(range(64, 96))
 # The first update vector of docs/wire-format.md (69 bytes).

@@ -9,6 +9,8 @@ from edgefl.trust import MessageMisbound, SignatureInvalid, Signer, open_signed,
 from edgefl.trust.keys import key_id, raw_public
 from edgefl.trust.signing import SEQUENCE_LEASE_US, signed_bytes
 
+pytestmark = pytest.mark.cpu  # run again on an emulated aarch64 CPU by make test-arm64
+
 SEED = bytes(range(32))
 RECEIPT = b'{"v":1,"round_id":3,"update_id":17,"status":"accepted","reason":""}'
 # docs/wire-format.md, Signed message, test vector.
