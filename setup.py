@@ -85,11 +85,14 @@ def compiled_kernels():
     return modules
 
 
-setup(
-    packages=find_packages(include=["edgefl", "edgefl.*"])
-    + ["edgefl_server"]
-    + [f"edgefl_server.{p}" for p in find_packages(where="server")],
-    package_dir={"edgefl_server": "server"},
-    package_data={"edgefl._kernels": ["*.pxd", "*.pyx", "*.h"]},
-    ext_modules=compiled_kernels(),
-)
+# Run as a script (pip and setuptools' build backend do): imported, this module only describes
+# the kernels, for the aarch64 cross-compile check (.ci/arm64/cross_compile.py).
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["edgefl", "edgefl.*"])
+        + ["edgefl_server"]
+        + [f"edgefl_server.{p}" for p in find_packages(where="server")],
+        package_dir={"edgefl_server": "server"},
+        package_data={"edgefl._kernels": ["*.pxd", "*.pyx", "*.h"]},
+        ext_modules=compiled_kernels(),
+    )
