@@ -79,7 +79,7 @@ wheels: $(VENV)/.installed
 	$(PY) -m pip install -q $(WHEEL_TOOLS)
 	rm -rf build/wheel dist/edgefl-*.whl
 	CFLAGS=-g0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/wheel .
-	$(PY) -m auditwheel repair -w dist build/wheel/edgefl-*x86_64.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair -w dist build/wheel/edgefl-*x86_64.whl
 	$(PY) -c "import sys, zipfile, glob; w, = glob.glob('dist/edgefl-*x86_64.whl'); n = sum(f.endswith('.so') for f in zipfile.ZipFile(w).namelist()); print(w, n, 'kernel modules'); sys.exit(n != 5)"
 	PYTHON=$(abspath $(PY)) bash .ci/arm64/run.sh wheel
 

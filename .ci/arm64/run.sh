@@ -11,7 +11,8 @@
 # Environment: QEMU_CPU (default cortex-a72, the Raspberry Pi 4's core; cortex-a76 for a Pi 5),
 # PYTHON (the host Python with Cython and NumPy, default .venv/bin/python), EDGEFL_ARM64_CACHE
 # (the cached emulated environment and the cross-compile headers, default /var/cache/edgefl/arm64),
-# and for `test` any pytest arguments after the command (default: -m cpu -q).
+# and for `test` any pytest arguments after the command (default: -m cpu -q and the test modules
+# that use the marker).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC=$PWD
@@ -137,7 +138,9 @@ wheel)
     ;;
 test)
     shift
-    [ $# -gt 0 ] || set -- -m cpu -q
+    # Only the modules that use the marker are collected: the others may import what the
+    # emulated system lacks (pyarrow), and collecting them costs a minute under emulation.
+    [ $# -gt 0 ] || set -- -m cpu -q $(grep -l "mark\.cpu" tests/test_*.py)
     timed cross
     timed emulated_system
     timed wheel
