@@ -140,7 +140,10 @@ def run_mode(broker, mode, devices, rounds, state_dir, label):
     names = [f"dev-{i:03d}" for i in range(devices)]
     config = ServerConfig(broker_url=broker.url, fleet=FLEET, state_dir=state_dir, rounds=rounds,
                           min_clients=devices, round_timeout=120.0,
-                          server_id="bench-server")
+                          server_id="bench-server",
+                          # The plain path: this benchmark measures ingestion and publication,
+                          # bench_trust.py what signing and sealing add to them.
+                          insecure=True)
     watcher = Watcher(broker)
     publishers = [_connect(broker, f"bench-pub-{p}") for p in range(PUBLISHERS)]
     for i, name in enumerate(names):

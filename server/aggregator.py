@@ -20,8 +20,16 @@ A round aggregates its updates in client-id order, whatever order they arrived i
 process stored them: the model of a round is the same, bit for bit, with any number of workers.
 
 Every state change is committed to the store (:mod:`edgefl_server.store`) before it is published,
-so a server killed at any point restarts into the same round with the same accepted updates, and
-republishes the retained model and announcement. Updates that devices sent while the server was
+so a server killed at any point restarts into the same round with the same accepted updates. The
+retained model and announcement are published again on every (re)connection to the broker (a
+broker that restarted without persistence forgot them), and the announcement at least every
+``announce_refresh`` seconds (so devices can tell a live server from a frozen one).
+
+Trust (``docs/security.md``): with a provisioned fleet directory (``edgefl fleet init``) the
+server logs in with its own principals over TLS, signs everything it publishes with the fleet's
+Ed25519 key (:class:`edgefl.trust.Signer`) and opens updates sealed to its X25519 key; it bounds
+each device's influence (:mod:`edgefl_server.influence`). ``insecure=True`` runs without any of
+it, with a warning. Updates that devices sent while the server was
 down wait in its persistent MQTT session (fixed client id, ``clean_start=False``); updates it had
 received but not yet acknowledged are redelivered by the broker.
 """
@@ -44,14 +52,17 @@ from edgefl.wire.model import Model
 from edgefl.wire.protocol import (LOCAL_MECHANISMS, MECHANISMS, DeviceStatus, ProtocolError,
                                   TrainingConfig, Topics, check_name)
 from edgefl.transport.mqtt import Message, MqttConnection
+from edgefl.trust import Signer
 from edgefl.wire import decode_update, encode_model
 
 from .buffer import BufferConfig, scaled_by_staleness
 from .downlink import DownlinkCompressor, DownlinkConfig
 from .accounting import CentralPrivacy, PrivacyBudgetReached
+from .influence import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM, InfluenceBounds
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .local_dp import swamp_warning
 from .metrics import MetricsHttpServer, ServerMetrics
+from .provisioning import open_fleet
 from .rounds import (
     FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, poisson_select,
     randomk_seed, select_clients,
@@ -109,8 +120,10 @@ class ServerConfig:
         The interface metrics are served on: loopback by default, ``0.0.0.0`` for all.
     max_update_bytes : int
         Update payloads above this are dropped unread.
+    max_samples : int, optional
+        Cap on the sample count (FedAvg weight) one update may claim; None removes it.
     max_update_norm : float, optional
-        Reject updates with a larger L2 norm.
+        Updates with a larger L2 norm are clipped to it; None removes the bound.
     seed : int
         Seeds client selection and the rounds' random-k seeds.
     downlink : DownlinkConfig, optional
@@ -125,11 +138,19 @@ class ServerConfig:
         a deadline, a selection or a quorum. None runs synchronous rounds.
     server_id : str, optional
         The server's fixed MQTT client id; ``edgefl-server-<fleet>`` by default.
+    fleet_dir : path, optional
+        A provisioned fleet directory (``edgefl fleet init``): the server's logins, the CA, its
+        signing and sealing keys. Required unless ``insecure``.
+    insecure : bool
+        Plain MQTT without signatures or sealing (test brokers only); logs a warning.
+    announce_refresh : float
+        Longest time between two (signed) publications of the round announcement.
     username, password, tls, ca_certs
-        Passed to the MQTT connection.
+        Passed to the MQTT connection (taken from ``fleet_dir`` when it is given).
     ingest_workers : int
         1: this process ingests updates. N >= 2: N worker processes share them through an MQTT
-        shared subscription and this process coordinates (:mod:`edgefl_server.workers`).
+        shared subscription and this process coordinates (:mod:`edgefl_server.workers`); only
+        with ``insecure`` so far (the workers would each need a login and the signing key).
     """
 
     broker_url: str
@@ -147,11 +168,15 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_update_bytes: int = 16 << 20
-    max_update_norm: float | None = None
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
+    max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM
     seed: int = 0
     downlink: DownlinkConfig | None = None
     buffer: BufferConfig | None = None
     server_id: str | None = None
+    fleet_dir: str | Path | None = None
+    insecure: bool = False
+    announce_refresh: float = 60.0
     username: str | None = None
     password: str | None = None
     tls: bool | None = None
@@ -160,6 +185,16 @@ class ServerConfig:
 
     def __post_init__(self):
         check_name("fleet", self.fleet)
+        if self.fleet_dir is None and not self.insecure:
+            raise ValueError("the server needs its fleet directory (edgefl server --fleet-dir DIR, "
+                             "made by `edgefl fleet init`) for its keys and logins, or "
+                             "insecure=True (--insecure) for a plain test broker")
+        InfluenceBounds(self.max_samples, self.max_update_norm)  # bad bounds fail now
+        if self.ingest_workers > 1 and not self.insecure:
+            raise ValueError("ingest workers run only with insecure=True (--insecure) so far: "
+                             "each would need its own broker login and the signing key for its "
+                             "receipts, which `edgefl fleet` does not provision yet; use one "
+                             "ingesting process (--ingest-workers 1)")
         if self.server_id is None:
             self.server_id = f"edgefl-server-{self.fleet}"
         check_name("server id", self.server_id)
@@ -276,6 +311,8 @@ class AggregationServer:
         self._last_arrival = time.time()  # when the newest accepted update reached the server
         self._round_downlink = 0
         self._model_payload = b""
+        self._signer: Signer | None = None
+        self._announced_at = 0.0  # time.monotonic() of the last announcement published
         self.history: list[RoundResult] = []
         self.model: Model | None = None
         self._round: RoundState | None = None
@@ -308,6 +345,26 @@ class AggregationServer:
     def start(self, timeout: float = 30.0) -> "AggregationServer":
         """Load or create the state, connect to the broker, publish, start the round thread."""
         cfg = self.config
+        sealing_key = None
+        login = dict(username=cfg.username, password=cfg.password, tls=cfg.tls,
+                     ca_certs=cfg.ca_certs)
+        control_login = dict(login)
+        if cfg.insecure:
+            log.warning("INSECURE: fleet %s runs without signatures or sealed updates; anyone who "
+                        "can publish on the broker can steer its devices", cfg.fleet)
+        else:
+            fleet = open_fleet(cfg.fleet_dir)
+            if fleet.fleet != cfg.fleet:
+                raise ValueError(f"{cfg.fleet_dir} is provisioned for fleet {fleet.fleet!r}, not "
+                                 f"{cfg.fleet!r}")
+            creds = fleet.server_credentials()
+            login = dict(username=creds["username"], password=creds["password"], tls=True,
+                         ca_certs=str(fleet.ca_cert))
+            control_login = dict(login, username=creds["control_username"])
+            sealing_key = fleet.sealing_key()
+            Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+            self._signer = Signer(fleet.signing_key(), cfg.fleet,
+                                  sequence_file=Path(cfg.state_dir) / "signing-sequence.json")
         self._store = ServerStore(cfg.state_dir, fleet=cfg.fleet, strategy=cfg.strategy)
         saved = self._store.load()
         if saved is None:
@@ -340,11 +397,13 @@ class AggregationServer:
                      self.model.version, len(self._updates))
         self._replay_privacy()
         self._warn_if_local_dp_cannot_learn()
+        bounds = InfluenceBounds(cfg.max_samples, cfg.max_update_norm)
+        # Updates stored before a restart are bounded again, exactly as when they arrived.
+        self._updates = [bounds.apply(u)[0] for u in self._updates]
         self._ingestor = UpdateIngestor(self._store, self.topics,
                                         num_params=self.model.manifest.num_params,
-                                        max_update_bytes=cfg.max_update_bytes,
-                                        max_update_norm=cfg.max_update_norm,
-                                        buffer=cfg.buffer)
+                                        max_update_bytes=cfg.max_update_bytes, bounds=bounds,
+                                        sealing_key=sealing_key, buffer=cfg.buffer)
         self._model_payload = encode_model(self.model)
         self._downlink = None if cfg.downlink is None else DownlinkCompressor(
             cfg.downlink, self.model.manifest.num_params,
@@ -363,16 +422,17 @@ class AggregationServer:
         subscriptions = [(self.topics.all_status, 1)] if cfg.ingest_workers > 1 else \
             [(self.topics.all_updates, 1), (self.topics.all_status, 1)]
         self._conn = MqttConnection(
-            cfg.server_id, cfg.broker_url, username=cfg.username, password=cfg.password,
-            tls=cfg.tls, ca_certs=cfg.ca_certs, manual_ack=True, subscriptions=subscriptions,
+            cfg.server_id, cfg.broker_url, **login, manual_ack=True, subscriptions=subscriptions,
             on_message=self._on_message, intake=self._take_update,
         )
         # A second connection for models and announcements: the client library sends a
         # connection's QoS 1 messages through one bounded in-flight window, and a burst of
         # receipts in it would delay the new model by tens of milliseconds.
-        self._control = MqttConnection(
-            f"{cfg.server_id}.control", cfg.broker_url, username=cfg.username,
-            password=cfg.password, tls=cfg.tls, ca_certs=cfg.ca_certs)
+        self._control = MqttConnection(f"{cfg.server_id}.control", cfg.broker_url, **control_login)
+        # Retained messages survive in the broker, but a restarted or replaced broker may have
+        # lost them: on every (re)connection the current state goes out again (idempotent for
+        # devices), not only at start.
+        self._control.on_connect_hooks.append(self._republish)
         try:
             if cfg.ingest_workers > 1:
                 self._workers = IngestWorkers(cfg, cfg.ingest_workers,
@@ -381,10 +441,6 @@ class AggregationServer:
                 self._workers.start(timeout=timeout)
             self._control.start(timeout=timeout)
             self._conn.start(timeout=timeout)
-            # Retained messages survive in the broker, but a restarted or replaced broker may have
-            # lost them: publishing the current state again is idempotent for devices.
-            self._publish(self.topics.model, self._model_payload, retain=True)
-            self._publish(self.topics.round, self._round.announcement().to_json(), retain=True)
         except BaseException:
             self._shutdown_io()
             raise
@@ -521,6 +577,13 @@ class AggregationServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _republish(self, session_present: bool = False) -> None:
+        """Publish the retained model and announcement again (connect hook, refresh)."""
+        with self._lock:
+            model_payload, announcement = self._model_payload, self._round.announcement()
+        self._publish(self.topics.model, model_payload, "model", retain=True, wait=False)
+        self._publish(self.topics.round, announcement.to_json(), "round", retain=True, wait=False)
+
     # -- messages (dispatcher thread) ------------------------------------------------------------
 
     def _take_update(self, msg: Message) -> bool:
@@ -653,16 +716,24 @@ class AggregationServer:
         # stay connected, and waiting would delay the next model by the receipts' round trip.)
         sent = answer_batch(self._conn, self.topics, batch, outcomes, [len(p) for p in payloads],
                             metrics=self.metrics, confirm=finishing,
-                            publish_timeout=PUBLISH_TIMEOUT)
+                            publish_timeout=PUBLISH_TIMEOUT, signer=self._signer)
         with self._lock:
             self._round_downlink += sent
         if answered:
             self._wake.set()
 
-    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True,
-                 via: MqttConnection | None = None) -> None:
-        """Publish at QoS 1, on the control connection unless ``via`` says otherwise."""
+    def _publish(self, topic: str, payload: bytes, kind: str, *, retain: bool = False,
+                 wait: bool = True, via: MqttConnection | None = None) -> None:
+        """Sign ``payload`` as a ``kind`` message and publish it at QoS 1, on the control
+        connection unless ``via`` says otherwise."""
         conn = via or self._control
+        if conn is None:
+            return  # stopping
+        if kind == "round":
+            self._announced_at = time.monotonic()
+        if self._signer is not None:
+            subject = self.topics.client_of(topic) if kind == "receipt" else ""
+            payload = self._signer.sign(kind, payload, subject=subject or "")
         ok = conn.publish(topic, payload, qos=1, retain=retain,
                           timeout=PUBLISH_TIMEOUT if wait else None)
         with self._lock:
@@ -678,6 +749,8 @@ class AggregationServer:
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
+                if time.monotonic() - self._announced_at > self.config.announce_refresh:
+                    self._republish()  # re-signed: devices see the server is alive
                 with self._lock:
                     r = self._round
                 if r.phase == FINISHED:
@@ -760,7 +833,7 @@ class AggregationServer:
             self._declined = set()
         self.metrics.round_opened(round_id=r.round_id, selected=len(selected), opened_at=now,
                                   deadline=opened.deadline)
-        self._publish(self.topics.round, opened.announcement().to_json(), retain=True)
+        self._publish(self.topics.round, opened.announcement().to_json(), "round", retain=True)
         log.info("round %d open: model version %d, %d of %d online device(s) selected (%d "
                  "eligible), deadline in %gs", r.round_id, opened.model_version, len(selected),
                  len(online), len(eligible), cfg.round_timeout)
@@ -793,7 +866,7 @@ class AggregationServer:
         with self._lock:
             self._round = extended
         self.metrics.round_extended(extended.deadline)
-        self._publish(self.topics.round, extended.announcement().to_json(), retain=True)
+        self._publish(self.topics.round, extended.announcement().to_json(), "round", retain=True)
         log.warning("round %d: no quorum at the deadline (%d of %d needed); extended once by %gs",
                     r.round_id, self._answered(), self.config.quorum or self.config.min_clients,
                     self.config.round_timeout)
@@ -836,12 +909,12 @@ class AggregationServer:
             self._model_payload = encode_model(model)
             # Not waiting here: the broker handles one connection's messages in order, so the
             # announcement's PUBACK below also confirms the model, one round trip instead of two.
-            self._publish(self.topics.model, self._model_payload, retain=True, wait=False)
+            self._publish(self.topics.model, self._model_payload, "model", retain=True, wait=False)
         if refresh is not None:
             # Before the announcement: a device that sees an announcement of a version it does
             # not hold after this has missed the refresh and takes the full envelope.
-            self._publish(self.topics.refresh, refresh, wait=False)
-        self._publish(self.topics.round, nxt.announcement().to_json(), retain=True)
+            self._publish(self.topics.refresh, refresh, "refresh", wait=False)
+        self._publish(self.topics.round, nxt.announcement().to_json(), "round", retain=True)
         seconds = time.perf_counter() - t0
         since_last_update = time.time() - last_arrival
         with self._lock:

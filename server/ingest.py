@@ -11,6 +11,9 @@ Checks, in order, each with its reason code:
 ============================  =====================================================================
 ``oversized``                 payload above ``max_update_bytes`` (not decoded at all)
 ``bad_topic``                 not ``edgefl/<fleet>/clients/<id>/update``
+``bad_seal``                  not sealed to this server's key by the topic's device, or altered,
+                              or sealed for another round than the update inside
+                              (:class:`edgefl.trust.Opener`); only with a sealing key
 ``malformed``                 :func:`edgefl.wire.decode_update` refused it (truncated, bad checksum,
                               wrong dimensions, indices out of range, NaN/Inf, ...)
 ``client_mismatch``           the payload's client id is not the topic's: one device cannot speak
@@ -26,8 +29,11 @@ Checks, in order, each with its reason code:
 ``too_stale``                 buffered asynchronous mode (FedBuff): trained on a version more than
                               ``max_staleness`` versions behind (replaces the four checks above)
 ``no_samples``                a sample count of zero (it would carry no weight)
-``norm_bound``                L2 norm above ``max_update_norm``
 ============================  =====================================================================
+
+An accepted update is then bounded (:class:`~edgefl_server.influence.InfluenceBounds`): its
+sample count capped, its norm clipped; :attr:`Outcome.bounded` names what was bounded. The
+payload stored for it is the opened (plain) update.
 
 Malformed and oversized payloads cannot be trusted to name their round and update id, so they get
 no receipt: they are dropped with a log line (a device's outbox entry then expires with its round).
@@ -35,16 +41,15 @@ no receipt: they are dropped with a log line (a device's outbox entry then expir
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
-
+from edgefl.trust import Opener, SealError, Signer
 from edgefl.wire.protocol import Receipt, Topics
 from edgefl.wire import Update, UpdateDecodeError, decode_update
 
 from .buffer import BufferConfig
+from .influence import InfluenceBounds
 from .rounds import OPEN, RoundState
 from .store import ServerStore
 
@@ -69,6 +74,7 @@ class Outcome:
     client_id: str | None = None
     receipt: Receipt | None = None
     update: Update | None = None
+    bounded: tuple[str, ...] = ()
 
 
 class _Rejected(Exception):
@@ -90,21 +96,23 @@ class UpdateIngestor:
         Length of the global model's flat weight vector; updates of another length are malformed.
     max_update_bytes : int
         Payloads above this are dropped before decoding.
-    max_update_norm : float, optional
-        Reject updates whose L2 norm exceeds it (a cheap guard against a broken or hostile device
-        dominating the average); None disables the check.
+    bounds : InfluenceBounds
+        The cap on claimed samples and the norm updates are clipped to (the defaults unless
+        given).
+    sealing_key : X25519PrivateKey, optional
+        Updates must be sealed to it (:mod:`edgefl.trust.sealing`); None accepts plain updates
+        (``--insecure``).
     """
 
     def __init__(self, store: ServerStore, topics: Topics, *, num_params: int,
-                 max_update_bytes: int, max_update_norm: float | None = None,
-                 buffer: BufferConfig | None = None):
-        if max_update_norm is not None and not (math.isfinite(max_update_norm) and max_update_norm > 0):
-            raise ValueError(f"max_update_norm must be a positive number or None, got {max_update_norm!r}")
+                 max_update_bytes: int, bounds: InfluenceBounds | None = None,
+                 sealing_key=None, buffer: BufferConfig | None = None):
         self.store = store
         self.topics = topics
         self.num_params = num_params
         self.max_update_bytes = max_update_bytes
-        self.max_update_norm = max_update_norm
+        self.bounds = bounds if bounds is not None else InfluenceBounds()
+        self._opener = Opener(sealing_key) if sealing_key is not None else None
         self.buffer = buffer
 
     def ingest(self, topic: str, payload: bytes, round_state: RoundState, *, now: float) -> Outcome:
@@ -179,11 +187,23 @@ class UpdateIngestor:
         if topic_client is None or not topic.endswith("/update"):
             return Outcome(DROPPED, "bad_topic", f"topic {topic!r} is not an update topic of "
                                                  f"fleet {self.topics.fleet!r}")
+        sealed_round = None
+        if self._opener is not None:
+            try:
+                header, payload = self._opener.open(payload, fleet=self.topics.fleet,
+                                                    client_id=topic_client)
+            except SealError as exc:
+                return Outcome(DROPPED, "bad_seal", str(exc), topic_client)
+            sealed_round = header.round_id
         try:
             update = decode_update(payload, expected_params=self.num_params,
                                    max_bytes=self.max_update_bytes)
         except UpdateDecodeError as exc:
             return Outcome(DROPPED, "malformed", f"undecodable update: {exc}", topic_client)
+        if sealed_round is not None and sealed_round != update.round_id:
+            return Outcome(DROPPED, "bad_seal", f"sealed for round {sealed_round} but the update "
+                                                f"inside is for round {update.round_id}",
+                           topic_client)
         return update, topic_client, payload
 
     def _judge(self, update: Update, topic_client: str, round_state: RoundState,
@@ -207,7 +227,9 @@ class UpdateIngestor:
         except _Rejected as rej:
             return Outcome(REJECTED, rej.code, rej.reason, topic_client,
                            _receipt(update, "rejected", rej.reason))
-        return Outcome(ACCEPTED, "", "", topic_client, _receipt(update, "accepted"), update)
+        bounded, reasons = self.bounds.apply(update)
+        return Outcome(ACCEPTED, "", "", topic_client, _receipt(update, "accepted"), bounded,
+                       tuple(reasons))
 
     def _check_round(self, update: Update, r: RoundState) -> None:
         if update.round_id > r.round_id:
@@ -242,12 +264,6 @@ class UpdateIngestor:
         if update.num_samples <= 0:
             raise _Rejected("no_samples", "the update reports 0 training samples and would carry "
                                           "no weight")
-        if self.max_update_norm is not None:
-            values = update.values  # finite: decode_update refuses NaN and Inf
-            norm = float(np.sqrt(np.dot(values.astype(np.float64), values.astype(np.float64))))
-            if norm > self.max_update_norm:
-                raise _Rejected("norm_bound", f"L2 norm {norm:.4g} exceeds the server's bound "
-                                              f"{self.max_update_norm:g}; clip updates on the device")
 
 
 def _receipt(update: Update, status: str, reason: str = "") -> Receipt:
@@ -255,8 +271,11 @@ def _receipt(update: Update, status: str, reason: str = "") -> Receipt:
 
 
 def answer_batch(conn, topics: Topics, messages, outcomes: list[Outcome], payload_sizes, *,
-                 metrics, confirm: bool = False, publish_timeout: float = 10.0) -> int:
+                 metrics, confirm: bool = False, publish_timeout: float = 10.0,
+                 signer: Signer | None = None) -> int:
     """Acknowledge a judged batch to the broker and send its receipts; return the bytes sent.
+
+    With ``signer`` each receipt is signed for the device it answers (``--insecure``: bare).
 
     Called only after :meth:`UpdateIngestor.ingest_batch` returned: an acknowledged update is
     on disk. Receipts go at QoS 0, which saves the PUBACK the server would handle for every
@@ -281,8 +300,14 @@ def answer_batch(conn, topics: Topics, messages, outcomes: list[Outcome], payloa
             log.warning("rejected update %d of %s for round %d (%s): %s",
                         outcome.receipt.update_id, outcome.client_id, outcome.receipt.round_id,
                         outcome.code, outcome.reason)
+        if outcome.bounded:
+            metrics.count_bounded(outcome.bounded)
+            log.warning("update %d of %s for round %d bounded: %s", outcome.update.update_id,
+                        outcome.client_id, outcome.update.round_id, ", ".join(outcome.bounded))
         if outcome.receipt is not None:
             payload = outcome.receipt.to_json()
+            if signer is not None:
+                payload = signer.sign("receipt", payload, subject=outcome.client_id)
             wait = confirm and i == last
             ok = conn.publish(topics.receipt(outcome.client_id), payload, qos=1 if confirm else 0,
                               timeout=publish_timeout if wait else None)

@@ -18,6 +18,8 @@
                                                   (once per round), "closed_without_quorum"
     updates_accepted_total               counter  updates stored for aggregation
     updates_rejected_total{reason}       counter  rejected or dropped updates, by reason code
+    updates_bounded_total{reason}        counter  accepted updates capped or clipped
+                                                  (samples_capped, norm_clipped; influence.py)
     ingest_backlog                       gauge    update messages received, not yet judged
     ingest_worker_restarts_total         counter  ingestion worker processes restarted
     uplink_bytes_total                   counter  update payload bytes received
@@ -90,6 +92,7 @@ class ServerMetrics:
         self.quorum_failures: Counter[str] = Counter()
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
+        self.bounded: Counter[str] = Counter()
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.aggregation_count = 0
@@ -125,6 +128,11 @@ class ServerMetrics:
     def count_worker_restart(self) -> None:
         with self._lock:
             self.worker_restarts += 1
+
+    def count_bounded(self, reasons) -> None:
+        """An accepted update was capped or clipped for each reason code in ``reasons``."""
+        with self._lock:
+            self.bounded.update(reasons)
 
     def count_published(self, nbytes: int) -> None:
         with self._lock:
@@ -230,6 +238,9 @@ class ServerMetrics:
                 "Ingestion worker processes restarted after they died.", self.worker_restarts)
             metric("updates_rejected_total", "counter", "Updates rejected or dropped, by reason.",
                    [("", f'{{reason="{_label(r)}"}}', n) for r, n in sorted(self.rejected.items())])
+            metric("updates_bounded_total", "counter",
+                   "Accepted updates whose sample count was capped or norm clipped, by reason.",
+                   [("", f'{{reason="{_label(r)}"}}', n) for r, n in sorted(self.bounded.items())])
             one("ingest_backlog", "gauge", "Update messages received and not yet judged.",
                 backlog)
             one("uplink_bytes_total", "counter", "Update payload bytes received.",

@@ -77,15 +77,19 @@ class MosquittoBroker:
     persistence : bool
         With ``fleet``: False starts a broker that forgets retained messages and sessions when
         it stops (a broker deployed without persistence).
+    autosave_interval : int
+        With ``fleet``: seconds between saves of the broker's state; what arrived since the
+        last save is lost when the broker is killed (:meth:`kill`).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, port: int | None = None, *, persistence_dir=None, max_packet_size=16 << 20,
-                 fleet=None, persistence: bool = True):
+                 fleet=None, persistence: bool = True, autosave_interval: int = 1):
         self.host = "127.0.0.1"
         self.fleet = fleet
         self.persistence = persistence
+        self.autosave_interval = autosave_interval
         self._tmp = tempfile.TemporaryDirectory(prefix="edgefl-mosquitto-")
         if fleet is not None:
             self.port = fleet.port
@@ -109,7 +113,8 @@ class MosquittoBroker:
                     "log_type warning", "log_type notice"]
         if self.fleet is not None:
             config = self.dir / "mosquitto.run.conf"
-            text = mosquitto_config(self.fleet, bind=self.host, persistence=self.persistence)
+            text = mosquitto_config(self.fleet, bind=self.host, persistence=self.persistence,
+                                    autosave_interval=self.autosave_interval)
             config.write_text(text + "\n".join(launcher + [f"pid_file {self.fleet.pid_file}", ""]))
             return config
         config = self.dir / "mosquitto.conf"

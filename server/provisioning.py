@@ -48,7 +48,9 @@ from cryptography.x509.oid import NameOID
 
 from edgefl.wire.protocol import Topics, check_name
 from edgefl.durable import create_file, replace_file
-from edgefl.trust.keys import load_private_key, raw_public, write_private_key
+from edgefl.trust.keys import raw_public
+
+from .key_files import load_private_key, write_private_key
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +271,8 @@ def _broker_cert(ca_key, ca_cert: x509.Certificate, host: str):
     return key, cert
 
 
-def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool = True) -> str:
+def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool = True,
+                     autosave_interval: int = 1) -> str:
     """The ``mosquitto.conf`` of a fleet: one TLS listener, logins and ACL required."""
     b = fleet.path("broker")
     return "\n".join([
@@ -291,7 +294,7 @@ def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool =
         "tls_version tlsv1.2",
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {b / 'data'}/",
-        "autosave_interval 1",
+        f"autosave_interval {autosave_interval}",
         # Devices may be offline for hours: keep their queued QoS 1 messages.
         "max_queued_messages 10000",
         "max_packet_size 16777216",

@@ -39,6 +39,7 @@ from typing import Callable
 from edgefl.wire.protocol import Topics
 from edgefl.transport.mqtt import BrokerUnreachable, MqttConnection
 
+from .influence import InfluenceBounds
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .store import ServerStore
 
@@ -110,7 +111,7 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     store = ServerStore(config.state_dir, fleet=config.fleet, strategy=config.strategy)
     ingestor = UpdateIngestor(store, topics, num_params=num_params,
                               max_update_bytes=config.max_update_bytes,
-                              max_update_norm=config.max_update_norm)
+                              bounds=InfluenceBounds(config.max_samples, config.max_update_norm))
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     conn = MqttConnection(
         worker_client_id(config.server_id, index), config.broker_url,

@@ -56,10 +56,11 @@ def broker(tmp_path):
 
 
 @pytest.fixture
-def fleet(tmp_path):
-    """A provisioned fleet ``demo`` on a free port with the devices of :data:`FLEET_DEVICES`."""
+def fleet(request, tmp_path):
+    """A provisioned fleet ``demo`` on a free port with a bundle for each device of the test
+    module's ``FLEET_DEVICES`` (:data:`FLEET_DEVICES` by default)."""
     fleet, _ = init_fleet(tmp_path / "fleet", "demo", port=free_port())
-    for device in FLEET_DEVICES:
+    for device in getattr(request.module, "FLEET_DEVICES", FLEET_DEVICES):
         add_device(fleet.directory, device)
     return fleet
 

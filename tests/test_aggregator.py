@@ -1,8 +1,11 @@
 """The aggregation server against a real Mosquitto, with raw paho clients standing in for devices.
 
-Updates are built with :func:`edgefl.wire.encode_update`; the expected global model is computed
-here by hand (sample-weighted mean of the deltas), so a run with bad input mixed in must produce
-exactly the model of a run without it.
+The broker runs a provisioned fleet's configuration (TLS, logins, ACL): each raw device logs in
+with its own credentials and seals its updates to the server's key, the observer verifies the
+server's signed models and announcements, devices verify their signed receipts. Updates are
+built with :func:`edgefl.wire.encode_update`; the expected global model is computed here by hand
+(sample-weighted mean of the deltas), so a run with bad input mixed in must produce exactly the
+model of a run without it. Two tests of message flow control run on a plain broker (insecure).
 """
 from __future__ import annotations
 
@@ -23,17 +26,32 @@ import pytest
 
 from edgefl.wire.protocol import (DeviceStatus, PrivacyConfig, Receipt, RoundAnnouncement, Topics,
                                   TrainingConfig)
+from edgefl.trust import open_signed, seal
 from edgefl.wire import Update, decode_model, encode_model, encode_update
 from edgefl_server.accounting import CentralPrivacy, noise_multiplier_for, run_epsilon
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.local_dp import swamp_warning
 from edgefl_server.model_builder import build_mlp
+from edgefl_server.mosquitto import MosquittoBroker
 
 pytestmark = pytest.mark.integration
 
-FLEET = "fleet1"
+FLEET = "demo"
 TOPICS = Topics(FLEET)
 DEVICES = ("d1", "d2", "d3")
+FLEET_DEVICES = DEVICES
+
+
+@pytest.fixture
+def broker(secure_broker):
+    return secure_broker
+
+
+@pytest.fixture
+def plain_broker(tmp_path):
+    """An anonymous broker for the tests of message flow control (the server runs insecure)."""
+    with MosquittoBroker(persistence_dir=tmp_path / "plain-broker") as b:
+        yield b
 SAMPLES = {"d1": 10, "d2": 30, "d3": 60}
 
 
@@ -52,14 +70,29 @@ def expected_fedavg(weights, clients):
 
 
 class Paho:
-    """A raw MQTT v5 client: a device (status, receipts) or an observer (round, model)."""
+    """A raw MQTT v5 client: a device (status, receipts) or an observer (round, model).
+
+    On a provisioned broker it logs in as the device ``client_id`` (its bundle) or else as the
+    fleet's observer, and unwraps the server's signed messages after verifying them.
+    """
 
     def __init__(self, broker, client_id, topics=()):
         self.messages: dict[str, queue.Queue] = {}
         self.latest: dict[str, bytes] = {}
         self.cond = threading.Condition()
+        self.fleet = broker.fleet
+        username = client_id
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
+        if self.fleet is not None:
+            if client_id in self.fleet.devices():
+                password = (self.fleet.bundle(client_id) / "password").read_text()
+            else:
+                creds = self.fleet.observer_credentials()
+                username, password = creds["username"], creds["password"]
+            self.client.tls_set(ca_certs=str(self.fleet.ca_cert))
+            self.client.username_pw_set(username, password)
+            self.verify_key = self.fleet.signing_key().public_key()
         self.client.on_message = self._on_message
         connected = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: (
@@ -69,11 +102,20 @@ class Paho:
         assert connected.wait(10)
         time.sleep(0.05)  # SUBACK
 
+    def _unwrap(self, topic, payload):
+        if self.fleet is None:
+            return payload
+        kind = "receipt" if topic.endswith("/receipt") else topic.rsplit("/", 1)[1]
+        subject = TOPICS.client_of(topic) if kind == "receipt" else ""
+        return open_signed(payload, self.verify_key, fleet=FLEET, kind=kind,
+                           subject=subject).payload
+
     def _on_message(self, client, userdata, msg):
         try:
+            payload = self._unwrap(msg.topic, msg.payload)
             with self.cond:
-                self.latest[msg.topic] = msg.payload
-                self.messages.setdefault(msg.topic, queue.Queue()).put(msg.payload)
+                self.latest[msg.topic] = payload
+                self.messages.setdefault(msg.topic, queue.Queue()).put(payload)
                 self.cond.notify_all()
         except Exception:  # noqa: BLE001 - never raise into paho's network thread
             logging.exception("test client callback")
@@ -114,10 +156,19 @@ class Device(Paho):
         self.publish(TOPICS.status(client_id), DeviceStatus("online").to_json(), retain=True)
 
     def send(self, payload, topic=None):
+        """Publish an update, sealed as this device does (for the round the update names)."""
+        if self.fleet is not None:
+            round_id = int.from_bytes(payload[8:12], "little") if len(payload) >= 12 else 0
+            payload = sealed(self.fleet, self.id, payload, round_id)
         self.publish(topic or TOPICS.update(self.id), payload)
 
     def receipt(self, timeout=10.0) -> Receipt:
         return Receipt.from_json(self.next(TOPICS.receipt(self.id), timeout))
+
+
+def sealed(fleet, client_id, payload, round_id):
+    return seal(payload, fleet.sealing_key().public_key(), fleet=FLEET, client_id=client_id,
+                round_id=round_id)
 
 
 def announcement(state, round_id=None):
@@ -146,6 +197,10 @@ def clients(broker):
 def server_config(broker, tmp_path, **kw):
     base = dict(broker_url=broker.url, fleet=FLEET, state_dir=tmp_path / "state", rounds=2,
                 min_clients=3, round_timeout=30.0, metrics_port=0)
+    if broker.fleet is None:
+        base["insecure"] = True
+    else:
+        base["fleet_dir"] = broker.fleet.directory
     return ServerConfig(**{**base, **kw})
 
 
@@ -177,7 +232,7 @@ def test_two_full_rounds_then_finished(broker, clients, tmp_path):
     assert [(r.round_id, r.model_version, r.accepted, r.rejected) for r in seen] == [
         (1, 1, 3, {}), (2, 2, 3, {})]
     assert seen[1].close_reason == "every selected device answered"
-    assert seen[0].uplink_bytes == 3 * len(good_update("d1", 1, 0, n))
+    assert seen[0].uplink_bytes == 3 * (len(good_update("d1", 1, 0, n)) + 80 + len(FLEET) + 2)
     assert seen[0].downlink_bytes > 0 and seen[0].aggregation_seconds > 0
     assert seen[1].metrics == {"weight_mean": pytest.approx(float(weights.mean()))}
     # started again on the same state with more rounds: the run continues at round 3
@@ -267,6 +322,7 @@ def test_sigkill_mid_round_then_restart(broker, clients, tmp_path):
     observer, devices = clients
     state = tmp_path / "state"
     cmd = [sys.executable, "-m", "edgefl", "server", "--broker", broker.url, "--fleet", FLEET,
+           "--fleet-dir", str(broker.fleet.directory),
            "--state-dir", str(state), "--rounds", "1", "--min-clients", "3",
            "--round-timeout", "60", "--model", "mlp:64-32-10", "--log-level", "WARNING"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -300,9 +356,10 @@ def test_sigkill_mid_round_then_restart(broker, clients, tmp_path):
     assert saved.model.version == 1 and saved.history[0]["accepted"] == 3
 
 
-def test_more_devices_than_the_broker_in_flight_window(broker, tmp_path):
+def test_more_devices_than_the_broker_in_flight_window(plain_broker, tmp_path):
     """25 retained statuses and 25 updates: more QoS 1 messages than Mosquitto keeps in flight
     to one client (20), so every message the server handles must be acknowledged, status too."""
+    broker = plain_broker
     names = [f"m{i:02d}" for i in range(25)]
     pub = Paho(broker, "many-publisher", [TOPICS.model])
     try:
@@ -388,9 +445,10 @@ def test_broker_restart_mid_round(broker, clients, tmp_path):
     assert server.history[0].accepted == 3
 
 
-def test_hostile_status_messages_do_not_stall_the_server(broker, tmp_path):
+def test_hostile_status_messages_do_not_stall_the_server(plain_broker, tmp_path):
     """Retained statuses that break the JSON parser (deep nesting) are still acknowledged: more
     of them than the broker keeps in flight must not stop updates from reaching the server."""
+    broker = plain_broker
     pub = Paho(broker, "hostile", [TOPICS.model])
     names = [f"h{i:02d}" for i in range(25)]
     try:
@@ -421,7 +479,8 @@ def test_an_aggregate_that_overflows_keeps_the_model(broker, clients, tmp_path):
     initial = build_mlp((8, 4, 3), seed=0)
     n = initial.manifest.num_params
     huge = np.full(n, 3.0e38, np.float32)  # finite, but twice of it is not
-    with AggregationServer(server_config(broker, tmp_path, rounds=2),
+    # The server's default norm bound would clip these: this test is about the aggregate itself.
+    with AggregationServer(server_config(broker, tmp_path, rounds=2, max_update_norm=None),
                            initial_model=initial) as server:
         for round_id, base in ((1, 0), (2, 1)):
             observer.wait_for(TOPICS.round, announcement("open", round_id))

@@ -13,13 +13,14 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgefl.cli import bench, main
-from edgefl.cli.client import load_client_data
+from edgefl.cli.client import apply_bundle, load_client_data
 from edgefl.wire import encode_model
 from edgefl.wire.protocol import RoundAnnouncement, Topics
 from edgefl_server.model_builder import build_mlp
 
 CLIENT_ENV = ("EDGEFL_BROKER", "EDGEFL_FLEET", "EDGEFL_CLIENT_ID", "EDGEFL_STATE_DIR",
-              "EDGEFL_PRIVACY_BUDGET", "EDGEFL_DATA", "EDGEFL_TLS", "EDGEFL_EXIT_WHEN_FINISHED")
+              "EDGEFL_PRIVACY_BUDGET", "EDGEFL_DATA", "EDGEFL_TLS", "EDGEFL_EXIT_WHEN_FINISHED",
+              "EDGEFL_BUNDLE", "EDGEFL_TRUST", "EDGEFL_INSECURE", "EDGEFL_FLEET_DIR")
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def test_python_m_edgefl_lists_the_subcommands():
     result = subprocess.run([sys.executable, "-m", "edgefl", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0
-    for command in ("client", "server", "simulate", "bench"):
+    for command in ("client", "server", "simulate", "bench", "fleet"):
         assert command in result.stdout
 
 
@@ -45,6 +46,7 @@ def test_python_m_edgefl_lists_the_subcommands():
     ("server", "--round-timeout"),
     ("simulate", "--devices"),
     ("bench", "--sizes"),
+    ("fleet", "add-device"),
 ])
 def test_every_subcommand_has_help(command, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -74,12 +76,37 @@ def test_missing_required_options_are_named(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_client(["--broker", "mqtt://h:1"])
     assert exit_info.value.code == 2
+    assert "--state-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        apply_bundle(parse_client(["--broker", "mqtt://h:1", "--state-dir", "s", "--data", "d"]))
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert all(flag in err for flag in ("--fleet", "--client-id", "--state-dir", "--data"))
+    assert "--bundle" in err and "--fleet" in err and "--client-id" in err and "--trust" in err
 
 
 CLIENT_BASE = ["--broker", "mqtt://h:1", "--fleet", "f", "--client-id", "c", "--state-dir", "s",
                "--data", "d.npz"]
+
+
+def test_a_bundle_fills_the_connection_options_and_the_command_line_wins(fleet):
+    args = parse_client(["--bundle", str(fleet.bundle("dev-1")), "--state-dir", "s",
+                         "--data", "d.npz", "--broker", "mqtts://elsewhere:8883"])
+    apply_bundle(args)
+    assert (args.fleet, args.client_id, args.username) == ("demo", "dev-1", "dev-1")
+    assert args.broker == "mqtts://elsewhere:8883"
+    assert args.password == (fleet.bundle("dev-1") / "password").read_text()
+    assert args.trust == str(fleet.bundle("dev-1") / "trust.json")
+
+
+def test_a_revoked_bundle_is_refused_with_what_to_do(fleet, capsys):
+    from edgefl_server.provisioning import revoke_device
+
+    revoke_device(fleet.directory, "dev-2")
+    with pytest.raises(SystemExit) as exit_info:
+        apply_bundle(parse_client(["--bundle", str(fleet.bundle("dev-2")), "--state-dir", "s",
+                                   "--data", "d.npz"]))
+    assert exit_info.value.code == 2
+    assert "revoked device needs a new one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -158,7 +185,8 @@ def test_client_exits_with_a_clear_error_when_the_broker_is_unreachable(tmp_path
         port = s.getsockname()[1]
         np.savez(tmp_path / "d.npz", X=np.ones((3, 64)), y=np.zeros(3, np.int64))
         result = subprocess.run(
-            [sys.executable, "-m", "edgefl", "client", "--broker", f"mqtt://127.0.0.1:{port}",
+            [sys.executable, "-m", "edgefl", "client", "--insecure",
+             "--broker", f"mqtt://127.0.0.1:{port}",
              "--fleet", "f", "--client-id", "dev", "--state-dir", str(tmp_path / "state"),
              "--data", str(tmp_path / "d.npz"), "--connect-timeout", "1"],
             capture_output=True, text=True, timeout=60)
@@ -166,38 +194,77 @@ def test_client_exits_with_a_clear_error_when_the_broker_is_unreachable(tmp_path
     assert f"could not connect to the MQTT broker at mqtt://127.0.0.1:{port}" in result.stderr
 
 
+def _bundle_env(fleet, device):
+    """The environment a service file gets from the bundle's device.env."""
+    lines = (fleet.bundle(device) / "device.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line)
+
+
 @pytest.mark.integration
-def test_a_device_configured_only_by_environment_serves_and_exits_when_finished(broker, tmp_path):
-    """A real `edgefl client` process: env config, retained model, predictions, finished -> exit."""
+def test_a_device_with_a_wrong_password_exits_at_once_naming_the_cause(secure_broker, fleet,
+                                                                        tmp_path):
+    np.savez(tmp_path / "d.npz", X=np.ones((3, 64)), y=np.zeros(3, np.int64))
+    env = {**os.environ, **_bundle_env(fleet, "dev-1"), "EDGEFL_PASSWORD": "wrong",
+           "EDGEFL_STATE_DIR": str(tmp_path / "state"), "EDGEFL_DATA": str(tmp_path / "d.npz")}
+    env.pop("EDGEFL_BUNDLE")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "edgefl", "client", "--connect-timeout", "120"],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    assert "refused the login of 'dev-1'" in result.stderr
+    assert "not authorized" in result.stderr.lower() or "bad user name" in result.stderr.lower()
+    assert time.monotonic() - started < 100  # not after the whole connect timeout
+
+
+@pytest.mark.integration
+def test_a_device_configured_only_by_environment_serves_and_exits_when_finished(
+        secure_broker, fleet, tmp_path):
+    """A real `edgefl client` process: its bundle's device.env, a signed retained model,
+    predictions, a signed "finished" -> exit."""
+    from edgefl.trust import Signer
+
     model = build_mlp((64, 32, 10), seed=0).with_weights(
         build_mlp((64, 32, 10), seed=1).weights, version=3, round_id=3)
-    topics = Topics("envfleet")
+    topics = Topics("demo")
+    signer = Signer(fleet.signing_key(), "demo")
+    creds = fleet.server_credentials()
     online = threading.Event()
-    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="peer", protocol=mqtt.MQTTv5)
-    peer.on_connect = lambda c, *a: c.subscribe(topics.status("env-dev"), 1)
-    peer.on_message = lambda c, u, msg: b'"online"' in msg.payload and online.set()
-    peer.connect(broker.host, broker.port)
-    peer.loop_start()
-    peer.publish(topics.model, encode_model(model), qos=1, retain=True).wait_for_publish(5)
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["control_username"],
+                       protocol=mqtt.MQTTv5)
+    peer.tls_set(ca_certs=str(fleet.ca_cert))
+    peer.username_pw_set(creds["control_username"], creds["password"])
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["username"],
+                          protocol=mqtt.MQTTv5)
+    watcher.tls_set(ca_certs=str(fleet.ca_cert))
+    watcher.username_pw_set(creds["username"], creds["password"])
+    watcher.on_connect = lambda c, *a: c.subscribe(topics.status("dev-1"), 1)
+    watcher.on_message = lambda c, u, msg: b'"online"' in msg.payload and online.set()
+    for c in (peer, watcher):
+        c.connect(secure_broker.host, secure_broker.port)
+        c.loop_start()
+    peer.publish(topics.model, signer.sign("model", encode_model(model)), qos=1,
+                 retain=True).wait_for_publish(5)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", X=rng.random((20, 64)), y=rng.integers(0, 10, 20))
-    env = {**os.environ, "EDGEFL_BROKER": broker.url, "EDGEFL_FLEET": "envfleet",
-           "EDGEFL_CLIENT_ID": "env-dev", "EDGEFL_STATE_DIR": str(tmp_path / "state"),
-           "EDGEFL_DATA": str(tmp_path / "d.npz"), "EDGEFL_EXIT_WHEN_FINISHED": "1"}
+    env = {**os.environ, **_bundle_env(fleet, "dev-1"), "EDGEFL_STATE_DIR": str(tmp_path / "state"),
+           "EDGEFL_BROKER": secure_broker.url, "EDGEFL_DATA": str(tmp_path / "d.npz"),
+           "EDGEFL_EXIT_WHEN_FINISHED": "1"}
+    env.pop("EDGEFL_BUNDLE")  # the variables alone carry everything
     device = subprocess.Popen([sys.executable, "-m", "edgefl", "client"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert online.wait(30), "the device did not come online"
-        peer.publish(topics.round, RoundAnnouncement(3, 3, time.time(), state="finished").to_json(),
-                     qos=1, retain=True).wait_for_publish(5)
+        peer.publish(topics.round, signer.sign("round", RoundAnnouncement(
+            3, 3, time.time(), state="finished").to_json()), qos=1, retain=True).wait_for_publish(5)
         _, stderr = device.communicate(timeout=30)
     finally:
         device.kill()
-        peer.disconnect()
-        peer.loop_stop()
+        for c in (peer, watcher):
+            c.disconnect()
+            c.loop_stop()
     assert device.returncode == 0, stderr
     stats = json.loads((tmp_path / "state" / "stats.json").read_text())
-    assert stats["model_version"] == 3 and stats["client_id"] == "env-dev"
+    assert stats["model_version"] == 3 and stats["client_id"] == "dev-1"
 
 
 @pytest.mark.integration
@@ -217,6 +284,9 @@ def test_simulate_runs_a_small_federation_and_writes_its_summary(tmp_path):
     assert len(summary["centralised"]["accuracy"]) == 3
     assert summary["bytes"]["uplink"] < summary["bytes"]["uplink_dense_float32"] / 5
     assert summary["predictions"]["served"] > 0 and summary["predictions"]["errors"] == 0
+    assert summary["security"].startswith("provisioned: TLS") and "security: provisioned" in \
+        result.stdout
+    assert all(d["secure"] and d["refused_signature"] == 0 for d in summary["devices"])
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,5 +1,5 @@
 """``edgefl server`` (edgefl.cli.server): clear errors for bad options and foreign state, the
-embedded Mosquitto when no --broker is given, options from the environment, the initial model."""
+fleet's Mosquitto when no --broker is given, options from the environment, the initial model."""
 import argparse
 import os
 import re
@@ -21,7 +21,7 @@ from edgefl_server.store import ServerStore
 
 DATA = Path(__file__).parent / "data"
 
-FLEET = "fleet1"
+FLEET = "demo"
 
 
 def cli_args(*argv):
@@ -30,37 +30,44 @@ def cli_args(*argv):
     return server, parser.parse_args(list(argv))
 
 
-def test_cli_explains_bad_options_and_foreign_state(broker, tmp_path, capsys):
-    base = ["--broker", broker.url, "--fleet", FLEET, "--state-dir", str(tmp_path)]
+def test_cli_explains_bad_options_and_foreign_state(secure_broker, fleet, tmp_path, capsys):
+    broker = secure_broker
+    base = ["--broker", broker.url, "--fleet", FLEET, "--state-dir", str(tmp_path / "state"),
+            "--fleet-dir", str(fleet.directory)]
     cli, args = cli_args(*base, "--strategy", "fedadam", "--strategy-option", "beta1=0.9")
     assert cli.run(args) == 2
     assert "no option 'beta1'; its options are: eta, eta_l, beta_1" in capsys.readouterr().err
     cli, args = cli_args(*base, "--model", "mlp:64-x-10")
     assert cli.run(args) == 2
     assert "layer sizes must be integers" in capsys.readouterr().err
-    ServerStore(tmp_path, fleet=FLEET, strategy="fedavg").close()
+    ServerStore(tmp_path / "state", fleet=FLEET, strategy="fedavg").close()
     cli, args = cli_args(*base, "--strategy", "fedyogi")
     assert cli.run(args) == 2
     assert "pass --strategy fedavg to resume it" in capsys.readouterr().err
+    cli, args = cli_args("--broker", broker.url, "--fleet", FLEET, "--state-dir", str(tmp_path))
+    assert cli.run(args) == 2
+    assert "give --fleet-dir DIR" in capsys.readouterr().err
 
 
-def test_cli_embedded_broker_and_environment(tmp_path):
-    """Without --broker the server starts one and says where; options come from EDGEFL_*."""
-    env = {**os.environ, "EDGEFL_FLEET": FLEET, "EDGEFL_STATE_DIR": str(tmp_path),
-           "EDGEFL_ROUNDS": "1", "PYTHONUNBUFFERED": "1"}
+def test_cli_embedded_broker_and_environment(fleet, tmp_path):
+    """Without --broker the server starts Mosquitto with the fleet's configuration and says
+    where; options come from EDGEFL_*."""
+    env = {**os.environ, "EDGEFL_FLEET": FLEET, "EDGEFL_STATE_DIR": str(tmp_path / "state"),
+           "EDGEFL_FLEET_DIR": str(fleet.directory), "EDGEFL_ROUNDS": "1",
+           "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgefl", "server"], env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in proc.stderr:
             lines.append(line)
-            if "started an embedded broker at mqtt://127.0.0.1:" in line:
+            if "started Mosquitto with the fleet's configuration at mqtts://127.0.0.1:" in line:
                 break
-        assert lines and "--fleet fleet1" in lines[-1], "".join(lines)
+        assert lines and "edgefl client --bundle DIR" in lines[-1], "".join(lines)
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=30)[1]
         assert proc.returncode == 0, rest
-        assert f"rerun with --state-dir {tmp_path} to resume" in rest
+        assert f"rerun with --state-dir {tmp_path / 'state'} to resume" in rest
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -106,7 +113,8 @@ def test_metrics_stay_up_after_the_last_round_until_the_process_exits(broker, tm
     peer.loop_stop()
     # d1 is online but never answers: the round is extended once, then closes without quorum
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgefl", "server", "--broker", broker.url, "--fleet", FLEET,
+        [sys.executable, "-m", "edgefl", "server", "--insecure", "--broker", broker.url,
+         "--fleet", FLEET,
          "--state-dir", str(tmp_path), "--rounds", "1", "--round-timeout", "0.5",
          "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--metrics-linger", "120"],
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
@@ -129,6 +137,30 @@ def test_metrics_stay_up_after_the_last_round_until_the_process_exits(broker, tm
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
         assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_insecure_runs_only_when_asked_and_say_so(tmp_path):
+    """--insecure starts an anonymous embedded broker and warns; the server's lines say so."""
+    env = {**os.environ, "EDGEFL_FLEET": FLEET, "EDGEFL_STATE_DIR": str(tmp_path),
+           "EDGEFL_ROUNDS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgefl", "server", "--insecure"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "INSECURE" in line:
+                break
+        text = "".join(lines)
+        assert "WARNING" in lines[-1] and "without signatures or sealed updates" in lines[-1], text
+        assert "started an embedded broker at mqtt://127.0.0.1:" in text
+        assert "--insecure --broker" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

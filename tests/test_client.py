@@ -1,7 +1,9 @@
-"""EdgeClient against a real Mosquitto, with a raw paho client playing the server's part.
+"""EdgeClient against a real Mosquitto, with raw paho clients playing the server's part.
 
-The raw peer publishes retained models and round announcements and sends receipts exactly as the
-protocol says, so each test controls the server side precisely.
+The broker runs a provisioned fleet's configuration (TLS, logins, ACL). The raw peer logs in as
+the server's principals, signs the retained models, round announcements and receipts it publishes
+and opens the sealed updates, exactly as the protocol says, so each test controls the server
+side precisely.
 """
 import dataclasses
 import json
@@ -18,24 +20,44 @@ from edgefl.wire.protocol import (
     CompressionConfig, DeviceStatus, PrivacyConfig, Receipt, RoundAnnouncement, Topics,
     TrainingConfig,
 )
+from edgefl.trust import Signer, open_sealed
 from edgefl.wire import decode_update, encode_model
 from edgefl_server.model_builder import build_mlp, dense_extractor
 
 pytestmark = pytest.mark.integration
 
-FLEET = "test"
+FLEET = "demo"
 TOPICS = Topics(FLEET)
+FLEET_DEVICES = ("dev-1", "dev-bad", "dev-a", "dev-b", "dev-empty")
+
+
+@pytest.fixture
+def broker(secure_broker):
+    """Every test here runs against the provisioned broker."""
+    return secure_broker
+
+
+def login(fleet, username, password, client_id=None):
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or username,
+                         protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=str(fleet.ca_cert))
+    client.username_pw_set(username, password)
+    return client
 
 
 class FakeServer:
-    """A raw paho peer: sees updates and statuses, publishes models, rounds and receipts."""
+    """Raw paho peers with the server's logins: one sees updates and statuses and sends signed
+    receipts, the other publishes signed models and rounds."""
 
     def __init__(self, broker):
+        fleet = broker.fleet
+        creds = fleet.server_credentials()
+        self.signer = Signer(fleet.signing_key(), FLEET)
+        self.sealing_key = fleet.sealing_key()
         self.updates: queue.Queue = queue.Queue()
         self.statuses: queue.Queue = queue.Queue()
         ready = queue.Queue()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-server",
-                             protocol=mqtt.MQTTv5)
+        client = login(fleet, creds["username"], creds["password"])
 
         def on_connect(c, userdata, flags, reason_code, properties):
             c.subscribe([(TOPICS.all_updates, 1), (TOPICS.all_status, 1)])
@@ -47,13 +69,24 @@ class FakeServer:
         client.on_connect = on_connect
         client.on_subscribe = lambda *a: ready.put(True)
         client.on_message = on_message
-        client.connect(broker.host, broker.port)
-        client.loop_start()
+        control = login(fleet, creds["control_username"], creds["password"])
+        control_ready = queue.Queue()
+        control.on_connect = lambda *a: control_ready.put(True)
+        for c in (client, control):
+            c.connect(broker.host, broker.port)
+            c.loop_start()
         ready.get(timeout=5)
-        self.client = client
+        control_ready.get(timeout=5)
+        self.client, self.control = client, control
 
     def publish(self, topic, payload, retain=True):
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+        """Publish ``payload`` signed as the message kind of ``topic``."""
+        if topic.endswith("/receipt"):
+            signed = self.signer.sign("receipt", payload, subject=TOPICS.client_of(topic))
+            via = self.client
+        else:
+            signed, via = self.signer.sign(topic.rsplit("/", 1)[1], payload), self.control
+        via.publish(topic, signed, qos=1, retain=retain).wait_for_publish(5)
 
     def model(self, model):
         self.publish(TOPICS.model, encode_model(model))
@@ -70,7 +103,9 @@ class FakeServer:
 
     def next_update(self, timeout=10):
         topic, payload = self.updates.get(timeout=timeout)
-        return topic, decode_update(payload)
+        _, plain = open_sealed(payload, self.sealing_key, fleet=FLEET,
+                               client_id=TOPICS.client_of(topic))
+        return topic, decode_update(plain)
 
     def assert_no_update(self, wait=0.7):
         with pytest.raises(queue.Empty):
@@ -83,8 +118,9 @@ class FakeServer:
                 return DeviceStatus.from_json(payload)
 
     def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
+        for c in (self.client, self.control):
+            c.disconnect()
+            c.loop_stop()
 
 
 @pytest.fixture
@@ -113,8 +149,10 @@ def next_version(model, version):
 
 
 def make_client(broker, tmp_path, local_data=None, name="dev-1", **kwargs):
+    bundle = broker.fleet.bundle(name)
     client = EdgeClient(name, FLEET, broker.url, tmp_path / name, reconnect_delay=(0.1, 0.5),
-                        **kwargs)
+                        username=name, password=(bundle / "password").read_text(),
+                        ca_certs=str(bundle / "ca.crt"), trust=bundle / "trust.json", **kwargs)
     if local_data is not None:
         client.add_data(*local_data)
     return client
@@ -485,12 +523,12 @@ def refreshed(model, seed, density=0.05, encoding="f16"):
                                        round_id=refresh.round_id)
 
 
-def saved(tmp_path, model, name="dev-1"):
-    """A device state directory that already holds ``model`` (as after an earlier run), so the
-    device starts on refreshes without reading the retained envelope at all."""
+def saved(tmp_path, model, server, name="dev-1"):
+    """A device state directory that already holds ``model`` (as after an earlier run: signed),
+    so the device starts on refreshes without reading the retained envelope at all."""
     from edgefl.device.saved_model import SavedModel
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    SavedModel(tmp_path / name).save_full(encode_model(model))
+    SavedModel(tmp_path / name).save_full(server.signer.sign("model", encode_model(model)))
 
 
 def publish_version(server, payload, model, *, refresh_too=True):
@@ -504,7 +542,7 @@ def publish_version(server, payload, model, *, refresh_too=True):
 def test_follows_refreshes_exactly_without_reading_full_envelopes(broker, server, tmp_path,
                                                                    model0):
     server.model(model0)
-    saved(tmp_path, model0)
+    saved(tmp_path, model0, server)
     with make_client(broker, tmp_path) as client:
         assert wait_for(lambda: client.connected.is_set())
         after_first = client.counters["bytes_down"]
@@ -527,7 +565,7 @@ def test_follows_refreshes_exactly_without_reading_full_envelopes(broker, server
 def test_a_refresh_that_does_not_rebuild_the_model_falls_back_to_the_full_envelope(
         broker, server, tmp_path, model0):
     server.model(model0)
-    saved(tmp_path, model0)
+    saved(tmp_path, model0, server)
     with make_client(broker, tmp_path) as client:
         assert wait_for(lambda: client.connected.is_set())
         # a refresh built on other weights: its hash cannot match what this device rebuilds
@@ -548,7 +586,7 @@ def test_a_device_that_missed_versions_catches_up_exactly(broker, server, tmp_pa
     missed, in order; with the session gone it sees the announcement of a newer version and
     takes the full envelope. Either way it ends on the server's weights, bit for bit."""
     server.model(model0)
-    saved(tmp_path, model0)
+    saved(tmp_path, model0, server)
     expiry = 3600 if session_kept else 0
     with make_client(broker, tmp_path, session_expiry=expiry) as client:
         assert wait_for(lambda: client.connected.is_set()) and client.model_version == 0
@@ -613,3 +651,45 @@ def test_a_spent_budget_and_missing_samples_are_said_in_the_status(broker, serve
         assert not status.available and status.capabilities["unavailable"] == "no local samples"
         empty.add_data(*local_data)
         assert status_where(server, "dev-empty", lambda s: s.available).capabilities["samples"]
+
+
+# -- trust ---------------------------------------------------------------------------------------
+
+def test_a_frozen_server_is_noticed_and_replays_do_not_hide_it(broker, server, tmp_path, model0,
+                                                               caplog):
+    server.model(model0)
+    caplog.set_level("INFO", logger="edgefl.device.client")
+    with make_client(broker, tmp_path, freeze_after=1.5) as client:
+        server.round(1, 0, state="closed")
+        assert wait_for(lambda: client.stats()["last_round"] == -1 and client._announcement)
+        frame = server.signer.sign("round", RoundAnnouncement(1, 0, time.time() + 60,
+                                                              state="closed").to_json())
+        server.control.publish(TOPICS.round, frame, qos=1, retain=True).wait_for_publish(5)
+        assert wait_for(lambda: "no fresh verified round announcement" in caplog.text, 10)
+        # The same signed announcement again (a replay of the newest one) is not fresh.
+        server.control.publish(TOPICS.round, frame, qos=1, retain=True).wait_for_publish(5)
+        time.sleep(0.3)
+        assert client.announcement_age > 1.5
+        assert client.stats()["announcement_age_s"] > 1.5
+        server.round(1, 0, state="closed")  # signed anew: the server is alive
+        assert wait_for(lambda: client.announcement_age < 1.0)
+        assert "fresh round announcements arrive again" in caplog.text
+
+
+def test_rotated_keys_replace_the_pinned_ones(broker, server, tmp_path, model0):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from edgefl.trust import key_notice
+
+    new_signing, new_sealing = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+    with make_client(broker, tmp_path) as client:
+        server.publish(TOPICS.key, key_notice(new_signing.public_key(), new_sealing.public_key()))
+        assert wait_for(lambda: client._trust.signing_key_id != server.signer.key_id.hex())
+        server.model(model0)  # signed with the old key: no longer accepted
+        assert wait_for(lambda: client.counters["refused_signature"] >= 1)
+        server.signer = Signer(new_signing, FLEET)
+        server.model(model0)
+        assert wait_for(lambda: client.model_version == 0)
+    rebooted = make_client(broker, tmp_path)  # the rotation was saved
+    assert rebooted._trust.signing_key_id == server.signer.key_id.hex()

@@ -7,6 +7,9 @@ Faults are made deterministic with signals: a device frozen with SIGSTOP before 
 still "online" (its retained status says so), so the server selects it and the round waits for
 it; what happens next (SIGKILL and a reboot, a broker restart, SIGCONT) is then certainly
 mid-round.
+
+The broker runs a provisioned fleet's configuration (TLS, logins, ACL); the server signs and
+opens sealed updates, the devices run from their bundles.
 """
 import json
 import os
@@ -29,15 +32,16 @@ from edgefl_server.model_builder import build_mlp
 
 pytestmark = pytest.mark.integration
 
-FLEET = "e2e"
+FLEET = "demo"
+FLEET_DEVICES = tuple(f"dev-{i}" for i in range(4))
 TRAINING = TrainingConfig(epochs=5, batch_size=16, lr=0.1, momentum=0.9)
 
 
 class Fleet:
     """Device processes of one test, each with its own state directory and log."""
 
-    def __init__(self, broker, root, count):
-        self.broker, self.root, self.count = broker, root, count
+    def __init__(self, broker, root, count, extra=()):
+        self.broker, self.root, self.count, self.extra = broker, root, count, list(extra)
         self.processes: dict[int, subprocess.Popen] = {}
         self.data = digits_partition_files(root / "data", count, seed=0)
 
@@ -53,9 +57,11 @@ class Fleet:
         with open(state / "device.log", "ab") as log:
             self.processes[i] = subprocess.Popen(
                 [sys.executable, "-m", "edgefl.simulation.device_process",
-                 "--broker", self.broker.url, "--fleet", FLEET, "--client-id", self.name(i),
-                 "--state-dir", str(state), "--data", str(self.data[i]), "--seed", "0",
-                 "--predict-rate", "100", "--connect-timeout", "20", "--exit-when-finished"],
+                 "--bundle", str(self.broker.fleet.bundle(self.name(i))),
+                 "--broker", self.broker.url, "--state-dir", str(state),
+                 "--data", str(self.data[i]), "--seed", "0",
+                 "--predict-rate", "100", "--connect-timeout", "20", "--exit-when-finished",
+                 *self.extra],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
     def start_all(self):
@@ -109,8 +115,11 @@ class OnlineWatch:
                     topics.client_of(msg.topic))
                 self.changed.notify_all()
 
-        self.conn = MqttConnection("e2e-watch", broker.url, session_expiry=0,
-                                   subscriptions=[(topics.all_status, 1)], on_message=on_status,
+        creds = broker.fleet.observer_credentials()
+        self.conn = MqttConnection(creds["username"], broker.url, username=creds["username"],
+                                   password=creds["password"], ca_certs=str(broker.fleet.ca_cert),
+                                   session_expiry=0, subscriptions=[(topics.all_status, 1)],
+                                   on_message=on_status,
                                    reconnect_delay=(0.1, 0.5)).start(timeout=5)
 
     def wait(self, predicate, timeout=60):
@@ -123,16 +132,21 @@ class OnlineWatch:
 
 
 @pytest.fixture
-def fleet(broker, tmp_path):
-    devices = {}
+def broker(secure_broker):
+    return secure_broker
 
-    def make(count):
-        devices["fleet"] = Fleet(broker, tmp_path / "devices", count)
-        return devices["fleet"]
+
+@pytest.fixture
+def devices(broker, tmp_path):
+    made = {}
+
+    def make(count, extra=()):
+        made["fleet"] = Fleet(broker, tmp_path / "devices", count, extra)
+        return made["fleet"]
 
     yield make
-    if "fleet" in devices:
-        devices["fleet"].kill_all()
+    if "fleet" in made:
+        made["fleet"].kill_all()
 
 
 @pytest.fixture
@@ -145,7 +159,7 @@ def watch(broker):
 def make_server(broker, tmp_path, *, rounds, min_clients, on_round=None, round_timeout=30.0):
     config = ServerConfig(broker_url=broker.url, fleet=FLEET, state_dir=tmp_path / "server",
                           rounds=rounds, min_clients=min_clients, round_timeout=round_timeout,
-                          training=TRAINING, seed=0)
+                          training=TRAINING, seed=0, fleet_dir=broker.fleet.directory)
     return AggregationServer(config, initial_model=build_mlp((64, 32, 10), seed=0),
                              evaluate=digits_evaluator(0), on_round=on_round)
 
@@ -180,8 +194,11 @@ def test_one_round_with_devices_in_this_process(broker, tmp_path, watch):
     devices = []
     try:
         for i, part in enumerate(dirichlet_partition(y, 2, alpha=0.5, seed=0)):
+            bundle = broker.fleet.bundle(f"dev-{i}")
             device = EdgeClient(f"dev-{i}", FLEET, broker.url, tmp_path / f"dev-{i}",
-                                reconnect_delay=(0.1, 0.5))
+                                reconnect_delay=(0.1, 0.5), username=f"dev-{i}",
+                                password=(bundle / "password").read_text(),
+                                ca_certs=str(bundle / "ca.crt"), trust=bundle / "trust.json")
             device.add_data(X[part], y[part])
             devices.append(device.start(timeout=30))
         watch.wait(lambda online: len(online) == 2)
@@ -200,8 +217,8 @@ def test_one_round_with_devices_in_this_process(broker, tmp_path, watch):
             device.stop()
 
 
-def test_rounds_with_device_processes_improve_accuracy(broker, tmp_path, fleet, watch):
-    devices = fleet(4)
+def test_rounds_with_device_processes_improve_accuracy(broker, tmp_path, devices, watch):
+    devices = devices(4)
     devices.start_all()
     watch.wait(lambda online: len(online) == 4)
     server = make_server(broker, tmp_path, rounds=4, min_clients=4).start()
@@ -216,8 +233,8 @@ def test_rounds_with_device_processes_improve_accuracy(broker, tmp_path, fleet, 
         assert stats["predictions"] > 0
 
 
-def test_a_device_that_crashes_mid_round_and_reboots_still_counts(broker, tmp_path, fleet, watch):
-    devices = fleet(3)
+def test_a_device_that_crashes_mid_round_and_reboots_still_counts(broker, tmp_path, devices, watch):
+    devices = devices(3)
     devices.start_all()
     watch.wait(lambda online: len(online) == 3)
     devices.signal(2, signal.SIGSTOP)  # still "online", so the round selects it and waits
@@ -237,8 +254,8 @@ def test_a_device_that_crashes_mid_round_and_reboots_still_counts(broker, tmp_pa
     assert_everyone_on_the_final_model(server, devices)
 
 
-def test_a_device_offline_for_a_whole_round_catches_up(broker, tmp_path, fleet, watch):
-    devices = fleet(3)
+def test_a_device_offline_for_a_whole_round_catches_up(broker, tmp_path, devices, watch):
+    devices = devices(3)
     devices.start_all()
     watch.wait(lambda online: len(online) == 3)
     assert devices.stop(2) == 0  # goes offline cleanly before round 1
@@ -257,8 +274,8 @@ def test_a_device_offline_for_a_whole_round_catches_up(broker, tmp_path, fleet, 
     assert devices.stats(2)["last_round"] == 3
 
 
-def test_broker_restart_mid_round(broker, tmp_path, fleet, watch):
-    devices = fleet(3)
+def test_broker_restart_mid_round(broker, tmp_path, devices, watch):
+    devices = devices(3)
     devices.start_all()
     watch.wait(lambda online: len(online) == 3)
     devices.signal(1, signal.SIGSTOP)  # round 1 cannot close until dev-1 answers
@@ -272,3 +289,81 @@ def test_broker_restart_mid_round(broker, tmp_path, fleet, watch):
     finish(server, devices)
     assert [r.accepted for r in server.history] == [3, 3, 3]
     assert_everyone_on_the_final_model(server, devices)
+
+
+def _wait_open(server, round_id=1, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not (server.round.phase == "open" and server.round.round_id == round_id):
+        assert time.monotonic() < deadline, f"round {round_id} did not open"
+        time.sleep(0.05)
+
+
+def test_a_broker_without_persistence_restarts_and_a_device_reboots(fleet, tmp_path):
+    """The broker forgets every retained message and session; the server republishes its model
+    and announcement when it reconnects, so the rebooted device rejoins and every update counts
+    exactly once."""
+    from edgefl_server.mosquitto import MosquittoBroker
+
+    with MosquittoBroker(fleet=fleet, persistence=False) as broker:
+        watch = OnlineWatch(broker)
+        try:
+            fleet_devices = Fleet(broker, tmp_path / "devices", 3)
+            fleet_devices.start_all()
+            watch.wait(lambda online: len(online) == 3)
+            rounds_done = threading.Event()
+            server = make_server(broker, tmp_path, rounds=2, min_clients=3,
+                                 on_round=lambda r: rounds_done.set()).start()
+            assert rounds_done.wait(60), "round 1 did not close"
+            fleet_devices.signal(2, signal.SIGKILL)  # the device's reboot starts
+            fleet_devices.processes[2].wait()
+            broker.restart(downtime=0.5)  # ... and the broker forgets everything
+            fleet_devices.start(2)
+            finish(server, fleet_devices, timeout=90)
+        finally:
+            watch.close()
+            if "fleet_devices" in locals():
+                fleet_devices.kill_all()
+    assert [r.accepted for r in server.history] == [3, 3]
+    assert [sorted(r.selected) for r in server.history] == [["dev-0", "dev-1", "dev-2"]] * 2
+    assert_everyone_on_the_final_model(server, fleet_devices)
+
+
+def test_an_update_the_broker_acknowledged_and_then_lost_is_resent(fleet, tmp_path):
+    """The broker acknowledges dev-0's update and crashes before saving it: the device's outbox
+    resends it once its receipt is overdue, and the server counts it exactly once."""
+    from edgefl_server.mosquitto import MosquittoBroker
+
+    # Nothing is saved between start and the crash: what the broker acknowledged is lost.
+    with MosquittoBroker(fleet=fleet, autosave_interval=3600) as broker:
+        watch = OnlineWatch(broker)
+        try:
+            fleet_devices = Fleet(broker, tmp_path / "devices", 2,
+                                  extra=["--receipt-timeout", "3"])
+            fleet_devices.start_all()
+            watch.wait(lambda online: len(online) == 2)
+            for i in range(2):  # still "online": selected, but they train only once resumed
+                fleet_devices.signal(i, signal.SIGSTOP)
+            server = make_server(broker, tmp_path, rounds=1, min_clients=2, round_timeout=120)
+            server.start()
+            _wait_open(server)
+            server.stop()  # the updates wait in the broker's session for the server ...
+            for i in range(2):
+                fleet_devices.signal(i, signal.SIGCONT)
+            outbox = fleet_devices.state(0) / "outbox"
+            deadline = time.monotonic() + 60
+            while not (any(outbox.glob("*.update")) and "sent update" in fleet_devices.log(0)):
+                assert time.monotonic() < deadline, fleet_devices.log(0)
+                time.sleep(0.05)
+            time.sleep(0.3)  # PUBACK received
+            broker.kill()  # ... and is gone with the broker
+            broker.start()
+            server = make_server(broker, tmp_path, rounds=1, min_clients=2, round_timeout=120)
+            server.start()
+            finish(server, fleet_devices, timeout=90)
+        finally:
+            watch.close()
+            if "fleet_devices" in locals():
+                fleet_devices.kill_all()
+    assert [r.accepted for r in server.history] == [2]
+    assert "sending it again" in fleet_devices.log(0)
+    assert fleet_devices.stats(0)["accepted"] == 1 and fleet_devices.stats(0)["outbox"] == 0

@@ -1,13 +1,20 @@
-"""Ingestion rules, one message at a time, against a real store (no broker needed here)."""
+"""Ingestion rules, one message at a time, against a real store (no broker needed here).
+
+Updates arrive sealed to the server's key, as devices send them; the malformed cases are
+malformed updates inside valid seals, and bad seals are cases of their own.
+"""
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from edgefl.wire.protocol import Topics
+from edgefl.trust import seal
 from edgefl.wire import Update, encode_update
+from edgefl_server.influence import InfluenceBounds
 from edgefl_server.ingest import ACCEPTED, DROPPED, DUPLICATE, REJECTED, UpdateIngestor
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.rounds import OPEN, WAITING, RoundState
@@ -18,6 +25,7 @@ pytestmark = pytest.mark.backend
 N = 66  # parameters of the (8, 4, 6) MLP built below
 TOPICS = Topics("f1")
 ROUND = RoundState(3, 2, OPEN, deadline=1e12, selected=("d1", "d2", "d3"))
+SEALING_KEY = X25519PrivateKey.generate()
 
 
 @pytest.fixture
@@ -32,7 +40,9 @@ def store(tmp_path):
 
 @pytest.fixture
 def ingestor(store):
-    return UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=4096, max_update_norm=100.0)
+    return UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=4096,
+                          bounds=InfluenceBounds(max_samples=1000, max_update_norm=100.0),
+                          sealing_key=SEALING_KEY)
 
 
 def payload(client="d1", round_id=3, base=2, uid=11, samples=10, values=None, indices=None, n=N):
@@ -43,8 +53,16 @@ def payload(client="d1", round_id=3, base=2, uid=11, samples=10, values=None, in
                                 np.asarray(values, np.float32)))
 
 
-def ingest(ingestor, data, client="d1", round_state=ROUND):
-    return ingestor.ingest(TOPICS.update(client), data, round_state, now=1.0)
+def sealed(data, client="d1", round_id=3, key=SEALING_KEY):
+    return seal(data, key.public_key(), fleet=TOPICS.fleet, client_id=client, round_id=round_id)
+
+
+def ingest(ingestor, data, client="d1", round_state=ROUND, round_id=None):
+    """Ingest ``data`` sealed by ``client`` for the round the update names (or ``round_id``)."""
+    if round_id is None:
+        round_id = int.from_bytes(data[8:12], "little") if len(data) >= 12 else 3
+    return ingestor.ingest(TOPICS.update(client), sealed(data, client, round_id), round_state,
+                           now=1.0)
 
 
 def test_accepted_then_duplicate_counted_once(ingestor, store):
@@ -81,7 +99,6 @@ def test_duplicate_of_a_counted_update_after_its_round_closed(ingestor, store):
     (dict(client="d9"), "not_selected", "'d9' is not selected for round 3"),
     (dict(base=1), "wrong_model_version", "model version 1, but round 3 trains version 2"),
     (dict(samples=0), "no_samples", "0 training samples"),
-    (dict(values=np.full(N, 20.0, np.float32)), "norm_bound", "L2 norm 162.5 exceeds"),
 ])
 def test_rejections_say_why(ingestor, store, kwargs, code, words):
     client = kwargs.get("client", "d1")
@@ -133,6 +150,41 @@ def test_malformed_payloads_are_dropped_without_a_receipt(ingestor, store):
     assert store.round_updates(3) == []
 
 
+@pytest.mark.parametrize("case,words", [
+    ("unsealed", "must seal"), ("another key", "re-provision"),
+    ("sealed by another device", "sealed for 'd2'"), ("another round", "sealed for round 4"),
+    ("altered", "authentication"),
+])
+def test_bad_seals_are_dropped_without_a_receipt(ingestor, store, case, words):
+    good = payload()
+    data = {
+        "unsealed": good,
+        "another key": sealed(good, key=X25519PrivateKey.generate()),
+        "sealed by another device": sealed(payload(client="d2"), client="d2"),
+        "another round": sealed(good, round_id=4),
+        "altered": sealed(good)[:-1] + bytes([sealed(good)[-1] ^ 1]),
+    }[case]
+    out = ingestor.ingest(TOPICS.update("d1"), data, ROUND, now=1.0)
+    assert (out.status, out.code, out.receipt) == (DROPPED, "bad_seal", None)
+    assert words in out.reason
+    assert store.round_updates(3) == []
+
+
+def test_an_accepted_update_is_stored_opened(ingestor, store):
+    ingest(ingestor, payload())
+    assert store.round_updates(3)[0].payload == payload()
+
+
+def test_claimed_samples_are_capped_and_large_updates_clipped(ingestor):
+    out = ingest(ingestor, payload(samples=1_000_000, values=np.full(N, 20.0, np.float32)))
+    assert out.status == ACCEPTED and out.bounded == ("samples_capped", "norm_clipped")
+    assert out.update.num_samples == 1000
+    norm = float(np.linalg.norm(out.update.values.astype(np.float64)))
+    assert 99.99 < norm <= 100.0
+    np.testing.assert_allclose(out.update.values, 100.0 / np.sqrt(N), rtol=1e-5)
+    assert ingest(ingestor, payload(client="d2")).bounded == ()
+
+
 def test_oversized_and_foreign_topics_are_dropped(ingestor):
     out = ingestor.ingest(TOPICS.update("d1"), b"\0" * 4097, ROUND, now=1.0)
     assert (out.status, out.code) == (DROPPED, "oversized") and "4097 bytes" in out.reason
@@ -146,16 +198,21 @@ def test_sparse_update_accepted(ingestor):
     np.testing.assert_array_equal(out.update.indices, [0, 7, 65])
 
 
-def test_norm_bound_must_be_positive(store):
-    with pytest.raises(ValueError, match="max_update_norm"):
-        UpdateIngestor(store, TOPICS, num_params=N, max_update_bytes=10, max_update_norm=0.0)
+@pytest.mark.parametrize("kwargs,name", [(dict(max_update_norm=0.0), "max_update_norm"),
+                                         (dict(max_update_norm=float("inf")), "max_update_norm"),
+                                         (dict(max_samples=0), "max_samples")])
+def test_bounds_must_be_positive(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        InfluenceBounds(**kwargs)
 
 
 def test_a_batch_judges_like_one_by_one(ingestor, store):
     """Group commit: duplicates and conflicts inside one batch are caught before it is stored."""
-    msgs = [(TOPICS.update("d1"), payload(uid=1)), (TOPICS.update("d1"), payload(uid=1)),
-            (TOPICS.update("d1"), payload(uid=2)), (TOPICS.update("d2"), payload(client="d2")),
-            (TOPICS.update("d3"), b"junk")]
+    msgs = [(TOPICS.update("d1"), sealed(payload(uid=1))),
+            (TOPICS.update("d1"), sealed(payload(uid=1))),
+            (TOPICS.update("d1"), sealed(payload(uid=2))),
+            (TOPICS.update("d2"), sealed(payload(client="d2"), client="d2")),
+            (TOPICS.update("d3"), sealed(b"junk", client="d3"))]
     outcomes = ingestor.ingest_batch(msgs, ROUND, now=1.0)
     assert [(o.status, o.code) for o in outcomes] == [
         (ACCEPTED, ""), (DUPLICATE, ""), (REJECTED, "conflict"), (ACCEPTED, ""),

@@ -278,9 +278,12 @@ def test_the_check_of_the_device_path_finds_a_banned_module():
 
 
 @pytest.mark.integration
-def test_a_running_edgefl_client_process_loads_nothing_of_the_server(broker, tmp_path):
-    """A real `edgefl client` process that connected to a broker and stopped on SIGTERM: what
-    it loaded while running (imports deferred to run time included)."""
+def test_a_running_edgefl_client_process_loads_nothing_of_the_server(secure_broker, fleet,
+                                                                      tmp_path):
+    """A real `edgefl client` process that connected to a provisioned broker (TLS, its login,
+    signatures and sealing loaded) and stopped on SIGTERM: what it loaded while running (imports
+    deferred to run time included). No certificate or PEM machinery either: a device holds no
+    private key."""
     import numpy as np
 
     np.savez(tmp_path / "d.npz", X=np.ones((3, 64)), y=np.zeros(3, np.int64))
@@ -288,10 +291,14 @@ def test_a_running_edgefl_client_process_loads_nothing_of_the_server(broker, tmp
         import sys, threading, signal, os
         from edgefl.cli import main
         threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
-        rc = main.main(["client", "--broker", {broker.url!r}, "--fleet", "f", "--client-id", "c",
+        rc = main.main(["client", "--bundle", {str(fleet.bundle("dev-1"))!r},
+                        "--broker", {secure_broker.url!r},
                         "--state-dir", {str(tmp_path / "state")!r}, "--data", {str(tmp_path / "d.npz")!r}])
         assert rc == 0, rc
     """)
     modules = loaded_modules(code)
     assert "edgefl.transport.mqtt" in modules and "paho.mqtt.client" in modules
+    assert "edgefl.trust.sealing" in modules
     assert banned_in(modules) == []
+    assert [m for m in modules if m.startswith(("cryptography.x509",
+                                                "cryptography.hazmat.primitives.serialization"))] == []

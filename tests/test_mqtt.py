@@ -10,7 +10,8 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefl.transport.mqtt import BrokerAddress, BrokerUnreachable, MqttConnection, parse_broker_url
+from edgefl.transport.mqtt import (BrokerAddress, BrokerRefused, BrokerUnreachable, MqttConnection,
+                                   parse_broker_url)
 
 pytestmark = pytest.mark.integration
 
@@ -400,3 +401,30 @@ def test_tls_refuses_a_broker_it_cannot_verify(secured_broker):
                           reconnect_delay=(0.1, 0.2))  # system trust store: our test CA is unknown
     with pytest.raises(BrokerUnreachable, match="TLS connection failed.*ca_certs"):
         conn.start(timeout=2)
+
+
+@pytest.mark.integration
+def test_a_login_the_broker_refuses_fails_at_once_naming_the_cause(secure_broker, fleet):
+    conn = MqttConnection("dev-1", secure_broker.url, username="dev-1", password="wrong",
+                          ca_certs=str(fleet.ca_cert), reconnect_delay=(0.1, 0.2))
+    started = time.monotonic()
+    with pytest.raises(BrokerRefused, match="refused the login of 'dev-1'.*not authorized"):
+        conn.start(timeout=60)
+    assert time.monotonic() - started < 30  # the first CONNACK decides, not the timeout
+
+
+@pytest.mark.integration
+def test_publishes_and_subscriptions_the_acl_refuses_are_logged_with_what_to_fix(
+        secure_broker, fleet, caplog):
+    password = (fleet.bundle("dev-2") / "password").read_text()
+    # dev-2's login, but configured as dev-1: the broker's ACL refuses dev-1's topics.
+    conn = MqttConnection("dev-1", secure_broker.url, username="dev-2", password=password,
+                          ca_certs=str(fleet.ca_cert),
+                          subscriptions=[("edgefl/demo/clients/dev-1/receipt", 1)])
+    with caplog.at_level("ERROR", logger="edgefl.transport"), conn:
+        assert not conn.publish("edgefl/demo/clients/dev-1/status", b"{}", qos=1, timeout=10)
+        assert conn.publish("edgefl/demo/clients/dev-2/status", b"{}", qos=1, timeout=10)
+    assert conn.refused_publishes == 1
+    refused = [r.getMessage() for r in caplog.records if "refused the message" in r.getMessage()]
+    assert len(refused) == 1 and "edgefl/demo/clients/dev-1/status" in refused[0]
+    assert "Not authorized" in refused[0] and "ACL for user 'dev-2'" in refused[0]

@@ -3,23 +3,24 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings, strategies as st
 
-from edgefl.trust import SealError, open_sealed, parse_sealed, seal
+from edgefl.trust import Opener, SealError, Sealer, open_sealed, parse_sealed, seal
 from edgefl.trust.keys import key_id, raw_public
 
 pytestmark = pytest.mark.cpu  # run again on an emulated aarch64 CPU by make test-arm64
 
 SERVER = bytes(range(32, 64))
 EPHEMERAL = bytes(range(64, 96))
+NONCE = bytes(range(96, 108))
 # The first update vector of docs/wire-format.md (69 bytes).
 UPDATE = bytes.fromhex(
     "45464c5501010103020000000100000007000000000000000a000000e8030000030000000000803f0400000006"
     "00000064657603 06b105003800b40040004cf82550fcdbe2".replace(" ", ""))
 # docs/wire-format.md, Sealed update, test vector.
 VECTOR = bytes.fromhex(
-    "45464c580101040302000000a0289810032eb41779a631eede1bf9c98f12032cdeadd0e7a079398fc786b88cc8"
-    "46ec89af85a51a64656d6f646576296b87c37c192c218c3f7471964577ae86c30eee9a7f927413e56f1bc16923"
-    "106847bbd5288a4dce2d8b6dcec223f70d6481348a55d5c2ac79f9b84da27a3368b4ea865518e7284f6e943b8d"
-    "edab0e5709120dd14d")
+    "45464c580101040302000000a0289810032eb41779a631eede1bf9c98f12032cdeadd0e7a079398fc786b88cc846"
+    "ec89af85a51a606162636465666768696a6b64656d6f646576181a84e421220139e69805d4993768ff53e90aabd3"
+    "37e98510ea4f9161a6e324009cd5c9c99a92422c3aae71d76e02643f1209a5828e087d97abe33a8f7226d9ee6e26"
+    "d62fba2805177fe0a470356c0bfd440a33bf")
 
 
 def _server():
@@ -31,8 +32,8 @@ def test_the_documented_vector_is_what_the_code_produces_and_opens():
     assert raw_public(server).hex() == \
         "358072d6365880d1aeea329adf9121383851ed21a28e3b75e965d0d2cd166254"
     assert key_id(server).hex() == "a0289810032eb417"
-    sealed = seal(UPDATE, server.public_key(), fleet="demo", client_id="dev", round_id=2,
-                  ephemeral=X25519PrivateKey.from_private_bytes(EPHEMERAL))
+    sealer = Sealer(server.public_key(), ephemeral=X25519PrivateKey.from_private_bytes(EPHEMERAL))
+    sealed = sealer.seal(UPDATE, fleet="demo", client_id="dev", round_id=2, nonce=NONCE)
     assert sealed == VECTOR
     header, plaintext = open_sealed(VECTOR, server, fleet="demo", client_id="dev")
     assert plaintext == UPDATE and header.round_id == 2
@@ -53,6 +54,15 @@ def test_every_seal_uses_a_fresh_ephemeral_key():
     b = seal(UPDATE, _server().public_key(), fleet="demo", client_id="dev", round_id=2)
     assert parse_sealed(a)[0].ephemeral_public != parse_sealed(b)[0].ephemeral_public
     assert a[-len(UPDATE):] != b[-len(UPDATE):]
+
+
+def test_a_sealer_keeps_its_ephemeral_key_with_fresh_nonces_and_an_opener_opens_all():
+    sealer, opener = Sealer(_server().public_key()), Opener(_server())
+    sealed = [sealer.seal(UPDATE, fleet="demo", client_id="dev", round_id=2) for _ in range(3)]
+    headers = [parse_sealed(s)[0] for s in sealed]
+    assert len({h.ephemeral_public for h in headers}) == 1
+    assert len({h.nonce for h in headers}) == 3
+    assert all(opener.open(s, fleet="demo", client_id="dev")[1] == UPDATE for s in sealed)
 
 
 def test_ciphertext_does_not_contain_the_update():

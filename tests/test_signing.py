@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from edgefl.trust import MessageMisbound, SignatureInvalid, Signer, open_signed, parse_signed
 from edgefl.trust.keys import key_id, raw_public
-from edgefl.trust.signing import SEQUENCE_LEASE_US, signed_bytes
+from edgefl.trust.signing import SEQUENCE_LEASE_US, frame_prefix, signed_input
 
 pytestmark = pytest.mark.cpu  # run again on an emulated aarch64 CPU by make test-arm64
 
@@ -15,10 +15,10 @@ SEED = bytes(range(32))
 RECEIPT = b'{"v":1,"round_id":3,"update_id":17,"status":"accepted","reason":""}'
 # docs/wire-format.md, Signed message, test vector.
 VECTOR = bytes.fromhex(
-    "45464c5301030403010000000000000000401e18240a060056475aa75463474c4300000064656d6f6465767b22"
-    "76223a312c22726f756e645f6964223a332c227570646174655f6964223a31372c22737461747573223a226163"
-    "636570746564222c22726561736f6e223a22227d3e4f57bda6aef5369b7bb8958370f8145101de7b3c3b4296f7"
-    "8ce820be71afed08744f62e271c5e19c55542a198034a1c4a6722f42f3125ef7c383660e69d102")
+    "45464c5301030403010000000000000000401e18240a060056475aa75463474c4300000064656d6f6465767b2276"
+    "223a312c22726f756e645f6964223a332c227570646174655f6964223a31372c22737461747573223a2261636365"
+    "70746564222c22726561736f6e223a22227d071f22e5380faddb99a7c3be5c6cd46c3df241f4e4efebfa8d9aac9a"
+    "068bb0971318bc7e06848eb5d7d63db16e6a5b74167e2f11dfb7bfb1a2e3beb35c149306")
 
 
 def _key():
@@ -30,8 +30,9 @@ def test_the_documented_vector_is_what_the_code_produces_and_verifies():
     assert raw_public(key).hex() == \
         "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
     assert key_id(key).hex() == "56475aa75463474c"
-    body = signed_bytes("receipt", "demo", "dev", 1, 1_700_000_000_000_000, key_id(key), RECEIPT)
-    assert body + key.sign(body) == VECTOR
+    prefix = frame_prefix("receipt", "demo", "dev", 1, 1_700_000_000_000_000, key_id(key),
+                          len(RECEIPT))
+    assert prefix + RECEIPT + key.sign(signed_input(prefix, RECEIPT)) == VECTOR
     message = open_signed(VECTOR, key.public_key(), fleet="demo", kind="receipt", subject="dev")
     assert (message.kind, message.fleet, message.subject, message.sequence) == \
         ("receipt", "demo", "dev", 1)

@@ -90,7 +90,9 @@ def run_round(broker, state_dir, workers, messages, *, server_id, during=None):
     model = build_mlp(LAYERS, seed=3)
     config = ServerConfig(broker_url=broker.url, fleet=FLEET, state_dir=state_dir, rounds=1,
                           min_clients=len(DEVICES), round_timeout=120.0, server_id=server_id,
-                          ingest_workers=workers)
+                          ingest_workers=workers,
+                          # workers run only insecure so far (docs/operations.md)
+                          insecure=True)
     server = AggregationServer(config, initial_model=model).start(timeout=60)
     publisher = Peer(broker, f"{server_id}-devices")
     try:

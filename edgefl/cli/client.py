@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 from edgefl.cli.options import (add_logging_option, env_option, mechanism_list, non_negative_float,
@@ -14,6 +15,8 @@ from edgefl.cli.options import (add_logging_option, env_option, mechanism_list, 
 from edgefl.device.client import EdgeClient
 from edgefl.device.local_data import DataFileError, Samples, describe_skipped, read_samples
 from edgefl.transport.mqtt import BrokerUnreachable
+from edgefl.trust import TrustError
+from edgefl.trust.bundle import load_bundle
 
 log = logging.getLogger("edgefl")
 
@@ -21,12 +24,27 @@ log = logging.getLogger("edgefl")
 def add_client_arguments(parser) -> None:
     """The options of ``edgefl client``."""
     connection = parser.add_argument_group("connection")
-    env_option(connection, "--broker", env="EDGEFL_BROKER", required=True, metavar="URL",
+    env_option(connection, "--bundle", env="EDGEFL_BUNDLE", metavar="DIR",
+               help="this device's bundle from `edgefl fleet add-device ID`: broker, fleet, id, "
+                    "login, CA and the server's keys (the options below override it)")
+    env_option(connection, "--broker", env="EDGEFL_BROKER", metavar="URL",
                help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT")
-    env_option(connection, "--fleet", env="EDGEFL_FLEET", required=True, metavar="NAME",
+    env_option(connection, "--fleet", env="EDGEFL_FLEET", metavar="NAME",
                help="fleet name, shared with the aggregation server")
-    env_option(connection, "--client-id", env="EDGEFL_CLIENT_ID", required=True, metavar="ID",
+    env_option(connection, "--client-id", env="EDGEFL_CLIENT_ID", metavar="ID",
                help="this device's fixed id (1-64 characters from A-Z a-z 0-9 _ . -)")
+    env_option(connection, "--trust", env="EDGEFL_TRUST", metavar="FILE",
+               help="the server's public keys (trust.json of the bundle)")
+    env_option(connection, "--insecure", env="EDGEFL_INSECURE", action="store_true",
+               help="accept unsigned server messages and send updates unsealed (plain test "
+                    "brokers only: anyone who can publish there can steer this device)")
+    env_option(connection, "--freeze-after", env="EDGEFL_FREEZE_AFTER", type=positive_float,
+               default=900.0, metavar="S",
+               help="warn when no fresh signed round announcement arrived for this long")
+    env_option(connection, "--receipt-timeout", env="EDGEFL_RECEIPT_TIMEOUT",
+               type=positive_float, default=30.0, metavar="S",
+               help="send an update again when its receipt has not come after this long "
+                    "(doubling each time)")
     env_option(connection, "--username", env="EDGEFL_USERNAME", help="broker user name")
     env_option(connection, "--password", env="EDGEFL_PASSWORD",
                help="broker password (prefer the environment variable: command lines are visible "
@@ -95,6 +113,37 @@ def load_client_data(path, label_column: str = "label") -> Samples:
     return samples
 
 
+def apply_bundle(args) -> None:
+    """Fill the connection options ``--bundle`` provides and the command line did not give.
+
+    Raises
+    ------
+    SystemExit
+        With code 2 for an unusable bundle, or when a required option is missing.
+    """
+    if args.bundle is not None:
+        try:
+            bundle = load_bundle(args.bundle)
+        except TrustError as exc:
+            print(f"edgefl client: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        for name, value in (("broker", bundle.broker), ("fleet", bundle.fleet),
+                            ("client_id", bundle.client_id), ("username", bundle.username),
+                            ("password", bundle.password), ("ca_certs", str(bundle.ca_certs)),
+                            ("trust", str(bundle.trust_file))):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    missing = [flag for flag, name in (("--broker", "broker"), ("--fleet", "fleet"),
+                                       ("--client-id", "client_id"))
+               if getattr(args, name) is None]
+    if not args.insecure and args.trust is None:
+        missing.append("--trust (or --insecure)")
+    if missing:
+        print(f"edgefl client: give --bundle DIR (from `edgefl fleet add-device`) or "
+              f"{', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def run_client(args, *, companion=None) -> int:
     """Run a device until SIGTERM/SIGINT (or the last round with ``--exit-when-finished``).
 
@@ -110,17 +159,26 @@ def run_client(args, *, companion=None) -> int:
     Returns
     -------
     int
-        0 after a clean stop, 2 if the broker could not be reached.
+        0 after a clean stop, 2 if the broker could not be reached or refused the login.
     """
+    apply_bundle(args)
     samples = load_client_data(args.data, args.label_column)
-    client = EdgeClient(
-        args.client_id, args.fleet, args.broker, args.state_dir,
-        username=args.username, password=args.password, tls=args.tls or None,
-        ca_certs=args.ca_certs, privacy_budget=args.privacy_budget,
-        privacy_delta_budget=args.privacy_delta_budget, accept_mechanisms=args.accept_mechanisms,
-        privacy_file=args.privacy_file, require_privacy=args.require_privacy,
-        capacity=args.capacity, seed=args.seed, model_refresh=not args.full_models,
-    )
+    try:
+        client = EdgeClient(
+            args.client_id, args.fleet, args.broker, args.state_dir,
+            username=args.username, password=args.password, tls=args.tls or None,
+            ca_certs=args.ca_certs, privacy_budget=args.privacy_budget,
+            privacy_delta_budget=args.privacy_delta_budget,
+            accept_mechanisms=args.accept_mechanisms,
+            privacy_file=args.privacy_file, require_privacy=args.require_privacy,
+            capacity=args.capacity, seed=args.seed, model_refresh=not args.full_models,
+            trust=None if args.insecure else args.trust,
+            insecure=args.insecure, freeze_after=args.freeze_after,
+            receipt_timeout=args.receipt_timeout,
+        )
+    except TrustError as exc:
+        print(f"edgefl client: {exc}", file=sys.stderr)
+        return 2
     client.add_data(samples.X, samples.y, lines=samples.lines)
     extra = companion(client, samples.X) if companion is not None else None
     # SIGTERM (a service manager, the simulation) stops the device as cleanly as Ctrl-C does.

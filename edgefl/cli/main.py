@@ -1,5 +1,5 @@
 """The ``edgefl`` command (also ``python -m edgefl``): ``client``, ``server``, ``simulate``,
-``model``, ``bench``.
+``model``, ``bench``, ``fleet``.
 
 Each subcommand lives in its own module of :mod:`edgefl.cli` and is imported only when it runs:
 a device that runs ``edgefl client`` loads the device runtime and nothing of the server, the
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", help="run the benchmarks: edgefl bench "
                                       "[kernels|federated|own-model] [--help]",
                         add_help=False)
+    commands.add_parser("fleet", help="provision a fleet: edgefl fleet init|add-device|revoke "
+                                      "(edgefl fleet --help)", add_help=False)
     return parser
 
 
@@ -58,6 +60,11 @@ def main(argv=None) -> int:
         from edgefl.cli import model
 
         return model.main(argv[1:])
+    if command == "fleet":
+        # deferred for start-up time: only `edgefl fleet` loads provisioning (x509, PEM)
+        from edgefl.cli import fleet
+
+        return fleet.main(argv[1:])
     if command == "bench":
         # deferred for start-up time: only `edgefl bench` loads the benchmark runner
         from edgefl.cli import bench

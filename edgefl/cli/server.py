@@ -1,8 +1,10 @@
 """``edgefl server``: run the aggregation server for one fleet.
 
 Every option can also come from an environment variable (named in ``--help``), e.g.
-``EDGEFL_BROKER``; a command-line value wins. Without ``--broker`` the server starts an embedded
-Mosquitto on a free loopback port and prints its URL for the devices.
+``EDGEFL_BROKER``; a command-line value wins. ``--fleet-dir`` (from ``edgefl fleet init``) gives
+the server its logins, keys and CA; without ``--broker`` it then starts Mosquitto with the fleet's
+generated configuration on loopback. ``--insecure`` runs plain anonymous MQTT without signatures
+or sealing instead (an embedded Mosquitto on a free loopback port), with a warning.
 Restarting with the same ``--state-dir`` resumes the run where it stopped.
 """
 from __future__ import annotations
@@ -24,9 +26,11 @@ from edgefl_server.accounting import CentralPrivacy
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.buffer import BufferConfig
 from edgefl_server.downlink import DownlinkConfig
+from edgefl_server.influence import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
 from edgefl_server.onnx_import import load_model
+from edgefl_server.provisioning import ProvisioningError, open_fleet
 from edgefl_server.store import StateError
 from edgefl_server.strategies import STRATEGIES
 
@@ -43,11 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="fleet name, shared with the devices")
     env_option(conn, "--server-id", env="EDGEFL_SERVER_ID", metavar="ID",
                help="fixed MQTT client id of the server (default edgefl-server-<fleet>)")
-    env_option(conn, "--username", env="EDGEFL_USERNAME", help="broker user name")
-    env_option(conn, "--password", env="EDGEFL_PASSWORD", help="broker password")
-    env_option(conn, "--tls", env="EDGEFL_TLS", action="store_true", help="use TLS")
+    env_option(conn, "--fleet-dir", env="EDGEFL_FLEET_DIR", metavar="DIR",
+               help="the fleet directory `edgefl fleet init` made: the server's broker logins, "
+                    "the CA, its signing and sealing keys")
+    env_option(conn, "--insecure", env="EDGEFL_INSECURE", action="store_true",
+               help="plain MQTT without signatures or sealed updates (test brokers only; anyone "
+                    "who can publish on the broker can then steer the fleet)")
+    env_option(conn, "--username", env="EDGEFL_USERNAME", help="broker user name (--insecure)")
+    env_option(conn, "--password", env="EDGEFL_PASSWORD", help="broker password (--insecure)")
+    env_option(conn, "--tls", env="EDGEFL_TLS", action="store_true", help="use TLS (--insecure)")
     env_option(conn, "--ca-certs", env="EDGEFL_CA_CERTS", metavar="FILE",
-               help="CA bundle to verify the broker with")
+               help="CA bundle to verify the broker with (--insecure)")
 
     run = parser.add_argument_group("rounds")
     env_option(run, "--state-dir", env="EDGEFL_STATE_DIR", required=True, metavar="DIR",
@@ -79,7 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_option(run, "--max-update-bytes", env="EDGEFL_MAX_UPDATE_BYTES", type=int,
                default=16 << 20, help="larger update payloads are dropped unread")
     env_option(run, "--max-update-norm", env="EDGEFL_MAX_UPDATE_NORM", type=positive_float,
-               help="reject updates with a larger L2 norm")
+               default=DEFAULT_MAX_UPDATE_NORM,
+               help="clip every update to this L2 norm (bounds one device's pull on the model)")
+    env_option(run, "--max-samples", env="EDGEFL_MAX_SAMPLES", type=int,
+               default=DEFAULT_MAX_SAMPLES,
+               help="cap on the sample count (FedAvg weight) one update may claim")
     env_option(run, "--evaluate", env="EDGEFL_EVALUATE", choices=["none", "digits"],
                default="none", help="report held-out accuracy of each model (digits task)")
     env_option(run, "--ingest-workers", env="EDGEFL_INGEST_WORKERS", type=int, default=1,
@@ -196,7 +210,8 @@ def config_from_args(args, broker_url: str):
         central_privacy=central_privacy_from_args(args), metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, ingest_workers=args.ingest_workers,
         max_update_bytes=args.max_update_bytes, max_update_norm=args.max_update_norm,
-        seed=args.seed, server_id=args.server_id, username=args.username,
+        max_samples=args.max_samples, seed=args.seed, server_id=args.server_id,
+        fleet_dir=args.fleet_dir, insecure=args.insecure, username=args.username,
         password=args.password, tls=args.tls or None, ca_certs=args.ca_certs,
         buffer=None if args.buffer_size is None else BufferConfig(
             buffer_size=args.buffer_size, max_staleness=args.max_staleness),
@@ -225,16 +240,25 @@ def _serve(args, stop: threading.Event) -> int:
     try:
         # The model first: a file edgefl cannot use is reported before anything has started.
         initial_model = load_initial_model(args.model, args.model_seed, args.trainable_layers)
-        if args.broker is None:
+        if args.fleet_dir is None and not args.insecure:
+            raise ValueError("give --fleet-dir DIR (create it with `edgefl fleet init`), or "
+                             "--insecure for a plain test broker")
+        if args.broker is None and args.insecure:
             broker = MosquittoBroker(persistence_dir=Path(args.state_dir) / "broker").start()
             log.info("no --broker given: started an embedded broker at %s; start devices with "
-                     "--broker %s --fleet %s", broker.url, broker.url, args.fleet)
+                     "--insecure --broker %s --fleet %s", broker.url, broker.url, args.fleet)
+        elif args.broker is None:
+            fleet = open_fleet(args.fleet_dir)
+            broker = MosquittoBroker(fleet=fleet).start()
+            log.info("no --broker given: started Mosquitto with the fleet's configuration at "
+                     "%s; devices connect with `edgefl client --bundle DIR` from `edgefl fleet "
+                     "add-device`", broker.url)
         config = config_from_args(args, args.broker or broker.url)
         server = AggregationServer(
             config, initial_model=initial_model,
             evaluate=digits_evaluator(args.seed) if args.evaluate == "digits" else None)
         server.start()
-    except (ValueError, StateError) as exc:
+    except (ValueError, StateError, ProvisioningError) as exc:
         print(f"edgefl server: {exc}", file=sys.stderr)
         if broker is not None:
             broker.stop()

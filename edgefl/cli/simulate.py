@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,9 +17,10 @@ from edgefl.cli.options import (add_logging_option, add_training_arguments, env_
 from edgefl.device.local_data import DataFileError
 from edgefl.cli.server import add_central_privacy_arguments, central_privacy_from_args
 from edgefl.simulation.baselines import centralised_accuracy, in_memory_accuracy
-from edgefl.simulation.federation import run_federation
+from edgefl.simulation.federation import provision, run_federation
 from edgefl.simulation.plan import SIMULATION_TRAINING, SimulationPlan, partition_text
-from edgefl.simulation.report import Progress, format_summary, summarize, write_plot
+from edgefl.simulation.report import (INSECURE_RUN, SECURE_RUN, Progress, format_summary,
+                                     summarize, write_plot)
 from edgefl.simulation.task import TEST_FRACTION, make_task, partition_option
 from edgefl_server.mosquitto import BrokerUnavailable, MosquittoBroker
 from edgefl_server.strategies import STRATEGIES
@@ -56,8 +58,11 @@ def add_arguments(parser) -> None:
                                     "by-column:NAME (one device per value of that column)")
     env_option(run, "--round-timeout", env="EDGEFL_ROUND_TIMEOUT", type=positive_float,
                default=30.0, metavar="S", help="seconds until a round's deadline")
+    env_option(run, "--insecure", env="EDGEFL_INSECURE", action="store_true",
+               help="anonymous plain MQTT without signatures or sealed updates")
     env_option(run, "--broker", env="EDGEFL_BROKER", metavar="URL",
-               help="use this broker instead of starting Mosquitto on a free loopback port")
+               help="with --insecure: use this broker instead of starting Mosquitto on a free "
+                    "loopback port")
     env_option(run, "--out", env="EDGEFL_OUT", default="simulation-output", metavar="DIR",
                help="where summary.json, accuracy.png and every process's state and log go")
     env_option(run, "--predict-rate", env="EDGEFL_PREDICT_RATE", type=non_negative_float,
@@ -100,28 +105,39 @@ def run(args) -> int:
         # The model and data first: what does not fit is reported before anything starts.
         task = make_task(plan)
         plan.devices = len(task.parts)  # by-column: one device per value of the column
+        if args.broker is not None and not args.insecure:
+            raise ValueError("--broker needs --insecure: a provisioned run starts Mosquitto with "
+                             "the configuration it generates")
     except (ValueError, DataFileError) as exc:
         print(f"edgefl simulate: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Each run starts fresh: a server state directory left by an earlier run would be resumed.
-    for leftover in ("server", "devices", "broker", "data"):
+    for leftover in ("server", "devices", "broker", "data", "fleet"):
         shutil.rmtree(out / leftover, ignore_errors=True)
-    broker = None
+    broker = fleet = None
     started = time.monotonic()
     # Ctrl-C and SIGTERM both unwind through the cleanup below, so no process is left behind.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.broker is None:
-            broker = MosquittoBroker(persistence_dir=out / "broker").start()
+        if args.insecure:
+            logging.getLogger("edgefl").warning(
+                "INSECURE: the simulated fleet runs without logins, TLS, signatures or sealed "
+                "updates")
+            if args.broker is None:
+                broker = MosquittoBroker(persistence_dir=out / "broker").start()
+        else:
+            fleet = provision(plan, out / "fleet")
+            broker = MosquittoBroker(fleet=fleet).start()
         url = args.broker or broker.url
+        how = "INSECURE" if fleet is None else f"provisioned fleet in {out / 'fleet'}"
         print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} "
               f"rounds of {plan.strategy} on {task.name} ({partition_text(plan.partition_spec)}),"
-              f" broker {url}, output in {out}", flush=True)
+              f" broker {url} ({how}), output in {out}", flush=True)
         history, final_version, stats, records, privacy = run_federation(
-            plan, url, out, task=task, on_round=Progress(plan.rounds))
+            plan, url, out, task=task, fleet=fleet, on_round=Progress(plan.rounds))
     except (BrokerUnavailable, TimeoutError, RuntimeError) as exc:
         print(f"edgefl simulate: {exc}", file=sys.stderr)
         return 1
@@ -142,7 +158,8 @@ def run(args) -> int:
                         dense_fedavg=dense, num_params=task.model.manifest.num_params,
                         wall_seconds=wall, task_name=task.name,
                         initial_accuracy=task.evaluator()(task.model)["accuracy"],
-                        privacy=privacy)
+                        privacy=privacy,
+                        security=SECURE_RUN if fleet is not None else INSECURE_RUN)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_plot(summary, out / "accuracy.png")
     print(format_summary(summary))

@@ -17,10 +17,20 @@
   error-feedback residual kept across rounds), in the order that keeps the guarantee; the status
   says which mechanisms the device takes part with, and when it cannot take part or declines a
   round;
-* **delivery**: the encoded update is stored in the :class:`~edgefl.device.outbox.Outbox` before it is
-  published with QoS 1; the server's receipt removes it. While this process lives, paho resends
-  an update that was in flight when the connection dropped; the outbox covers what paho cannot:
-  a crash or reboot, after which the device resends every stored update on connecting.
+* **trust** (:mod:`edgefl.trust`): every model, refresh, announcement, receipt and key notice
+  must verify with the server key the device pins (its bundle's ``trust.json``), for this fleet,
+  kind and device, and be no older than the last one of its kind acted on; anything else is
+  refused with a log line and a counter (``refused_signature``, ``refused_misbound``,
+  ``refused_replay``) and changes nothing, on disk or in memory. Each update is sealed to the
+  server's key before it is stored. The age of the newest verified announcement is in
+  :meth:`EdgeClient.stats` and the device's status; past ``freeze_after`` seconds the device
+  logs a warning (a server that is down, or someone withholding its messages).
+  ``insecure=True`` turns all of this off;
+* **delivery**: the sealed update is stored in the :class:`~edgefl.device.outbox.Outbox` before
+  it is published with QoS 1; the server's receipt removes it. An update whose receipt is
+  overdue is published again, with back-off, whatever paho believes it delivered (a broker that
+  crashed after acknowledging it has lost it); after a crash or reboot the device resends every
+  stored update on connecting. The server counts each update once.
 
 Threads: the transport's dispatcher thread handles every incoming message (and never trains);
 one worker thread trains and sends; any number of caller threads predict. No exception leaves a
@@ -39,10 +49,11 @@ model, when it missed a version (a refresh that does not apply, an announcement 
 does not hold), or when a refresh does not rebuild the server's model exactly, and unsubscribes
 again once it is up to date.
 
-State directory layout: ``model.bin`` (the last full model envelope), ``refreshes/`` (the
-refreshes applied on top of it, :mod:`edgefl.device.saved_model`), ``privacy.json`` (epsilon
-spent, unless ``privacy_file`` says elsewhere), ``state.json`` (the last round this device sent an update for), ``outbox/``, and
-``stats.json`` (written by :meth:`EdgeClient.write_stats`).
+State directory layout: ``model.bin`` (the last full model message, as signed), ``refreshes/``
+(the refreshes applied on top of it, as signed, :mod:`edgefl.device.saved_model`),
+``privacy.json`` (epsilon spent, unless ``privacy_file`` says elsewhere), ``state.json`` (the
+last round this device sent an update for), ``trust.json`` (pinned keys after rotations, newest
+sequences), ``outbox/``, and ``stats.json`` (written by :meth:`EdgeClient.write_stats`).
 """
 from __future__ import annotations
 
@@ -69,6 +80,8 @@ from edgefl.wire.protocol import (
 )
 from edgefl.device.trainer import LocalTrainer
 from edgefl.transport.mqtt import Message, MqttConnection
+from edgefl.trust import (MessageMisbound, PinnedKeys, ReplayedMessage, SignatureInvalid,
+                          TrustError, open_signed)
 from edgefl.device.update_pipeline import DeviceUpdates
 from edgefl.device.saved_model import MAX_REFRESHES, SavedModel
 from edgefl.wire import (
@@ -83,6 +96,12 @@ STOP_TIMEOUT = 30.0
 #: for the refreshes the broker kept for it before it takes the full envelope (the broker may
 #: deliver the retained announcement before the queued refreshes).
 REFRESH_GRACE = 3.0
+#: Longest wait between resends of an update whose receipt is overdue.
+MAX_RESEND_DELAY = 600.0
+#: How often the worker looks for overdue receipts and a frozen server, in seconds.
+HOUSEKEEPING_INTERVAL = 1.0
+_REFUSAL_COUNTERS = {SignatureInvalid: "refused_signature", MessageMisbound: "refused_misbound",
+                     ReplayedMessage: "refused_replay"}
 
 
 class NoModelYet(RuntimeError):
@@ -104,6 +123,19 @@ class EdgeClient:
         Where the device keeps what must survive a reboot (see the module docstring).
     username, password, tls, ca_certs
         Passed to :class:`~edgefl.transport.mqtt.MqttConnection`.
+    trust : path or PinnedKeys
+        The server keys this device pins: the ``trust.json`` of its bundle (``edgefl fleet
+        add-device``), kept up to date (rotations, sequences) in ``state_dir/trust.json``.
+        Required unless ``insecure``.
+    insecure : bool
+        Accept unsigned server messages and send updates unsealed (plain test brokers only);
+        logs a warning.
+    freeze_after : float
+        Seconds without a fresh verified round announcement after which the device warns that
+        it may be frozen.
+    receipt_timeout : float
+        Seconds after which an update without a receipt is published again (then doubling, up
+        to :data:`MAX_RESEND_DELAY`).
     privacy_budget : float
         Total replace-one epsilon this device will ever spend on local DP (basic composition);
         once spent it sends no more updates. It counts only in rounds whose announced mechanism
@@ -159,11 +191,27 @@ class EdgeClient:
                  graph_optimization: str = "basic",
                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, outbox_entries: int = 16,
                  reconnect_delay=(0.5, 30), keepalive: int = 30, session_expiry: int = 86400,
-                 model_refresh: bool = True):
+                 model_refresh: bool = True, trust=None, insecure: bool = False,
+                 freeze_after: float = 900.0, receipt_timeout: float = 30.0):
         self.client_id = check_name("client id", client_id)
         self.topics = Topics(fleet)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if trust is None and not insecure:
+            raise ValueError(
+                f"device {client_id}: no server keys to verify messages with; pass the bundle's "
+                "trust.json (edgefl client --bundle DIR, from `edgefl fleet add-device`), or "
+                "insecure=True (--insecure) for a plain test broker")
+        if trust is not None and not isinstance(trust, PinnedKeys):
+            trust = PinnedKeys.from_trust_file(trust, fleet=fleet,
+                                               path=self.state_dir / "trust.json")
+        self._trust: PinnedKeys | None = None if insecure else trust
+        if insecure:
+            log.warning("%s: INSECURE: server messages are not verified and updates are not "
+                        "sealed; anyone who can publish on the broker can steer this device",
+                        client_id)
+        self.freeze_after = float(freeze_after)
+        self.receipt_timeout = float(receipt_timeout)
         self.capacity = capacity
         self.seed = seed
         self.intra_op_threads = intra_op_threads
@@ -184,7 +232,11 @@ class EdgeClient:
         self._announcement: RoundAnnouncement | None = None
         self._job: tuple[RoundAnnouncement, object] | None = None
         self._scheduled_round = -1
-        self._handed: set[tuple[int, int]] = set()  # outbox entries paho holds in this process
+        # Outbox entries published by this process: (round, update id) -> (next resend, delay).
+        self._handed: dict[tuple[int, int], tuple[float, float]] = {}
+        self._announcement_seen_at = time.monotonic()  # of the newest verified announcement
+        self._announcement_sequence = -1
+        self._freeze_logged = False
         self._stopping = False
         self._worker: threading.Thread | None = None
         self.swaps: deque[tuple[float, float]] = deque(maxlen=1024)  # perf_counter (start, end)
@@ -193,7 +245,9 @@ class EdgeClient:
         self._counters_lock = threading.Lock()
         self.counters = dict(updates_sent=0, accepted=0, rejected=0, bytes_up=0, bytes_down=0,
                              models_installed=0, models_refused=0, rounds_skipped=0,
-                             refreshes_applied=0, refresh_fallbacks=0)
+                             refreshes_applied=0, refresh_fallbacks=0,
+                             refused_signature=0, refused_misbound=0, refused_replay=0,
+                             updates_resent=0)
         self.last_loss: float | None = None
         self.rejections: list[str] = []
 
@@ -227,7 +281,8 @@ class EdgeClient:
             will=(self.topics.status(self.client_id), DeviceStatus("offline").to_json(), 1, True),
             subscriptions=([(self.topics.model, 1)] if self._wants_full else [])
             + ([(self.topics.refresh, 1)] if self.model_refresh else [])
-            + [(self.topics.round, 1), (self.topics.receipt(self.client_id), 1)],
+            + [(self.topics.round, 1), (self.topics.receipt(self.client_id), 1)]
+            + ([(self.topics.key, 1)] if self._trust is not None else []),
             on_message=self._on_message, reconnect_delay=reconnect_delay,
         )
         self._conn.on_connect_hooks.append(self._on_connected)
@@ -383,6 +438,9 @@ class EdgeClient:
             "last_round": self._last_round, "samples": self.num_samples,
             "privacy_spent": self.privacy_spent, "privacy_remaining": self.privacy_remaining,
             "outbox": len(self._outbox), "last_loss": self.last_loss, "predictor": latency,
+            "announcement_age_s": round(self.announcement_age, 3),
+            "secure": self._trust is not None,
+            "refused_publishes": self._conn.refused_publishes,
             **self._counted(),
         }
 
@@ -394,6 +452,12 @@ class EdgeClient:
         """A consistent copy of the counters and the last rejections."""
         with self._counters_lock:
             return {"rejections": list(self.rejections[-20:]), **self.counters}
+
+    @property
+    def announcement_age(self) -> float:
+        """Seconds since the newest verified round announcement arrived (since start before the
+        first): grows while the server is down or its messages are withheld or replayed."""
+        return time.monotonic() - self._announcement_seen_at
 
     def write_stats(self, extra: dict | None = None) -> Path:
         """Write :meth:`stats` (plus ``extra``) to ``state_dir/stats.json`` atomically."""
@@ -418,8 +482,12 @@ class EdgeClient:
 
     def _load_saved_model(self) -> None:
         try:
+            # Its own saved copies, so no replay check, but the signatures still: the state
+            # directory is not trusted more than the network.
             model = self._saved.load(
-                lambda data: decode_model(data, max_bytes=self.max_model_bytes), decode_refresh)
+                lambda data: decode_model(self._saved_payload(data, "model"),
+                                          max_bytes=self.max_model_bytes),
+                lambda data: decode_refresh(self._saved_payload(data, "refresh")))
             if model is None:
                 return
             predictor = Predictor(model, intra_op_threads=self.intra_op_threads,
@@ -445,8 +513,39 @@ class EdgeClient:
             self._on_round(payload)
         elif msg.topic == self.topics.receipt(self.client_id):
             self._on_receipt(payload)
+        elif msg.topic == self.topics.key and self._trust is not None:
+            self._on_key(payload)
         else:
             log.warning("%s: ignoring a message on unexpected topic %s", self.client_id, msg.topic)
+
+    def _verified(self, payload: bytes, kind: str, subject: str = ""):
+        """``(signed message or None, inner payload)`` of a server message, or None if refused."""
+        if self._trust is None:
+            return None, payload
+        try:
+            message = self._trust.verify(payload, kind, subject=subject)
+        except TrustError as exc:
+            self._count(_REFUSAL_COUNTERS.get(type(exc), "refused_signature"))
+            log.warning("%s: refused a %s message of %d bytes: %s", self.client_id, kind,
+                        len(payload), exc)
+            return None
+        return message, message.payload
+
+    def _saved_payload(self, data: bytes, kind: str) -> bytes:
+        """The payload of a signed message this device saved (its signature checked again)."""
+        if self._trust is None:
+            return data
+        return open_signed(data, self._trust.signing_key, fleet=self.topics.fleet,
+                           kind=kind).payload
+
+    def _accept(self, message) -> None:
+        if message is None:
+            return
+        try:
+            self._trust.accept(message)
+        except OSError as exc:
+            log.warning("%s: could not save the trust state (%s); replay protection restarts "
+                        "from the last saved state after a reboot", self.client_id, exc)
 
     def _status(self, declined: dict | None = None) -> DeviceStatus:
         """The retained status: capabilities, whether it can take part, what it declined."""
@@ -458,6 +557,8 @@ class EdgeClient:
             "privacy_delta_remaining": self._accountant.remaining_delta,
             "privacy_guarantee": "local: replace-one epsilon, basic composition",
             "available": not unavailable,
+            "announcement_age_s": round(self.announcement_age, 1),
+            "secure": self._trust is not None,
         }
         if unavailable:
             caps["unavailable"] = unavailable
@@ -490,7 +591,7 @@ class EdgeClient:
         self._session_resumed_at = time.monotonic() if session_present else None
         self._publish_status()
         # Updates stored by an earlier process (crash, reboot) were never handed to this paho
-        # client; those handed over already are resent by paho itself after a reconnect.
+        # client; those handed over already are resent when their receipt is overdue.
         for entry in self._outbox.entries():
             if (entry.round_id, entry.update_id) not in self._handed:
                 try:
@@ -500,6 +601,15 @@ class EdgeClient:
                 log.info("%s: resending update %d of round %d from the outbox",
                          self.client_id, entry.update_id, entry.round_id)
                 self._send(entry.round_id, entry.update_id, payload)
+
+    def _on_key(self, payload: bytes) -> None:
+        try:
+            self._trust.rotate(payload)
+        except TrustError as exc:
+            self._count(_REFUSAL_COUNTERS.get(type(exc), "refused_signature"))
+            log.warning("%s: refused a key rotation notice: %s", self.client_id, exc)
+        except OSError as exc:
+            log.error("%s: could not save the rotated keys (%s)", self.client_id, exc)
 
     def _decoded(self, decode, payload: bytes, what: str):
         """``decode(payload)``, or None (counted and logged) for a malformed message."""
@@ -511,7 +621,11 @@ class EdgeClient:
                         exc)
             return None
 
-    def _on_model(self, payload: bytes) -> None:
+    def _on_model(self, frame: bytes) -> None:
+        verified = self._verified(frame, "model")
+        if verified is None:
+            return
+        message, payload = verified
         model = self._decoded(lambda data: decode_model(data, max_bytes=self.max_model_bytes),
                               payload, "model message")
         if model is None:
@@ -523,13 +637,16 @@ class EdgeClient:
             if model.version == current.version and \
                     model.weights.tobytes() == current.model.weights.tobytes():
                 try:  # the same model as a full envelope: the saved refreshes can go
-                    self._saved.save_full(payload)
+                    self._saved.save_full(frame)
                 except OSError as exc:
                     log.warning("%s: could not save model version %d (%s)", self.client_id,
                                 model.version, exc)
             self._full_received()
+            if model.version == current.version:
+                self._accept(message)  # the same model, signed again (a republish)
             return
-        if self._install(model, lambda: self._saved.save_full(payload)):
+        if self._install(model, lambda: self._saved.save_full(frame)):
+            self._accept(message)
             self._full_received()
 
     def _full_received(self) -> None:
@@ -587,7 +704,11 @@ class EdgeClient:
         except Exception:  # noqa: BLE001 - a timer thread must not die silently
             log.exception("%s: checking for missed model versions failed", self.client_id)
 
-    def _on_refresh(self, payload: bytes) -> None:
+    def _on_refresh(self, frame: bytes) -> None:
+        verified = self._verified(frame, "refresh")
+        if verified is None:
+            return
+        message, payload = verified
         refresh = self._decoded(decode_refresh, payload, "model refresh")
         if refresh is None:
             return
@@ -612,9 +733,10 @@ class EdgeClient:
             if self._saved.refresh_count >= MAX_REFRESHES:
                 # Re-anchor on a full envelope now and then, which bounds what start-up rebuilds.
                 self._want_full(f"{MAX_REFRESHES} refreshes since the last full model")
-            self._saved.save_refresh(refresh.version, payload)
+            self._saved.save_refresh(refresh.version, frame)
 
         if self._install(model, save):
+            self._accept(message)
             self._count("refreshes_applied")
 
     def _install(self, model, save) -> bool:
@@ -638,6 +760,7 @@ class EdgeClient:
         except OSError as exc:
             log.warning("%s: could not save model version %d (%s); it serves it anyway",
                         self.client_id, model.version, exc)
+        self._accept(message)
         with self._lock:
             if current is None:
                 self._predictor = predictor
@@ -648,27 +771,42 @@ class EdgeClient:
         log.info("%s: now serving model version %d", self.client_id, model.version)
         return True
 
-    def _on_round(self, payload: bytes) -> None:
+    def _on_round(self, frame: bytes) -> None:
+        verified = self._verified(frame, "round")
+        if verified is None:
+            return
+        message, payload = verified
         try:
             announcement = RoundAnnouncement.from_json(payload)
         except ProtocolError as exc:
             log.warning("%s: ignoring a round announcement: %s", self.client_id, exc)
             return
+        sequence = message.sequence if message is not None else self._announcement_sequence + 1
+        if sequence > self._announcement_sequence:  # fresh, not the same one delivered again
+            self._announcement_sequence = sequence
+            self._announcement_seen_at = time.monotonic()
+            if self._freeze_logged:
+                log.info("%s: fresh round announcements arrive again", self.client_id)
+            self._freeze_logged = False
         with self._lock:
             current = self._announcement
             if current is not None and announcement.round_id < current.round_id:
                 return  # an announcement overtaken by a newer one
             self._announcement = announcement
+        self._accept(message)
         self._check_behind()
         for entry in self._outbox.drop_rounds_before(announcement.round_id):
-            self._handed.discard((entry.round_id, entry.update_id))
+            self._handed.pop((entry.round_id, entry.update_id), None)
         with self._lock:
             self._schedule()
             self._check_finished()
 
-    def _on_receipt(self, payload: bytes) -> None:
+    def _on_receipt(self, frame: bytes) -> None:
+        verified = self._verified(frame, "receipt", subject=self.client_id)
+        if verified is None:
+            return
         try:
-            receipt = Receipt.from_json(payload)
+            receipt = Receipt.from_json(verified[1])
         except ProtocolError as exc:
             log.warning("%s: ignoring a receipt: %s", self.client_id, exc)
             return
@@ -683,7 +821,7 @@ class EdgeClient:
             log.warning("%s: round %d: update %d rejected by the server: %s", self.client_id,
                         receipt.round_id, receipt.update_id, receipt.reason)
         self._outbox.remove(receipt.round_id, receipt.update_id)
-        self._handed.discard((receipt.round_id, receipt.update_id))
+        self._handed.pop((receipt.round_id, receipt.update_id), None)
 
     # -- rounds ----------------------------------------------------------------------------------
 
@@ -775,12 +913,18 @@ class EdgeClient:
     def _work_loop(self) -> None:
         while True:
             with self._lock:
-                while self._job is None and not self._stopping:
-                    self._work.wait()
+                if self._job is None and not self._stopping:
+                    self._work.wait(HOUSEKEEPING_INTERVAL)
                 if self._stopping:
                     return
-                announcement, model = self._job
-                self._job = None
+                job, self._job = self._job, None
+            if job is None:
+                try:
+                    self._housekeeping()
+                except Exception:  # noqa: BLE001 - housekeeping must not end the worker
+                    log.exception("%s: housekeeping failed", self.client_id)
+                continue
+            announcement, model = job
             self.training.set()
             try:
                 self._take_part(announcement, model)
@@ -792,6 +936,35 @@ class EdgeClient:
                               self.client_id, announcement.round_id)
             finally:
                 self.training.clear()
+
+    def _housekeeping(self) -> None:
+        """Resend updates whose receipt is overdue; warn once when announcements stop."""
+        if self.connected.is_set():
+            now = time.monotonic()
+            for entry in self._outbox.entries():
+                key = (entry.round_id, entry.update_id)
+                due = self._handed.get(key)
+                if due is None or due[0] > now:
+                    continue
+                try:
+                    payload = self._outbox.read(entry)
+                except FileNotFoundError:  # a receipt removed it meanwhile
+                    continue
+                delay = min(2 * due[1], MAX_RESEND_DELAY)
+                log.info("%s: no receipt for update %d of round %d after %.0f s; sending it "
+                         "again (next try in %.0f s)", self.client_id, entry.update_id,
+                         entry.round_id, due[1], delay)
+                self._count("updates_resent")
+                self._send(entry.round_id, entry.update_id, payload, delay=delay)
+        age = self.announcement_age
+        if age > self.freeze_after and not self._freeze_logged:
+            self._freeze_logged = True
+            log.warning("%s: no fresh verified round announcement for %.0f s (bound %.0f s): the "
+                        "server is down or unreachable, or someone withholds or replays its "
+                        "messages; this device keeps serving model version %s", self.client_id,
+                        age, self.freeze_after, self.model_version)
+            if self.connected.is_set():
+                self._publish_status()
 
     def _take_part(self, a: RoundAnnouncement, model) -> None:
         if time.time() > a.deadline:
@@ -805,6 +978,8 @@ class EdgeClient:
         num_params = model.manifest.num_params
         update = self._updates.update(a, result.delta, result.num_samples, secrets.randbits(64))
         payload = encode_update(update)
+        if self._trust is not None:
+            payload = self._trust.seal(payload, client_id=self.client_id, round_id=a.round_id)
         with self._lock:
             over = self._announcement is not None and self._announcement.round_id > a.round_id
         if over:
@@ -823,14 +998,15 @@ class EdgeClient:
                  self.client_id, a.round_id, update.update_id, len(payload), update.k,
                  num_params, result.loss)
 
-    def _send(self, round_id: int, update_id: int, payload: bytes) -> None:
+    def _send(self, round_id: int, update_id: int, payload: bytes, *,
+              delay: float | None = None) -> None:
         try:
             self._conn.publish(self.topics.update(self.client_id), payload, qos=1)
         except ValueError as exc:  # paho refuses the message itself (e.g. too large)
             log.error("%s: could not publish update %d of round %d: %s", self.client_id,
                       update_id, round_id, exc)
             return
-        self._handed.add((round_id, update_id))
+        delay = self.receipt_timeout if delay is None else delay
+        self._handed[(round_id, update_id)] = (time.monotonic() + delay, delay)
         self._count("updates_sent")
         self._count("bytes_up", len(payload))
-

@@ -3,9 +3,14 @@
 ``edgefl simulate`` (and ``make demo``) runs the evaluation task of the design: scikit-learn's
 digits split non-IID over N devices (Dirichlet alpha over labels), a 64-32-10 MLP, a held-out test
 set; or, with ``--model FILE.onnx --data FILE``, the user's own model and data
-(:mod:`~edgefl.simulation.task`), so that they go through the whole loop before deployment. It starts a Mosquitto broker on a free loopback port (or uses ``--broker``), the aggregation
-server in this process, and N real device processes (``python -m edgefl client``), each serving
-predictions on its own samples at a fixed rate while it trains and swaps models. It prints a
+(:mod:`~edgefl.simulation.task`), so that they go through the whole loop before deployment. It
+provisions a fleet (:func:`provision`: ``edgefl fleet init`` and ``add-device`` for every device,
+in ``--out``/fleet), starts Mosquitto with the fleet's generated configuration (TLS, per-device
+logins, ACL) on a free loopback port, the aggregation server in this process (signing everything
+it publishes, opening sealed updates), and N real device processes (``edgefl client --bundle``,
+verifying and sealing), each serving predictions on its own samples at a fixed rate while it
+trains and swaps models. ``--insecure`` runs the same over anonymous plain MQTT without
+signatures or sealing (``--broker`` then uses a broker of your own). It prints a
 progress line per round and ends with a summary against two baselines computed in the same run:
 
 * **centralised**: the same model, same initial weights, trained on all training data in one
@@ -28,35 +33,55 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefl.simulation.fleet import DeviceProcesses, DeviceThreads, wait_until_online
+from edgefl.simulation.fleet import DeviceProcesses, DeviceThreads, device_id, wait_until_online
 from edgefl.simulation.plan import SimulationPlan
 from edgefl.simulation.task import Task, make_task
 from edgefl_server.aggregator import AggregationServer, ServerConfig
+from edgefl_server.mosquitto import free_port
+from edgefl_server.provisioning import Fleet, add_device, init_fleet
 
 log = logging.getLogger(__name__)
 
 
+def provision(plan: SimulationPlan, directory: Path) -> Fleet:
+    """A fleet for ``plan`` in ``directory`` (on a free loopback port), with a bundle per device."""
+    fleet, _ = init_fleet(directory, plan.fleet, host="127.0.0.1", port=free_port())
+    for i in range(plan.devices):
+        add_device(fleet.directory, device_id(i))
+    return fleet
+
+
 def run_federation(plan: SimulationPlan, broker_url: str, workdir: Path, *,
-                   task: Task | None = None, on_round=None):
+                   task: Task | None = None, fleet: Fleet | None = None, on_round=None):
     """Run ``plan`` (on ``task``, by default :func:`~edgefl.simulation.task.make_task`'s)
     against the broker at ``broker_url``; return the server's history, the final model version,
     the devices' stats and latency records, and the server's privacy report. Stops everything it
-    started, also on error or Ctrl-C."""
+    started, also on error or Ctrl-C.
+
+    ``fleet``: the provisioned fleet (:func:`provision`) the broker runs; None runs insecure.
+    """
     task = make_task(plan) if task is None else task
     devices_count = len(task.parts)
     workdir.mkdir(parents=True, exist_ok=True)
     devices = (DeviceProcesses if plan.devices_as == "processes" else DeviceThreads)(
-        plan, broker_url, workdir, task)
+        plan, broker_url, workdir, task, fleet)
+    observer = None
+    if fleet is not None:
+        creds = fleet.observer_credentials()
+        observer = dict(username=creds["username"], password=creds["password"],
+                        ca_certs=str(fleet.ca_cert))
     server = None
     try:
         devices.start()
         wait_until_online(broker_url, plan.fleet, devices_count, timeout=60 + 3 * devices_count,
-                          processes=devices if plan.devices_as == "processes" else None)
+                          processes=devices if plan.devices_as == "processes" else None,
+                          login=observer)
         config = ServerConfig(
             broker_url=broker_url, fleet=plan.fleet, state_dir=workdir / "server",
             strategy=plan.strategy, strategy_options=plan.strategy_options, rounds=plan.rounds,
             min_clients=devices_count, round_timeout=plan.round_timeout, training=plan.training,
-            central_privacy=plan.central_privacy, seed=plan.seed)
+            central_privacy=plan.central_privacy, seed=plan.seed,
+            fleet_dir=None if fleet is None else fleet.directory, insecure=fleet is None)
         server = AggregationServer(config, initial_model=task.model, evaluate=task.evaluator(),
                                    on_round=on_round)
         history = server.run()

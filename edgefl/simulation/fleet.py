@@ -14,13 +14,25 @@ from edgefl.device.client import EdgeClient
 from edgefl.simulation.plan import SimulationPlan
 from edgefl.simulation.task import Task
 from edgefl.transport.mqtt import MqttConnection
+from edgefl.trust.bundle import load_bundle
 from edgefl.wire.protocol import DeviceStatus, ProtocolError, Topics
 
-class DeviceProcesses:
-    """N device processes (``edgefl client`` with a prediction load, :mod:`edgefl.simulation.device_process`); :meth:`stop` ends every one of them (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path, task: Task):
+def device_id(i: int) -> str:
+    """The id of simulated device ``i``."""
+    return f"dev-{i:02d}"
+
+
+class DeviceProcesses:
+    """N device processes (``edgefl client`` with a prediction load, :mod:`edgefl.simulation.device_process`); :meth:`stop` ends every one of them (SIGTERM, then SIGKILL).
+
+    With ``fleet`` (a provisioned fleet) each device runs from its bundle; without, insecure.
+    """
+
+    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path, task: Task,
+                 fleet=None):
         self.plan, self.broker_url, self.workdir, self.task = plan, broker_url, workdir, task
+        self.fleet = fleet
         self.processes: list[subprocess.Popen] = []
         self.state_dirs: list[Path] = []
 
@@ -28,11 +40,13 @@ class DeviceProcesses:
         plan = self.plan
         data = self.task.part_files(self.workdir / "data")
         for i in range(len(data)):
-            state = self.workdir / "devices" / f"dev-{i:02d}"
+            state = self.workdir / "devices" / device_id(i)
             state.mkdir(parents=True, exist_ok=True)
+            connection = (["--bundle", str(self.fleet.bundle(device_id(i)))]
+                          if self.fleet is not None else ["--insecure"])
             command = [
-                sys.executable, "-m", "edgefl.simulation.device_process", "--broker",
-                self.broker_url, "--fleet", plan.fleet, "--client-id", f"dev-{i:02d}",
+                sys.executable, "-m", "edgefl.simulation.device_process", *connection, "--broker",
+                self.broker_url, "--fleet", plan.fleet, "--client-id", device_id(i),
                 "--state-dir", str(state), "--data", str(data[i]), "--seed", str(plan.seed),
                 "--privacy-budget", str(plan.privacy_budget),
                 "--predict-rate", str(plan.predict_rate), "--exit-when-finished",
@@ -75,17 +89,25 @@ class DeviceProcesses:
 class DeviceThreads:
     """N in-process :class:`EdgeClient` objects (threads), the quick variant for benchmarks."""
 
-    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path, task: Task):
+    def __init__(self, plan: SimulationPlan, broker_url: str, workdir: Path, task: Task,
+                 fleet=None):
         self.plan, self.broker_url, self.workdir, self.task = plan, broker_url, workdir, task
+        self.fleet = fleet
         self.clients = []
         self.state_dirs: list[Path] = []
 
     def start(self) -> "DeviceThreads":
         task = self.task
         for i, part in enumerate(task.parts):
-            state = self.workdir / "devices" / f"dev-{i:02d}"
-            client = EdgeClient(f"dev-{i:02d}", self.plan.fleet, self.broker_url, state,
-                                seed=self.plan.seed, privacy_budget=self.plan.privacy_budget)
+            state = self.workdir / "devices" / device_id(i)
+            login = dict(insecure=True)
+            if self.fleet is not None:
+                bundle = load_bundle(self.fleet.bundle(device_id(i)))
+                login = dict(username=bundle.username, password=bundle.password,
+                             ca_certs=str(bundle.ca_certs), trust=bundle.trust_file)
+            client = EdgeClient(device_id(i), self.plan.fleet, self.broker_url, state,
+                                seed=self.plan.seed, privacy_budget=self.plan.privacy_budget,
+                                **login)
             client.add_data(task.X_train[part], task.y_train[part])
             self.clients.append(client.start(timeout=30))
             self.state_dirs.append(state)
@@ -105,8 +127,12 @@ class DeviceThreads:
 
 
 def wait_until_online(broker_url: str, fleet: str, count: int, timeout: float,
-                      processes=None) -> None:
-    """Block until ``count`` devices of ``fleet`` say "online" (retained status)."""
+                      processes=None, login=None) -> None:
+    """Block until ``count`` devices of ``fleet`` say "online" (retained status).
+
+    ``login``: ``username``, ``password``, ``ca_certs`` of a principal allowed to read device
+    status (a provisioned fleet's observer); anonymous without.
+    """
     topics = Topics(fleet)
     online: set[str] = set()
     changed = threading.Event()
@@ -120,8 +146,10 @@ def wait_until_online(broker_url: str, fleet: str, count: int, timeout: float,
         (online.add if state == "online" else online.discard)(client)
         changed.set()
 
-    watcher = MqttConnection(f"edgefl-sim-watch-{os.getpid()}", broker_url, session_expiry=0,
-                             subscriptions=[(topics.all_status, 1)], on_message=on_status)
+    login = login or {}
+    watcher = MqttConnection(login.get("username", f"edgefl-sim-watch-{os.getpid()}"), broker_url,
+                             session_expiry=0, subscriptions=[(topics.all_status, 1)],
+                             on_message=on_status, **login)
     with watcher:
         deadline = time.monotonic() + timeout
         while len(online) < count:

@@ -37,10 +37,16 @@ def rounds_to(accuracies, target: float) -> int | None:
     return next((i + 1 for i, a in enumerate(accuracies) if a is not None and a >= target), None)
 
 
+#: How the summary describes a provisioned run and an insecure one.
+SECURE_RUN = ("provisioned: TLS with the fleet's CA, a broker login per device, ACL, every server "
+              "message signed (Ed25519) and verified, every update sealed to the server's key")
+INSECURE_RUN = "INSECURE (--insecure): anonymous plain MQTT, no signatures, updates in the clear"
+
+
 def summarize(plan: SimulationPlan, history, final_version, stats, records, *,
               centralised, dense_fedavg, num_params: int, wall_seconds: float,
               task_name: str = "digits, 64-32-10 MLP", initial_accuracy=None,
-              privacy: dict | None = None) -> dict:
+              privacy: dict | None = None, security: str = SECURE_RUN) -> dict:
     """The run's summary (what ``summary.json`` holds)."""
     accuracy = [r.metrics.get("accuracy") for r in history]
     accepted = sum(r.accepted for r in history)
@@ -58,6 +64,7 @@ def summarize(plan: SimulationPlan, history, final_version, stats, records, *,
         "task": task_name,
         "initial_accuracy": initial_accuracy,
         "privacy": privacy or {},
+        "security": security,
         "wall_seconds": round(wall_seconds, 1),
         "rounds": [r.to_dict() for r in history],
         "accuracy": accuracy,
@@ -128,8 +135,14 @@ def format_summary(summary: dict) -> str:
         *([f"privacy: {summary['privacy']['summary']}"] if summary.get("privacy") else []),
         f"{summary['devices_on_final_version']} of {len(summary['devices'])} devices ended on the "
         f"final model version {summary['final_model_version']}; {summary['wall_seconds']} s",
+        f"security: {summary['security']}; server messages refused by devices: "
+        f"{sum(_refused(s) for s in summary['devices'])}",
     ]
     return "\n".join(lines)
+
+
+def _refused(stats: dict) -> int:
+    return sum(stats.get(k, 0) for k in ("refused_signature", "refused_misbound", "refused_replay"))
 
 
 def _sharing_note(summary: dict) -> str:

@@ -24,6 +24,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
@@ -78,6 +79,20 @@ Message = mqtt.MQTTMessage
 
 class BrokerUnreachable(ConnectionError):
     """The broker did not accept a connection within the time given to :meth:`MqttConnection.start`."""
+
+
+class BrokerRefused(BrokerUnreachable):
+    """The broker refused the login (bad user name or password, not authorized, banned): retrying
+    cannot help, so :meth:`MqttConnection.start` raises at once."""
+
+
+#: CONNACK reason codes that no retry can cure (MQTT v5, 3.2.2.2).
+_FATAL_CONNACK = {0x84: "the broker does not support this MQTT version",
+                  0x85: "the client id is not valid",
+                  0x86: "bad user name or password",
+                  0x87: "not authorized",
+                  0x8A: "the login is banned",
+                  0x8C: "bad authentication method"}
 
 
 @dataclass(frozen=True)
@@ -210,6 +225,13 @@ class MqttConnection:
         self.connected = threading.Event()
         self.on_connect_hooks: list[Callable[[bool], None]] = []
         self.last_error: str | None = None
+        #: Publishes the broker answered with a failure reason code (e.g. refused by its ACL).
+        self.refused_publishes = 0
+        #: Subscriptions the broker refused in its SUBACK.
+        self.refused_subscriptions = 0
+        self._refused = threading.Event()  # a CONNACK no retry can cure
+        self._pending_topics: dict[int, str] = {}  # mid -> topic of QoS>0 publishes in flight
+        self._refused_mids: set[int] = set()
 
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._dispatcher: threading.Thread | None = None
@@ -241,7 +263,9 @@ class MqttConnection:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self._client = client
+        self.username = username
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -272,7 +296,19 @@ class MqttConnection:
             properties=properties,
         )
         self._client.loop_start()
-        if not self.connected.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self._refused.is_set():
+                reason = self.last_error
+                self.stop()
+                raise BrokerRefused(
+                    f"the MQTT broker at {self.address.url} refused the login of "
+                    f"{self.username or '(anonymous)'!r} as {self.client_id!r}: {reason}; check "
+                    "the user name and password (a device's are in its bundle from `edgefl fleet "
+                    "add-device`; a revoked device needs a new bundle)")
+            if time.monotonic() >= deadline:
+                break
+        if not self.connected.is_set():
             reason = self.last_error or "no answer"
             self.stop()
             raise BrokerUnreachable(
@@ -321,11 +357,14 @@ class MqttConnection:
         and returns True only if the broker confirmed it in time.
         """
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._pending_topics[info.mid] = topic
         if timeout is None:
             return info.rc == mqtt.MQTT_ERR_SUCCESS
         try:
             info.wait_for_publish(timeout)
-            return info.is_published()
+            # A PUBACK with a failure reason code (an ACL refusal) completes the publish too.
+            return info.is_published() and info.mid not in self._refused_mids
         except (RuntimeError, ValueError):
             # Not connected or paho's queue is full: not confirmed.
             return False
@@ -358,6 +397,10 @@ class MqttConnection:
             if reason_code.is_failure:
                 self.last_error = f"broker refused the connection: {reason_code}"
                 log.warning("%s: %s", self.client_id, self.last_error)
+                if reason_code.value in _FATAL_CONNACK:
+                    self.last_error = (f"broker refused the connection: {reason_code} "
+                                       f"({_FATAL_CONNACK[reason_code.value]})")
+                    self._refused.set()
                 return
             self.last_error = None
             self._session_present = bool(flags.session_present)
@@ -376,11 +419,26 @@ class MqttConnection:
                 return
             for (topic, _), code in zip(self.subscriptions, reason_codes):
                 if code.is_failure:
+                    self.refused_subscriptions += 1
                     log.error("%s: the broker refused the subscription to %s (%s); check the "
-                              "broker's access control for this client", self.client_id, topic, code)
+                              "broker's ACL for user %r (re-provision with `edgefl fleet`)",
+                              self.client_id, topic, code, self.username)
             self._ready()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_subscribe failed", self.client_id)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        try:
+            topic = self._pending_topics.pop(mid, None)
+            self._refused_mids.discard(mid)  # mids are reused: only this answer counts
+            if reason_code is not None and reason_code.is_failure:
+                self.refused_publishes += 1
+                self._refused_mids.add(mid)
+                log.error("%s: the broker refused the message on %s (%s): check the broker's "
+                          "ACL for user %r: this login may not publish there (re-provision with "
+                          "`edgefl fleet`)", self.client_id, topic, reason_code, self.username)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _ready(self) -> None:
         self.connected.set()

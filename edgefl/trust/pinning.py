@@ -3,8 +3,9 @@
 A device is provisioned with the server's Ed25519 signing key and X25519 sealing key (the device
 bundle's ``trust.json``). :class:`PinnedKeys` accepts a server message only if it verifies with
 the pinned signing key, belongs to this fleet, kind and device, and (except receipts, which
-answer one update each) carries a sequence above the last one the device acted on for that kind,
-so a replayed message, however validly signed, changes nothing. The newest sequences and the
+answer one update each) carries a sequence not below the last one the device acted on for that
+kind, so a replayed older message, however validly signed, changes nothing. (The very message
+acted on last may come again: a broker redelivers retained messages on every connection.) The newest sequences and the
 keys are kept in the device's state directory and written only after a verified message was
 acted on.
 
@@ -25,13 +26,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from edgefl.durable import replace_file
 from .errors import KeyFileError, ReplayedMessage, SignatureInvalid
 from .keys import key_id, raw_public, sealing_public_key, signing_public_key
-from .sealing import seal
-from .signing import SignedMessage, open_signed
+from .sealing import Sealer
+from .signing import SignedMessage, open_signed, parse_signed
 
 log = logging.getLogger(__name__)
 
 #: Kinds whose sequence must grow: a receipt answers one update and may come again.
-ORDERED_KINDS = ("model", "round", "key")
+ORDERED_KINDS = ("model", "round", "key", "refresh")
 _NOTICE_VERSION = 1
 
 
@@ -92,6 +93,7 @@ class PinnedKeys:
         self._lock = threading.Lock()
         if self.path is not None and self.path.exists():
             self._load()
+        self._sealer = Sealer(self.sealing_key)
 
     @classmethod
     def from_trust_file(cls, trust_file, *, fleet: str, path=None) -> "PinnedKeys":
@@ -128,7 +130,8 @@ class PinnedKeys:
         return key_id(self.signing_key).hex()
 
     def verify(self, frame, kind: str, *, subject: str = "") -> SignedMessage:
-        """Check a frame: pinned signature, this fleet, ``kind``, ``subject``, not a replay.
+        """Check a frame: pinned signature, this fleet, ``kind``, ``subject``, not older than the
+        last message of its kind acted on.
 
         Nothing is recorded: call :meth:`accept` once the message was acted on.
 
@@ -141,9 +144,9 @@ class PinnedKeys:
         if kind in ORDERED_KINDS:
             with self._lock:
                 last = self.sequences[kind]
-            if message.sequence <= last:
-                raise ReplayedMessage(f"{kind} message with sequence {message.sequence} is not "
-                                      f"newer than {last}, the newest one acted on: a replay")
+            if message.sequence < last:
+                raise ReplayedMessage(f"{kind} message with sequence {message.sequence} is older "
+                                      f"than {last}, the newest one acted on: a replay")
         return message
 
     def accept(self, message: SignedMessage) -> None:
@@ -161,11 +164,17 @@ class PinnedKeys:
         ------
         SignatureInvalid, MessageMisbound, ReplayedMessage
         """
+        seen, _, _ = parse_signed(frame)
+        if seen.kind == "key" and seen.sequence == self.sequences["key"]:
+            # The notice already acted on, delivered again (it is retained): it is signed with
+            # the key it replaced, so it no longer verifies, and it changes nothing.
+            return seen
         message = self.verify(frame, "key")
         signing, sealing = parse_key_notice(message.payload)
         with self._lock:
             old = key_id(self.signing_key).hex()
             self.signing_key, self.sealing_key = signing, sealing
+            self._sealer = Sealer(sealing)
             self.sequences["key"] = message.sequence
             self._save_locked()
         log.warning("the server rotated its keys: signing key %s replaces %s",
@@ -173,9 +182,8 @@ class PinnedKeys:
         return message
 
     def seal(self, update: bytes, *, client_id: str, round_id: int) -> bytes:
-        """Seal an encoded update to the pinned sealing key (:func:`edgefl.trust.sealing.seal`)."""
-        return seal(update, self.sealing_key, fleet=self.fleet, client_id=client_id,
-                    round_id=round_id)
+        """Seal an encoded update to the pinned sealing key (:class:`edgefl.trust.Sealer`)."""
+        return self._sealer.seal(update, fleet=self.fleet, client_id=client_id, round_id=round_id)
 
     def _save_locked(self) -> None:
         if self.path is None:

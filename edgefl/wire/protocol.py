@@ -2,6 +2,8 @@
 
 Control messages (round announcements, receipts, device status) are small UTF-8 JSON objects that
 carry no model numbers; updates and models travel in the binary wire format (:mod:`edgefl.wire`).
+Everything the server publishes travels inside a signed message and every update inside a sealed
+one (:mod:`edgefl.trust`), except in ``--insecure`` runs.
 The full protocol is specified in ``docs/protocol.md``.
 
 Topics, for a fleet ``F`` and a device ``D``::
@@ -9,6 +11,7 @@ Topics, for a fleet ``F`` and a device ``D``::
     edgefl/F/model               retained  current global model (binary envelope)        server -> all
     edgefl/F/refresh             QoS 1     model refresh (binary delta, v -> v+1)         server -> all
     edgefl/F/round               retained  RoundAnnouncement (JSON)                       server -> all
+    edgefl/F/key                 retained  key rotation notice                            server -> all
     edgefl/F/clients/D/update    QoS 1     update (binary)                                device -> server
     edgefl/F/clients/D/status    retained  DeviceStatus (JSON); Last Will "offline"       device -> all
     edgefl/F/clients/D/receipt   QoS 1     Receipt (JSON)                                 server -> device
@@ -68,6 +71,11 @@ class Topics:
     @property
     def round(self) -> str:
         return f"{self.prefix}/round"
+
+    @property
+    def key(self) -> str:
+        """Retained key rotation notice (signed with the key it replaces)."""
+        return f"{self.prefix}/key"
 
     def update(self, client_id: str) -> str:
         return f"{self.prefix}/clients/{check_name('client id', client_id)}/update"
