@@ -51,7 +51,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import percentile  # noqa: E402
+from harness import PEAK_MIB_SOURCE, percentile  # noqa: E402
 
 import edgefl  # noqa: E402
 from edgefl import kernels, wire  # noqa: E402
@@ -259,15 +259,7 @@ def update_size(n: int = 100_000, density: float = 0.01) -> dict:
 
 # -- 3. client footprint ------------------------------------------------------------------------
 
-# Peak RSS from /proc/self/status VmHWM: getrusage's ru_maxrss survives exec on Linux, so a child
-# of this (large) benchmark process would report the parent's high-water mark.
-_PEAK = """
-def peak_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-"""
-FOOTPRINT = _PEAK + """
+FOOTPRINT = PEAK_MIB_SOURCE + """
 import sys, time
 t0 = time.perf_counter()
 import numpy, onnxruntime, paho.mqtt.client
@@ -277,13 +269,13 @@ p = edgefl.device.predictor.Predictor(model)
 p.predict(numpy.zeros(model.manifest.input_width, numpy.float32))
 print(time.perf_counter() - t0, peak_mib())
 """
-DEPENDENCIES = _PEAK + """
+DEPENDENCIES = PEAK_MIB_SOURCE + """
 import time
 t0 = time.perf_counter()
 import numpy, onnxruntime, paho.mqtt.client
 print(time.perf_counter() - t0, peak_mib())
 """
-BARE = _PEAK + """
+BARE = PEAK_MIB_SOURCE + """
 import time
 t0 = time.perf_counter()
 print(time.perf_counter() - t0, peak_mib())

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import median_seconds  # noqa: E402
+from harness import PEAK_MIB_SOURCE, median_seconds  # noqa: E402
 
 import edgefl  # noqa: E402
 
@@ -165,13 +165,7 @@ def sealing(reps: int, batch: int = 256) -> dict:
     }
 
 
-_PEAK = """
-def peak_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-"""
-DEVICE = _PEAK + """
+DEVICE = PEAK_MIB_SOURCE + """
 import sys
 import numpy, onnxruntime, paho.mqtt.client
 import edgefl, edgefl.device.predictor, edgefl.wire, edgefl.device.trainer, edgefl.device.privacy

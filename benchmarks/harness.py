@@ -77,3 +77,14 @@ def percentile(values, q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+#: Source of ``peak_mib()`` for a benchmark's child interpreter: peak RSS from /proc/self/status
+#: VmHWM (getrusage's ru_maxrss survives exec on Linux, so a child of a large benchmark process
+#: would report the parent's high-water mark).
+PEAK_MIB_SOURCE = """
+def peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""

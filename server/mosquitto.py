@@ -57,6 +57,10 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
+class _PortTaken(BrokerUnavailable):
+    """The port was taken by another process (retried when the port was ours to choose)."""
+
+
 class MosquittoBroker:
     """A private Mosquitto process listening on one loopback port.
 
@@ -80,19 +84,28 @@ class MosquittoBroker:
     autosave_interval : int
         With ``fleet``: seconds between saves of the broker's state; what arrived since the
         last save is lost when the broker is killed (:meth:`kill`).
+    any_port : bool
+        With ``fleet``: listen on a free loopback port instead of the fleet's (the simulation
+        and the tests, which tell their clients :attr:`url`).
+
+    A port chosen here (no ``port``, or ``any_port``) is chosen again if another process takes
+    it before Mosquitto binds it (the first start only: a restart keeps its port).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, port: int | None = None, *, persistence_dir=None, max_packet_size=16 << 20,
-                 fleet=None, persistence: bool = True, autosave_interval: int = 1):
+                 fleet=None, persistence: bool = True, autosave_interval: int = 1,
+                 any_port: bool = False):
         self.host = "127.0.0.1"
         self.fleet = fleet
         self.persistence = persistence
         self.autosave_interval = autosave_interval
         self._tmp = tempfile.TemporaryDirectory(prefix="edgefl-mosquitto-")
+        self._choose_port = (fleet is None and not port) or (fleet is not None and any_port)
+        self._started_once = False
         if fleet is not None:
-            self.port = fleet.port
+            self.port = free_port() if any_port else fleet.port
             self.dir = fleet.path("broker")
         else:
             self.port = port or free_port()
@@ -113,7 +126,8 @@ class MosquittoBroker:
                     "log_type warning", "log_type notice"]
         if self.fleet is not None:
             config = self.dir / "mosquitto.run.conf"
-            text = mosquitto_config(self.fleet, bind=self.host, persistence=self.persistence,
+            text = mosquitto_config(self.fleet, bind=self.host, port=self.port,
+                                    persistence=self.persistence,
                                     autosave_interval=self.autosave_interval)
             config.write_text(text + "\n".join(launcher + [f"pid_file {self.fleet.pid_file}", ""]))
             return config
@@ -135,11 +149,31 @@ class MosquittoBroker:
         return config
 
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+        """Start Mosquitto and wait until it listens.
+
+        Raises
+        ------
+        BrokerUnavailable
+            Mosquitto is missing, the port is taken, or it did not start (its log says why).
+        """
+        attempts = 5 if self._choose_port and not self._started_once else 1
+        for attempt in range(attempts):
+            try:
+                self._start(timeout)
+                self._started_once = True
+                return self
+            except _PortTaken:
+                if attempt + 1 == attempts:
+                    raise
+                self.port = free_port()  # another process took it meanwhile: pick again
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> None:
         exe = find_mosquitto()
         if exe is None:
             raise BrokerUnavailable(MOSQUITTO_MISSING)
         if _listening(self.host, self.port):
-            raise BrokerUnavailable(
+            raise _PortTaken(
                 f"port {self.port} on {self.host} is already in use: choose another port "
                 "or pass --broker to use the broker that listens there"
             )
@@ -152,12 +186,11 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BrokerUnavailable(
-                    f"mosquitto exited with code {self.process.returncode}: "
-                    f"{self.log_path.read_text(errors='replace')[-2000:]}"
-                )
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                error = _PortTaken if "Address already in use" in tail[-200:] else BrokerUnavailable
+                raise error(f"mosquitto exited with code {self.process.returncode}: {tail}")
             if _listening(self.host, self.port):
-                return self
+                return
             time.sleep(0.02)
         self.stop()
         raise BrokerUnavailable(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")

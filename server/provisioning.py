@@ -271,9 +271,10 @@ def _broker_cert(ca_key, ca_cert: x509.Certificate, host: str):
     return key, cert
 
 
-def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool = True,
-                     autosave_interval: int = 1) -> str:
-    """The ``mosquitto.conf`` of a fleet: one TLS listener, logins and ACL required."""
+def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", port: int | None = None,
+                     persistence: bool = True, autosave_interval: int = 1) -> str:
+    """The ``mosquitto.conf`` of a fleet: one TLS listener (on the fleet's port unless ``port``
+    says otherwise), logins and ACL required."""
     b = fleet.path("broker")
     return "\n".join([
         "# Written by `edgefl fleet init`. Mosquitto 2.0: `mosquitto -c mosquitto.conf`.",
@@ -283,7 +284,7 @@ def mosquitto_config(fleet: Fleet, *, bind: str = "0.0.0.0", persistence: bool =
         "allow_anonymous false",
         f"password_file {b / 'passwd'}",
         f"acl_file {b / 'acl'}",
-        f"listener {fleet.port} {bind}",
+        f"listener {port or fleet.port} {bind}",
         # Identity is the login: a device cannot take over another device's session. A listener
         # option: placed before the first `listener` line, Mosquitto 2.0 would open a default
         # plain-MQTT listener on 0.0.0.0:1883 for it.

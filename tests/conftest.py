@@ -68,5 +68,5 @@ def fleet(request, tmp_path):
 @pytest.fixture
 def secure_broker(fleet):
     """Mosquitto running ``fleet``'s generated configuration on loopback."""
-    with MosquittoBroker(fleet=fleet) as b:
+    with MosquittoBroker(fleet=fleet, any_port=True) as b:
         yield b

@@ -205,6 +205,7 @@ def test_a_device_with_a_wrong_password_exits_at_once_naming_the_cause(secure_br
                                                                         tmp_path):
     np.savez(tmp_path / "d.npz", X=np.ones((3, 64)), y=np.zeros(3, np.int64))
     env = {**os.environ, **_bundle_env(fleet, "dev-1"), "EDGEFL_PASSWORD": "wrong",
+           "EDGEFL_BROKER": secure_broker.url,
            "EDGEFL_STATE_DIR": str(tmp_path / "state"), "EDGEFL_DATA": str(tmp_path / "d.npz")}
     env.pop("EDGEFL_BUNDLE")
     started = time.monotonic()

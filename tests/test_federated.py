@@ -304,7 +304,7 @@ def test_a_broker_without_persistence_restarts_and_a_device_reboots(fleet, tmp_p
     exactly once."""
     from edgefl_server.mosquitto import MosquittoBroker
 
-    with MosquittoBroker(fleet=fleet, persistence=False) as broker:
+    with MosquittoBroker(fleet=fleet, persistence=False, any_port=True) as broker:
         watch = OnlineWatch(broker)
         try:
             fleet_devices = Fleet(broker, tmp_path / "devices", 3)
@@ -334,7 +334,7 @@ def test_an_update_the_broker_acknowledged_and_then_lost_is_resent(fleet, tmp_pa
     from edgefl_server.mosquitto import MosquittoBroker
 
     # Nothing is saved between start and the crash: what the broker acknowledged is lost.
-    with MosquittoBroker(fleet=fleet, autosave_interval=3600) as broker:
+    with MosquittoBroker(fleet=fleet, autosave_interval=3600, any_port=True) as broker:
         watch = OnlineWatch(broker)
         try:
             fleet_devices = Fleet(broker, tmp_path / "devices", 2,

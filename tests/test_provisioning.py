@@ -195,3 +195,25 @@ def test_a_device_bundle_holds_what_the_device_needs(fleet):
     assert f"--bundle {bundle}" in (bundle / "command.txt").read_text()
     with pytest.raises(ProvisioningError, match="server's logins"):
         add_device(fleet.directory, "edgefl-server-demo")
+
+
+def _listening_sockets(pid):
+    """(address, port) of every TCP socket process ``pid`` listens on, from /proc."""
+    inodes = set()
+    for fd in (Path("/proc") / str(pid) / "fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in (Path("/proc") / str(pid) / "net" / table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                found.append((address, int(port, 16)))
+    return found
+
+
+def test_the_broker_listens_only_on_its_tls_port_on_loopback(secure_broker):
+    # 0100007F is 127.0.0.1 in /proc's byte order; no default listener (1883, every interface)
+    assert _listening_sockets(secure_broker.process.pid) == [("0100007F", secure_broker.port)]

@@ -130,7 +130,7 @@ def run(args) -> int:
                 broker = MosquittoBroker(persistence_dir=out / "broker").start()
         else:
             fleet = provision(plan, out / "fleet")
-            broker = MosquittoBroker(fleet=fleet).start()
+            broker = MosquittoBroker(fleet=fleet, any_port=True).start()
         url = args.broker or broker.url
         how = "INSECURE" if fleet is None else f"provisioned fleet in {out / 'fleet'}"
         print(f"edgefl simulate: {plan.devices} devices ({plan.devices_as}), {plan.rounds} "
