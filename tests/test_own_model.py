@@ -16,19 +16,27 @@ pytestmark = pytest.mark.integration
 
 ROUNDS = 2
 DEVICES = 2
+FLEET_DEVICES = tuple(f"dev-{i}" for i in range(DEVICES))
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTS))
-def test_a_users_model_trains_over_mosquitto_and_exports(name, broker, tmp_path):
+def test_a_users_model_trains_over_mosquitto_and_exports(name, secure_broker, fleet, tmp_path):
+    broker = secure_broker  # the provisioned configuration, as deployed
     model0 = import_onnx(DATA / f"{name}.onnx", trainable_layers=1 if name == "torch_cnn" else None)
     X_train, y_train, X_test, _ = load_digits(0)
     parts = dirichlet_partition(y_train, DEVICES, alpha=1.0, seed=0)
-    config = ServerConfig(broker_url=broker.url, fleet="own", state_dir=tmp_path / "server",
+    config = ServerConfig(broker_url=broker.url, fleet=fleet.fleet, state_dir=tmp_path / "server",
                           rounds=ROUNDS, min_clients=DEVICES, round_timeout=60.0,
-                          training=TrainingConfig(epochs=2, batch_size=16, lr=0.05), seed=0)
+                          training=TrainingConfig(epochs=2, batch_size=16, lr=0.05), seed=0,
+                          fleet_dir=fleet.directory)
     server = AggregationServer(config, initial_model=model0)
-    clients = [EdgeClient(f"dev-{i}", "own", broker.url, tmp_path / f"dev-{i}", seed=i)
-               for i in range(DEVICES)]
+    clients = []
+    for i in range(DEVICES):
+        bundle = fleet.bundle(f"dev-{i}")
+        clients.append(EdgeClient(f"dev-{i}", fleet.fleet, broker.url, tmp_path / f"dev-{i}",
+                                  seed=i, username=f"dev-{i}",
+                                  password=(bundle / "password").read_text(),
+                                  ca_certs=str(bundle / "ca.crt"), trust=bundle / "trust.json"))
     for client, part in zip(clients, parts):
         client.add_data(X_train[part], y_train[part])
     server.start()
