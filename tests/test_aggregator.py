@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 FLEET = "demo"
 TOPICS = Topics(FLEET)
 DEVICES = ("d1", "d2", "d3")
-FLEET_DEVICES = DEVICES
+FLEET_DEVICES = DEVICES + ("p1", "p2", "p3", "p4", "p5")
 
 
 @pytest.fixture
