@@ -157,6 +157,7 @@ def server_process(broker_url: str, state_dir: str, devices: int, workers: int, 
     options = {"ingest_workers": workers} if workers > 1 else {}
     config = ServerConfig(broker_url=broker_url, fleet=FLEET, state_dir=state_dir, rounds=1,
                           min_clients=devices, round_timeout=600.0, server_id=server_id,
+                          insecure=True,  # the plain path: bench_trust.py measures trust's cost
                           **options)
     server = AggregationServer(config, initial_model=build_mlp(LAYERS, seed=0), on_round=on_round)
     server.start(timeout=60)

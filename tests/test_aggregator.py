@@ -39,7 +39,14 @@ pytestmark = pytest.mark.integration
 FLEET = "demo"
 TOPICS = Topics(FLEET)
 DEVICES = ("d1", "d2", "d3")
-FLEET_DEVICES = DEVICES + ("p1", "p2", "p3", "p4", "p5")
+FLEET_DEVICES = DEVICES + ("p1", "p2", "p3", "p4", "p5", "away")
+
+
+def device_login(broker, name):
+    """The EdgeClient arguments of device ``name``'s bundle."""
+    bundle = broker.fleet.bundle(name)
+    return dict(username=name, password=(bundle / "password").read_text(),
+                ca_certs=str(bundle / "ca.crt"), trust=bundle / "trust.json")
 
 
 @pytest.fixture
@@ -611,14 +618,16 @@ def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients,
     # "away" holds version 0 from an earlier run and was last online before the server started
     from edgefl.device.saved_model import SavedModel
     (tmp_path / "away").mkdir()
-    SavedModel(tmp_path / "away").save_full(encode_model(initial))
+    from edgefl.trust import Signer
+    SavedModel(tmp_path / "away").save_full(  # saved as devices save it: signed
+        Signer(broker.fleet.signing_key(), FLEET).sign("model", encode_model(initial)))
     status = Paho(broker, "status-observer", [TOPICS.status("away")])
 
     def state(expected):
         return lambda payload: DeviceStatus.from_json(payload).state == expected
 
     with EdgeClient("away", FLEET, broker.url, tmp_path / "away", reconnect_delay=(0.1, 0.5),
-                    session_expiry=expiry) as away:
+                    session_expiry=expiry, **device_login(broker, "away")) as away:
         assert away.model_version == 0
         status.wait_for(TOPICS.status("away"), state("online"))
     status.wait_for(TOPICS.status("away"), state("offline"))
@@ -646,7 +655,8 @@ def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients,
         assert final.weights.tobytes() == rebuilt.tobytes()
         # the device comes back after the run
         back = EdgeClient("away", FLEET, broker.url, tmp_path / "away",
-                          reconnect_delay=(0.1, 0.5), session_expiry=expiry)
+                          reconnect_delay=(0.1, 0.5), session_expiry=expiry,
+                          **device_login(broker, "away"))
         with back:
             assert back.finished.wait(20)
             assert back.model_version == 3
