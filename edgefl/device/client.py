@@ -760,7 +760,6 @@ class EdgeClient:
         except OSError as exc:
             log.warning("%s: could not save model version %d (%s); it serves it anyway",
                         self.client_id, model.version, exc)
-        self._accept(message)
         with self._lock:
             if current is None:
                 self._predictor = predictor
