@@ -94,6 +94,9 @@ class Paho:
         if self.fleet is not None:
             if client_id in self.fleet.devices():
                 password = (self.fleet.bundle(client_id) / "password").read_text()
+            elif client_id == "server":  # the server's login, while no server runs
+                creds = self.fleet.server_credentials()
+                username, password = creds["username"], creds["password"]
             else:
                 creds = self.fleet.observer_credentials()
                 username, password = creds["username"], creds["password"]
@@ -110,7 +113,7 @@ class Paho:
         time.sleep(0.05)  # SUBACK
 
     def _unwrap(self, topic, payload):
-        if self.fleet is None:
+        if self.fleet is None or topic.endswith("/status"):  # devices do not sign status
             return payload
         kind = "receipt" if topic.endswith("/receipt") else topic.rsplit("/", 1)[1]
         subject = TOPICS.client_of(topic) if kind == "receipt" else ""
@@ -611,7 +614,9 @@ def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients,
     from edgefl_server.downlink import DownlinkConfig
 
     observer, devices = clients
-    refreshes = Paho(broker, "refresh-observer", [TOPICS.refresh])
+    # One observer login at a time: the broker makes the user name the client id.
+    observer.client.subscribe(TOPICS.refresh, 1)
+    refreshes = observer
     initial = build_mlp((64, 32, 10), seed=0)
     n = initial.manifest.num_params
     expiry = 3600 if session_kept else 0
@@ -621,7 +626,7 @@ def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients,
     from edgefl.trust import Signer
     SavedModel(tmp_path / "away").save_full(  # saved as devices save it: signed
         Signer(broker.fleet.signing_key(), FLEET).sign("model", encode_model(initial)))
-    status = Paho(broker, "status-observer", [TOPICS.status("away")])
+    status = Paho(broker, "server", [TOPICS.status("away")])
 
     def state(expected):
         return lambda payload: DeviceStatus.from_json(payload).state == expected
@@ -634,42 +639,39 @@ def test_compressed_refreshes_and_a_device_that_missed_versions(broker, clients,
     status.close()
     config = server_config(broker, tmp_path, rounds=3, min_clients=3,
                            downlink=DownlinkConfig(density=0.05, values="f16"))
-    try:
-        with AggregationServer(config, initial_model=initial) as server:
-            # three rounds of the other three devices while "away" is offline
-            rebuilt = initial.weights
-            for round_id in (1, 2, 3):
-                ann = observer.wait_for(TOPICS.round, announcement("open", round_id))
-                assert "away" not in ann.selected
-                for c, dev in devices.items():
-                    dev.send(good_update(c, round_id, ann.model_version, n, update_id=round_id))
-                    assert dev.receipt().status == "accepted"
-                refresh = decode_refresh(refreshes.next(TOPICS.refresh, timeout=20))
-                assert (refresh.base_version, refresh.version) == (round_id - 1, round_id)
-                assert refresh.k == int(np.ceil(0.05 * n))
-                rebuilt = refresh.apply(rebuilt)  # checks the hash
-                full = observer.wait_for(TOPICS.model, model_version(round_id))
-                assert full.weights.tobytes() == rebuilt.tobytes()  # the envelope = the refreshes
-            assert server.wait(20)
-            final = server.model
-        assert final.weights.tobytes() == rebuilt.tobytes()
-        # the device comes back after the run
-        back = EdgeClient("away", FLEET, broker.url, tmp_path / "away",
-                          reconnect_delay=(0.1, 0.5), session_expiry=expiry,
-                          **device_login(broker, "away"))
-        with back:
-            assert back.finished.wait(20)
-            assert back.model_version == 3
-            assert back.predictor.model.weights.tobytes() == final.weights.tobytes()
-            assert wait_for_counter(back, "refreshes_applied", 3 if session_kept else 0)
-            assert back.counters["refresh_fallbacks"] == (0 if session_kept else 1)
-        # the residual survives a restart: a resumed server holds the same state
-        from edgefl_server.store import ServerStore
-        saved = ServerStore(tmp_path / "state", fleet=FLEET, strategy="fedavg").load()
-        assert saved.downlink_state["residual"].shape == (n,)
-        assert np.abs(saved.downlink_state["residual"]).max() > 0
-    finally:
-        refreshes.close()
+    with AggregationServer(config, initial_model=initial) as server:
+        # three rounds of the other three devices while "away" is offline
+        rebuilt = initial.weights
+        for round_id in (1, 2, 3):
+            ann = observer.wait_for(TOPICS.round, announcement("open", round_id))
+            assert "away" not in ann.selected
+            for c, dev in devices.items():
+                dev.send(good_update(c, round_id, ann.model_version, n, update_id=round_id))
+                assert dev.receipt().status == "accepted"
+            refresh = decode_refresh(refreshes.next(TOPICS.refresh, timeout=20))
+            assert (refresh.base_version, refresh.version) == (round_id - 1, round_id)
+            assert refresh.k == int(np.ceil(0.05 * n))
+            rebuilt = refresh.apply(rebuilt)  # checks the hash
+            full = observer.wait_for(TOPICS.model, model_version(round_id))
+            assert full.weights.tobytes() == rebuilt.tobytes()  # the envelope = the refreshes
+        assert server.wait(20)
+        final = server.model
+    assert final.weights.tobytes() == rebuilt.tobytes()
+    # the device comes back after the run
+    back = EdgeClient("away", FLEET, broker.url, tmp_path / "away",
+                      reconnect_delay=(0.1, 0.5), session_expiry=expiry,
+                      **device_login(broker, "away"))
+    with back:
+        assert back.finished.wait(20)
+        assert back.model_version == 3
+        assert back.predictor.model.weights.tobytes() == final.weights.tobytes()
+        assert wait_for_counter(back, "refreshes_applied", 3 if session_kept else 0)
+        assert back.counters["refresh_fallbacks"] == (0 if session_kept else 1)
+    # the residual survives a restart: a resumed server holds the same state
+    from edgefl_server.store import ServerStore
+    saved = ServerStore(tmp_path / "state", fleet=FLEET, strategy="fedavg").load()
+    assert saved.downlink_state["residual"].shape == (n,)
+    assert np.abs(saved.downlink_state["residual"]).max() > 0
 
 
 def test_fedbuff_aggregates_every_k_updates_by_staleness_and_refuses_too_stale(broker, clients,
