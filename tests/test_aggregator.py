@@ -722,6 +722,7 @@ def test_fedbuff_server_killed_mid_buffer_resumes_without_losing_or_double_count
     observer, devices = clients
     state = tmp_path / "state"
     cmd = [sys.executable, "-m", "edgefl", "server", "--broker", broker.url, "--fleet", FLEET,
+           "--fleet-dir", str(broker.fleet.directory),
            "--state-dir", str(state), "--rounds", "1", "--min-clients", "1",
            "--buffer-size", "3", "--max-staleness", "2", "--model", "mlp:64-32-10",
            "--log-level", "WARNING"]
