@@ -104,7 +104,10 @@ class Federation:
             device = EdgeClient(name, FLEET, broker.url, tmp_path / name, seed=0,
                                 username=name, password=(bundle / "password").read_text(),
                                 ca_certs=str(bundle / "ca.crt"), trust=bundle / "trust.json",
-                                reconnect_delay=(0.1, 0.5))
+                                reconnect_delay=(0.1, 0.5),
+                                # Full envelopes: every retained model reaches the devices (a
+                                # device following refreshes would not even read a rogue one).
+                                model_refresh=False)
             device.add_data(X[part], y[part])
             self.devices[name] = device
         observer = self.fleet.observer_credentials()
