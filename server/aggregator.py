@@ -855,7 +855,7 @@ class AggregationServer:
         self._store.save_round(finished)
         with self._lock:
             self._round = finished
-        self._publish(self.topics.round, finished.announcement().to_json(), retain=True)
+        self._publish(self.topics.round, finished.announcement().to_json(), "round", retain=True)
         log.warning("the run stops before round %d of %d: %s", r.round_id, self.config.rounds,
                     reason)
 

@@ -814,7 +814,7 @@ def test_central_dp_calibrates_its_noise_for_the_target_and_the_rounds(tmp_path)
     central = CentralPrivacy(sampling_rate=0.1, clip=1.0, target_epsilon=4.0, delta=1e-5)
     server = AggregationServer(ServerConfig(broker_url="mqtt://127.0.0.1:1", fleet=FLEET,
                                             state_dir=tmp_path, rounds=50,
-                                            central_privacy=central))
+                                            central_privacy=central, insecure=True))
     z = server.strategy.options.noise_multiplier
     assert z == pytest.approx(noise_multiplier_for(4.0, 1e-5, 0.1, 50))
     assert run_epsilon(z, 0.1, 50, 1e-5) <= 4.0
@@ -824,7 +824,7 @@ def test_central_dp_calibrates_its_noise_for_the_target_and_the_rounds(tmp_path)
                           "cannot be combined")):
         with pytest.raises(ValueError, match=message):
             ServerConfig(broker_url="mqtt://127.0.0.1:1", fleet=FLEET, state_dir=tmp_path,
-                         central_privacy=central, **bad)
+                         central_privacy=central, insecure=True, **bad)
 
 
 def test_devices_that_cannot_take_part_are_not_selected_and_a_decline_is_not_waited_for(
