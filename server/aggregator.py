@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 #: How long a publish waits for the broker's PUBACK before the server logs a warning.
 PUBLISH_TIMEOUT = 10.0
+#: Seconds without a new device status before a round opens (the retained burst has arrived).
+STATUS_SETTLE = 0.2
 #: Most update messages stored in one transaction (group commit).
 MAX_BATCH = 256
 
@@ -313,6 +315,7 @@ class AggregationServer:
         self._model_payload = b""
         self._signer: Signer | None = None
         self._announced_at = 0.0  # time.monotonic() of the last announcement published
+        self._status_seen_at = 0.0  # time.monotonic() of the last device status handled
         self.history: list[RoundResult] = []
         self.model: Model | None = None
         self._round: RoundState | None = None
@@ -638,6 +641,7 @@ class AggregationServer:
                 self._declined.add(client)
                 log.warning("round %d: %s declined: %s", r.round_id, client,
                             status.capabilities["declined"]["reason"])
+        self._status_seen_at = time.monotonic()
         self._wake.set()
 
     def _ingest_loop(self) -> None:
@@ -792,6 +796,10 @@ class AggregationServer:
 
     def _try_open(self, r: RoundState) -> bool:
         cfg = self.config
+        if time.monotonic() - self._status_seen_at < STATUS_SETTLE:
+            # Retained statuses arrive as a burst after a (re)connect (more slowly over TLS):
+            # select from all of them, not from the first one handled.
+            return False
         if self._accountant is not None:
             try:
                 self._accountant.check_round()

@@ -98,7 +98,7 @@ def listening_ports(pid: int) -> set[int]:
 
 def test_the_broker_listens_on_the_fleets_tls_port_only(secure_broker, fleet):
     """No option may open Mosquitto's default plain listener (0.0.0.0:1883) next to the TLS one."""
-    assert listening_ports(secure_broker.process.pid) == {fleet.port}
+    assert listening_ports(secure_broker.process.pid) == {secure_broker.port}
 
 
 def test_a_device_publishes_only_on_its_own_topics(secure_broker, fleet):
