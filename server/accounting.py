@@ -36,6 +36,7 @@ Devices never import this module: ``dp-accounting`` is a server-only dependency.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -44,9 +45,19 @@ import numpy as np
 from dp_accounting import rdp
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
+# At small fractional orders (1.1 to 1.5) and z near 1 the accountant's series for the sampled
+# Gaussian does not converge; it then leaves that order out (its RDP counts as infinite, which
+# can only make epsilon larger: the result stays an upper bound) and logs an absl WARNING per
+# order and curve, dozens at start-up. Only errors are worth a line in the server's log.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
 
 class PrivacyBudgetReached(RuntimeError):
     """Running one more round would take the run's epsilon over its target."""
+
+
+class ParametersChanged(ValueError):
+    """Rounds a run already released used another noise multiplier or sampling rate."""
 
 
 def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
@@ -155,6 +166,27 @@ class RunAccountant:
         accountant.compose(dp_accounting.GaussianDpEvent(self.noise_multiplier), participations)
         return float(accountant.get_epsilon(self.delta))
 
+    def resume(self, recorded: list[tuple[float, float]]) -> None:
+        """Count the rounds released before this start, from the ``(z, q)`` each one recorded.
+
+        A run keeps one noise multiplier and sampling rate: its epsilon composes the rounds it
+        released, so those must be the rounds this accountant charges.
+
+        Raises
+        ------
+        ParametersChanged
+            If a recorded round used another ``z`` or ``q`` than this accountant (then nothing
+            is counted).
+        """
+        for z, q in recorded:
+            if not (math.isclose(z, self.noise_multiplier, rel_tol=1e-9)
+                    and math.isclose(q, self.sampling_rate, rel_tol=1e-9)):
+                raise ParametersChanged(
+                    f"{len(recorded)} earlier round(s) used noise multiplier {z!r} and sampling "
+                    f"rate {q!r}; this start would use noise multiplier "
+                    f"{self.noise_multiplier!r} and sampling rate {self.sampling_rate!r}")
+        self.rounds = len(recorded)
+
     def affords_round(self) -> bool:
         """Whether releasing one more round keeps epsilon within the target (always without one)."""
         return self.target_epsilon is None or self.epsilon(self.rounds + 1) <= self.target_epsilon
@@ -224,11 +256,10 @@ class CentralPrivacy:
         _check_parameters(sampling_rate=self.sampling_rate, delta=self.delta,
                           noise_multiplier=self.noise_multiplier or 1.0)
 
-    def accountant(self, rounds: int, *, rounds_done: int = 0) -> RunAccountant:
+    def accountant(self, rounds: int) -> RunAccountant:
         """The run's accountant, calibrating ``z`` for ``rounds`` rounds if none was given."""
         z = self.noise_multiplier
         if z is None:
             z = noise_multiplier_for(self.target_epsilon, self.delta, self.sampling_rate, rounds)
         return RunAccountant(noise_multiplier=z, sampling_rate=self.sampling_rate,
-                             delta=self.delta, target_epsilon=self.target_epsilon,
-                             rounds=rounds_done)
+                             delta=self.delta, target_epsilon=self.target_epsilon)

@@ -57,7 +57,7 @@ from edgefl.wire import decode_update, encode_model
 
 from .buffer import BufferConfig, scaled_by_staleness
 from .downlink import DownlinkCompressor, DownlinkConfig
-from .accounting import CentralPrivacy, PrivacyBudgetReached
+from .accounting import CentralPrivacy, ParametersChanged, PrivacyBudgetReached
 from .influence import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM, InfluenceBounds
 from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
 from .local_dp import swamp_warning
@@ -67,7 +67,7 @@ from .rounds import (
     FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, poisson_select,
     randomk_seed, select_clients,
 )
-from .store import ServerStore
+from .store import ServerStore, StateError
 from .strategies import DPFedAvg, make_strategy
 from .workers import BatchReport, IngestWorkers
 
@@ -382,6 +382,12 @@ class AggregationServer:
             self.strategy.load_state_dict(saved.strategy_state)
             residual = saved.downlink_state.get("residual")
             self.history = [RoundResult.from_dict(r) for r in saved.history]
+            try:
+                self._resume_privacy_mode()
+            except StateError:
+                self._store.close()
+                self._store = None
+                raise
             # Asynchronous aggregation buffers updates of several rounds: all not yet counted.
             stored_updates = [] if cfg.ingest_workers > 1 else \
                 self._store.pending_updates() if cfg.buffer is not None else \
@@ -456,6 +462,42 @@ class AggregationServer:
         self._ingest_thread.start()
         return self
 
+    def _privacy_mode(self) -> str:
+        """This start's privacy mode, as each round records it (``none`` for no privacy)."""
+        if self._accountant is not None:
+            return "central"
+        return "local" if self.config.training.privacy.mechanism in LOCAL_MECHANISMS else "none"
+
+    def _resume_privacy_mode(self) -> None:
+        """Refuse to resume a run under another privacy mode or other central DP parameters
+        than its recorded rounds used: its guarantee is over the whole run, so every round must
+        be accounted by the mechanism it really ran (before the state changes)."""
+        cfg = self.config
+        mode = self._privacy_mode()
+        modes = Counter(r.privacy.get("mode", "none") for r in self.history)
+        other = {m: n for m, n in modes.items() if m != mode}
+        if other:
+            ran = ", ".join(f"{n} with privacy {m!r}" for m, n in sorted(other.items()))
+            raise StateError(
+                f"state directory {cfg.state_dir}: the run's earlier rounds ran {ran}, this start "
+                f"has privacy {mode!r}; a run's privacy mode cannot change on resume (its "
+                f"guarantee covers the whole run). Resume it with the privacy options it was "
+                f"started with, or start the new mode in a new --state-dir")
+        if mode == "central":
+            recorded = [(r.privacy["noise_multiplier"], r.privacy["sampling_rate"])
+                        for r in self.history]
+            try:
+                self._accountant.resume(recorded)
+            except ParametersChanged as exc:
+                z, q = recorded[0]
+                raise StateError(
+                    f"state directory {cfg.state_dir}: {exc}. A central-DP run keeps its noise "
+                    f"multiplier and sampling rate (a target epsilon calibrates the noise "
+                    f"multiplier for --rounds, so another --rounds changes it): resume with "
+                    f"--sampling-rate {q!r} --noise-multiplier {z!r} (with --target-epsilon the "
+                    f"run still stops before a round that would exceed it), or start a new run "
+                    f"in a new --state-dir") from None
+
     def _replay_privacy(self) -> None:
         """Rebuild who took part and what the run spent from the history (after a restart)."""
         for result in self.history:
@@ -466,9 +508,6 @@ class AggregationServer:
                 for c in answered:
                     e, d = self._device_spent.get(c, (0.0, 0.0))
                     self._device_spent[c] = (e + cost[0], d + cost[1])
-        if self._accountant is not None:
-            self._accountant.rounds = sum(1 for r in self.history
-                                          if r.privacy.get("mode") == "central")
         report = self.privacy_report()
         if report:
             self.metrics.set_privacy(report["epsilon"], report["delta"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from edgefl_server.accounting import (PrivacyBudgetReached, RunAccountant, noise_multiplier_for,
-                                      run_epsilon)
+from edgefl_server.accounting import (CentralPrivacy, ParametersChanged, PrivacyBudgetReached,
+                                      RunAccountant, noise_multiplier_for, run_epsilon)
 
 
 def test_epsilon_after_each_round_equals_dp_accountings_for_the_same_events():
@@ -62,6 +62,41 @@ def test_the_budget_refuses_the_round_that_would_exceed_it():
                                                    r"target 3"):
         accountant.check_round()
     assert accountant.rounds == 10
+
+
+def test_a_resumed_run_counts_its_recorded_rounds_and_refuses_other_parameters():
+    """50 rounds at the z calibrated for 100 spend epsilon 5.96; recalibrating for 1000 rounds
+    (z 2.17) and counting those 50 rounds at it would report 1.64."""
+    central = CentralPrivacy(sampling_rate=0.1, target_epsilon=8.0)
+    first = central.accountant(100)
+    recorded = [(first.noise_multiplier, 0.1)] * 50
+    resumed = central.accountant(100)
+    resumed.resume(recorded)
+    assert resumed.rounds == 50
+    assert resumed.epsilon() == pytest.approx(5.96, abs=0.01)
+    assert resumed.epsilon() == run_epsilon(first.noise_multiplier, 0.1, 50, 1e-5)
+    longer = central.accountant(1000)
+    assert longer.noise_multiplier == pytest.approx(2.17, abs=0.01)
+    with pytest.raises(ParametersChanged, match=r"50 earlier round\(s\) used noise multiplier "
+                                                r"0\.99"):
+        longer.resume(recorded)
+    assert longer.rounds == 0
+    with pytest.raises(ParametersChanged, match="sampling rate 0.2"):
+        central.accountant(100).resume([(first.noise_multiplier, 0.2)])
+
+
+def test_the_accountant_logs_no_absl_warning_at_small_orders(caplog):
+    """dp-accounting's series for fractional orders near 1 does not converge at q 0.1, z ~1
+    and it drops those orders (only ever raising epsilon); its absl warnings are kept out."""
+    import logging
+    with caplog.at_level(logging.WARNING):
+        z = noise_multiplier_for(8.0, 1e-5, 0.1, 100)
+        epsilon = run_epsilon(z * 1.0001, 0.1, 50, 1e-5)
+    assert "failed to converge" not in caplog.text
+    theirs = rdp.RdpAccountant()
+    theirs.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(z * 1.0001)), 50))
+    assert epsilon == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-12)
 
 
 def test_a_known_selection_loses_the_amplification():

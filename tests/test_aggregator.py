@@ -9,6 +9,7 @@ model of a run without it. Two tests of message flow control run on a plain brok
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,6 +34,7 @@ from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.local_dp import swamp_warning
 from edgefl_server.model_builder import build_mlp
 from edgefl_server.mosquitto import MosquittoBroker
+from edgefl_server.store import StateError
 
 pytestmark = pytest.mark.integration
 
@@ -251,6 +253,15 @@ def test_two_full_rounds_then_finished(broker, clients, tmp_path):
         ann = observer.wait_for(TOPICS.round, announcement("open", 3))
         assert ann.model_version == 2 and more.model.version == 2
         assert [r.round_id for r in more.history] == [1, 2]
+    # central DP cannot start on rounds that ran without it: its epsilon covers the whole run
+    central = CentralPrivacy(sampling_rate=1.0, noise_multiplier=2.0)
+    with pytest.raises(StateError, match=r"2 with privacy 'none', this start has privacy "
+                                         r"'central'.*cannot change on resume.*--state-dir"):
+        AggregationServer(server_config(broker, tmp_path, rounds=4, central_privacy=central,
+                                        metrics_port=None)).start()
+    from edgefl_server.store import ServerStore
+    saved = ServerStore(tmp_path / "state", fleet=FLEET, strategy="fedavg").load()
+    assert len(saved.history) == 2 and saved.round.round_id == 3  # refused before any change
 
 
 def run_one_round(broker, tmp_path, clients, *, bad: bool):
@@ -808,6 +819,19 @@ def test_central_dp_noises_the_sum_reports_epsilon_and_stops_before_its_target(b
     with again:
         assert again.wait(10) and len(again.history) == 2
         assert again.privacy_report()["rounds"] == 2
+        assert again.privacy_report()["epsilon"] == pytest.approx(run_epsilon(z, 1.0, 2, delta))
+    # the recorded rounds ran at z = 2: another noise multiplier (or sampling rate) is refused,
+    # saying which to resume with, and so is a start without central DP
+    for changed in (dataclasses.replace(central, noise_multiplier=1.0),
+                    dataclasses.replace(central, sampling_rate=0.5)):
+        with pytest.raises(StateError, match=r"2 earlier round\(s\) used noise multiplier 2\.0 "
+                                             r"and sampling rate 1\.0.*--sampling-rate 1\.0 "
+                                             r"--noise-multiplier 2\.0"):
+            AggregationServer(server_config(broker, tmp_path, rounds=12, central_privacy=changed,
+                                            metrics_port=None)).start()
+    with pytest.raises(StateError, match=r"2 with privacy 'central', this start has privacy "
+                                         r"'none'"):
+        AggregationServer(server_config(broker, tmp_path, rounds=12, metrics_port=None)).start()
 
 
 def test_central_dp_calibrates_its_noise_for_the_target_and_the_rounds(tmp_path):

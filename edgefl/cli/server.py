@@ -148,7 +148,9 @@ def add_central_privacy_arguments(parser) -> None:
         "--sampling-rate, devices clip in L2 to --clip, the server adds N(0, (z clip)^2) to the "
         "sum; the RDP accountant reports (epsilon, delta) for one device's whole data "
         "(add/remove) after every round. Give --noise-multiplier z, or --target-epsilon to "
-        "calibrate z for --rounds; with a target the run stops before exceeding it.")
+        "calibrate z for --rounds; with a target the run stops before exceeding it. A resumed "
+        "run keeps the privacy mode, --sampling-rate and z its rounds recorded (a restart "
+        "that changes them is refused).")
     env_option(dp, "--sampling-rate", env="EDGEFL_SAMPLING_RATE", type=positive_float,
                default=None, metavar="Q",
                help="probability of selecting each eligible device in a round (Poisson)")
