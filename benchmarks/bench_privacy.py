@@ -18,7 +18,8 @@ against a run over Mosquitto). Every round selects each device with probability 
   Also **clipped, no noise** (z = 0): what clipping alone costs.
 * **local Laplace**: devices clip in L1 and add Laplace of scale 2C / epsilon_round (replace-one);
   each device's budget is the target total epsilon (basic composition over the rounds it takes
-  part in; it stops sending once spent), and epsilon_round = total / expected participations.
+  part in; it stops sending once spent), and epsilon_round = total / ceil(qR + 3 sqrt(qR(1 - q)))
+  (its expected participations qR over R rounds plus three standard deviations).
   Its epsilon is replace-one, delta 0.
 
 Writes ``benchmarks/results/privacy.json`` and ``benchmarks/results/privacy.png``.
