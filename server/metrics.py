@@ -306,7 +306,11 @@ class MetricsHttpServer:
             def log_message(self, *args):  # scrapes every few seconds would flood the log
                 pass
 
-        self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # "Address already in use" alone does not say which address
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: "
+                                     f"{exc.strerror or exc}") from None
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever,

@@ -397,3 +397,22 @@ def test_central_privacy_options_are_checked(tmp_path, argv, message, capsys):
 def test_simulate_rejects_bad_counts(tmp_path, capsys):
     assert main.main(["simulate", "--devices", "0", "--out", str(tmp_path)]) == 2
     assert "--devices and --rounds must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--broker": "ftp://x"}, "ftp://x"),
+    ({"--client-id": "bad id!"}, "bad id!"),
+    ({"--fleet": "a/b"}, "a/b"),
+    ({"--state-dir": os.devnull + "/x"}, os.devnull),
+    ({"--broker": "mqtts://127.0.0.1:1", "--ca-certs": "/nonexistent/ca.pem"},
+     "/nonexistent/ca.pem"),
+])
+def test_client_reports_bad_options_without_a_traceback(tmp_path, capsys, change, message):
+    np.savez(tmp_path / "d.npz", X=np.ones((3, 64)), y=np.zeros(3, np.int64))
+    options = {"--broker": "mqtt://127.0.0.1:1", "--fleet": "f", "--client-id": "a",
+               "--state-dir": str(tmp_path / "state"), "--data": str(tmp_path / "d.npz"),
+               "--connect-timeout": "1", **change}
+    argv = ["client", "--insecure"] + [part for item in options.items() for part in item]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgefl client: ") and message in err, err

@@ -165,3 +165,54 @@ def test_insecure_runs_only_when_asked_and_say_so(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_os_error_at_start_up_is_reported_and_stops_the_embedded_broker(tmp_path, capsys,
+                                                                           monkeypatch):
+    import socket
+
+    started = []
+
+    class RecordedBroker(server.MosquittoBroker):
+        def start(self, *a, **kw):
+            super().start(*a, **kw)
+            started.append(self.process)
+            return self
+
+    monkeypatch.setattr(server, "MosquittoBroker", RecordedBroker)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli, args = cli_args("--insecure", "--fleet", FLEET, "--state-dir", str(tmp_path),
+                             "--metrics-port", str(port), "--rounds", "1")
+        assert cli.run(args) == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert len(started) == 1 and started[0].poll() is not None  # not left running
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--state-dir", os.devnull + "/x"], os.devnull),
+    (["--broker", "mqtts://127.0.0.1:1", "--ca-certs", "/nonexistent/ca.pem"],
+     "/nonexistent/ca.pem"),
+])
+def test_unusable_paths_are_reported_without_a_traceback(tmp_path, capsys, argv, message):
+    cli, args = cli_args("--insecure", "--broker", "mqtt://127.0.0.1:1", "--fleet", FLEET,
+                         "--state-dir", str(tmp_path / "state"), *argv)
+    assert cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgefl server: ") and message in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--metrics-port", "70000"], "must be a port in 0..65535"),
+    (["--metrics-port", "-1"], "must be a port in 0..65535"),
+    (["--compression", "topk", "--density", "2"], "must be a number in (0, 1]"),
+    (["--compression", "topk", "--density", "0"], "must be a number in (0, 1]"),
+    (["--compression", "threshold", "--tau", "-1"], "zero or a positive number"),
+])
+def test_out_of_range_numbers_get_argparses_error(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        server.main(["--fleet", FLEET, "--state-dir", str(tmp_path), *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

@@ -59,6 +59,11 @@ def test_selection_follows_state_and_list():
         ({"config": {"lr": float("nan")}}, "'lr'"),
         ({"config": {"privacy": {"mechanism": "bad/name"}}}, "privacy mechanism 'bad/name'"),
         ({"config": {"compression": {"values": "int4"}}}, "unknown value encoding"),
+        ({"config": {"compression": {"method": "topk", "density": 2}}}, "density"),
+        ({"config": {"compression": {"method": "randomk", "density": 0}}}, "density"),
+        ({"config": {"compression": {"density": "half"}}}, "density"),
+        ({"config": {"compression": {"method": "threshold", "tau": -1}}}, "tau"),
+        ({"config": {"compression": {"tau": float("inf")}}}, "tau"),
         ({"config": {"learning_rate": 0.1}}, "learning_rate"),
     ],
 )

@@ -176,7 +176,8 @@ def run_client(args, *, companion=None) -> int:
             insecure=args.insecure, freeze_after=args.freeze_after,
             receipt_timeout=args.receipt_timeout,
         )
-    except TrustError as exc:
+    except (ValueError, OSError) as exc:  # TrustError is a ValueError
+        # Bad options (broker URL, ids, state dir, CA file, trust) are the user's to fix.
         print(f"edgefl client: {exc}", file=sys.stderr)
         return 2
     client.add_data(samples.X, samples.y, lines=samples.lines)
@@ -188,6 +189,9 @@ def run_client(args, *, companion=None) -> int:
         client.start(timeout=args.connect_timeout)
     except BrokerUnreachable as exc:
         log.error("%s", exc)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"edgefl client: {exc}", file=sys.stderr)
         return 2
     if extra is not None:
         extra.start()

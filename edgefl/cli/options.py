@@ -69,6 +69,25 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in (0, 1], such as the density of a sparsified update."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number in (0, 1]")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a port in 0..65535")
+    return value
+
+
 # -- the training a round announces (edgefl server, edgefl simulate) -----------------------------
 
 def add_training_arguments(parser, title: str, defaults) -> None:
@@ -108,7 +127,7 @@ def add_training_arguments(parser, title: str, defaults) -> None:
     env_option(train, "--compression", env="EDGEFL_COMPRESSION",
                choices=["none", "topk", "threshold", "randomk"], default=compression.method,
                help="sparsification of updates (none: dense updates)")
-    env_option(train, "--density", env="EDGEFL_DENSITY", type=positive_float,
+    env_option(train, "--density", env="EDGEFL_DENSITY", type=fraction,
                default=compression.density, help="fraction of coordinates kept by topk / randomk")
     env_option(train, "--tau", env="EDGEFL_TAU", type=non_negative_float, default=compression.tau,
                help="threshold of the threshold method")

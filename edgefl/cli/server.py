@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from edgefl.cli.options import (add_logging_option, add_training_arguments, env_option,
-                                positive_float, setup_logging, strategy_option,
+                                port_number, positive_float, setup_logging, strategy_option,
                                 training_config_from_args)
 from edgefl.simulation.datasets import digits_evaluator
 from edgefl.transport.mqtt import BrokerUnreachable
@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                ">= 2 starts N workers sharing the updates through an MQTT shared subscription "
                "(same results; see docs/operations.md)")
     ops = parser.add_argument_group("operations")
-    env_option(ops, "--metrics-port", env="EDGEFL_METRICS_PORT", type=int, metavar="PORT",
+    env_option(ops, "--metrics-port", env="EDGEFL_METRICS_PORT", type=port_number, metavar="PORT",
                help="serve Prometheus metrics on http://HOST:PORT/metrics until the process "
                     "exits (docs/operations.md)")
     env_option(ops, "--metrics-host", env="EDGEFL_METRICS_HOST", default="127.0.0.1",
@@ -239,6 +239,7 @@ def run(args) -> int:
 
 def _serve(args, stop: threading.Event) -> int:
     broker = None
+    server = None
     try:
         # The model first: a file edgefl cannot use is reported before anything has started.
         initial_model = load_initial_model(args.model, args.model_seed, args.trainable_layers)
@@ -260,17 +261,24 @@ def _serve(args, stop: threading.Event) -> int:
             config, initial_model=initial_model,
             evaluate=digits_evaluator(args.seed) if args.evaluate == "digits" else None)
         server.start()
-    except (ValueError, StateError, ProvisioningError) as exc:
-        print(f"edgefl server: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        # Whatever ends start-up, the broker it started must not outlive it.
+        if server is not None:
+            server.close()
         if broker is not None:
             broker.stop()
-        return 2
-    except (BrokerUnavailable, BrokerUnreachable) as exc:
-        print(f"edgefl server: {exc}", file=sys.stderr)
-        if broker is not None:
-            broker.stop()
-        return 1
-
+        if isinstance(exc, (BrokerUnavailable, BrokerUnreachable)):
+            print(f"edgefl server: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, (ValueError, StateError, ProvisioningError)):
+            print(f"edgefl server: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):
+            # A taken port, a state dir that cannot be one, a missing CA file: name the cause.
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+            print(f"edgefl server: {exc}{where}", file=sys.stderr)
+            return 2
+        raise
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
     try:

@@ -254,7 +254,11 @@ class MqttConnection:
         if isinstance(use_tls, ssl.SSLContext):
             client.tls_set_context(use_tls)
         elif use_tls:
-            client.tls_set(ca_certs=ca_certs)
+            try:
+                client.tls_set(ca_certs=ca_certs)
+            except OSError as exc:  # ssl.SSLError included
+                # ssl reports a missing CA file without its name.
+                raise ValueError(f"cannot use the CA certificates {ca_certs}: {exc}") from None
         if will is not None:
             topic, payload, qos, retain = will
             client.will_set(topic, payload, qos=qos, retain=retain)

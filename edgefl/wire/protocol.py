@@ -211,6 +211,16 @@ class TrainingConfig:
             raise ProtocolError(f"{kind}: unknown compression method {compression.method!r}")
         if compression.values not in ("f32", "f16", "int8", "ternary"):
             raise ProtocolError(f"{kind}: unknown value encoding {compression.values!r}")
+        # Checked here, where server and device both parse it: a server must not announce a
+        # config every device would refuse.
+        density, tau = compression.density, compression.tau
+        if isinstance(density, bool) or not isinstance(density, (int, float)) \
+                or not 0.0 < density <= 1.0:
+            raise ProtocolError(f"{kind}: compression density must be in (0, 1], got {density!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) \
+                or not (math.isfinite(tau) and tau >= 0):
+            raise ProtocolError(f"{kind}: compression tau must be a finite number >= 0, "
+                                f"got {tau!r}")
         return config
 
 
