@@ -412,9 +412,8 @@ def test_deadline_extension_stragglers_and_late_updates(broker, clients, tmp_pat
     initial = build_mlp((8, 4, 3), seed=0)
     n = initial.manifest.num_params
     seen = []
-    # The deadline is short, so the test is quick, but d1's update must arrive before it (plus
-    # one extension): 1.5 s leaves a loaded machine room.
-    config = server_config(broker, tmp_path, rounds=2, round_timeout=1.5, quorum=2,
+    # Generous enough for d1's update to arrive within the first deadline on a loaded machine.
+    config = server_config(broker, tmp_path, rounds=2, round_timeout=3.0, quorum=2,
                            strategy="fedprox", strategy_options={"proximal_mu": 0.25})
     with AggregationServer(config, initial_model=initial, on_round=seen.append):
         ann = observer.wait_for(TOPICS.round, announcement("open", 1))
@@ -432,7 +431,7 @@ def test_deadline_extension_stragglers_and_late_updates(broker, clients, tmp_pat
         late = devices["d2"].receipt()
         assert late.status == "rejected" and "round 1 closed before this update arrived" in late.reason
         # round 2: nobody answers; after the extension the model is kept (version stays 1)
-        final = observer.wait_for(TOPICS.round, announcement("finished"), timeout=30)
+        final = observer.wait_for(TOPICS.round, announcement("finished"), timeout=60)
         assert final.model_version == 1
     assert seen[0].stragglers == ("d2", "d3") and seen[0].accepted == 1
     assert seen[0].close_reason.startswith("extended deadline reached without quorum")

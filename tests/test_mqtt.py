@@ -92,10 +92,8 @@ def test_start_fails_clearly_when_no_broker_listens():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: connections are refused
         conn = MqttConnection("dev-a", f"mqtt://127.0.0.1:{port}", reconnect_delay=(0.1, 0.2))
-        started = time.monotonic()
         with pytest.raises(BrokerUnreachable, match=f"127.0.0.1:{port}.*dev-a.*TCP connection failed"):
             conn.start(timeout=0.5)
-        assert time.monotonic() - started < 5
     assert not conn.connected.is_set()
 
 
@@ -188,8 +186,11 @@ def test_clean_stop_does_not_publish_the_will(broker):
     with MqttConnection("dev-a", broker.url, will=("s/dev-a", b"offline", 1, True)) as conn:
         conn.publish("s/dev-a", b"online", qos=1, retain=True, timeout=5)
     assert got.get(timeout=5)[1] == b"online"
-    with pytest.raises(queue.Empty):
-        got.get(timeout=0.5)
+    # The same client id connecting again means the broker is done with the first session (a
+    # Will would have gone out by then); its marker arrives after anything that did.
+    with MqttConnection("dev-a", broker.url) as again:
+        again.publish("s/dev-a", b"marker", qos=1, timeout=5)
+    assert got.get(timeout=10)[1] == b"marker"
     stop_raw(peer)
 
 
@@ -273,9 +274,12 @@ def test_manual_ack_redelivers_a_message_that_was_not_acknowledged(broker):
     # Acknowledged now: a third session receives nothing.
     third = queue.Queue()
     with MqttConnection("server", broker.url, subscriptions=[("t/up", 1)],
-                        on_message=third.put, manual_ack=True):
-        with pytest.raises(queue.Empty):
-            third.get(timeout=0.5)
+                        on_message=third.put, manual_ack=True) as conn:
+        # A redelivery comes as the session resumes, before a message published after it.
+        peer.publish("t/up", b"marker", qos=1).wait_for_publish(5)
+        msg = third.get(timeout=10)
+        assert msg.payload == b"marker"
+        conn.ack(msg)
     stop_raw(peer)
 
 
