@@ -51,7 +51,7 @@ import numpy as np
 from edgefl.wire.model import Model
 from edgefl.wire.protocol import (LOCAL_MECHANISMS, MECHANISMS, DeviceStatus, ProtocolError,
                                   TrainingConfig, Topics, check_name)
-from edgefl.transport.mqtt import Message, MqttConnection
+from edgefl.transport.mqtt import Message, MqttConnection, parse_broker_url
 from edgefl.trust import Signer
 from edgefl.wire import decode_update, encode_model
 
@@ -250,6 +250,9 @@ class AggregationServer:
     initial_model : Model, optional
         The model of a new state directory (version 0 onwards). Required on first start; ignored
         when the state directory already holds a model (the saved one is resumed).
+    model_given : bool
+        True when the user chose ``initial_model`` explicitly: a state directory holding a model
+        of another shape is then refused instead of silently resumed.
     evaluate : callable(Model) -> dict, optional
         Called after each round with the new global model; its numbers go into the round's
         :class:`~edgefl_server.rounds.RoundResult` ``metrics`` (e.g. held-out accuracy).
@@ -261,6 +264,7 @@ class AggregationServer:
     """
 
     def __init__(self, config: ServerConfig, *, initial_model: Model | None = None,
+                 model_given: bool = False,
                  evaluate: Callable[[Model], dict] | None = None,
                  on_round: Callable[[RoundResult], None] | None = None):
         self.config = config
@@ -286,6 +290,7 @@ class AggregationServer:
             log.warning("%s", warning)
         self.metrics = ServerMetrics()
         self._initial_model = initial_model
+        self._model_given = model_given
         self._evaluate = evaluate
         self._on_round = on_round
         self._lock = threading.RLock()
@@ -348,6 +353,9 @@ class AggregationServer:
     def start(self, timeout: float = 30.0) -> "AggregationServer":
         """Load or create the state, connect to the broker, publish, start the round thread."""
         cfg = self.config
+        # Checked before the store exists: a start that fails on its URL must not have fixed
+        # the model of a new state directory.
+        parse_broker_url(cfg.broker_url)
         sealing_key = None
         login = dict(username=cfg.username, password=cfg.password, tls=cfg.tls,
                      ca_certs=cfg.ca_certs)
@@ -370,6 +378,13 @@ class AggregationServer:
                                   sequence_file=Path(cfg.state_dir) / "signing-sequence.json")
         self._store = ServerStore(cfg.state_dir, fleet=cfg.fleet, strategy=cfg.strategy)
         saved = self._store.load()
+        if saved is not None and self._model_given and self._initial_model is not None \
+                and saved.model.manifest != self._initial_model.manifest:
+            self._store.close()
+            self._store = None
+            raise StateError(f"state directory {cfg.state_dir} already holds a different model: "
+                             "use another --state-dir for the new model, or drop --model to "
+                             "resume the saved one")
         if saved is None:
             if self._initial_model is None:
                 raise ValueError(f"state directory {cfg.state_dir} is new: pass an initial model "

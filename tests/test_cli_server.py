@@ -17,6 +17,7 @@ from edgefl.cli import server
 from edgefl.wire import encode_model
 from edgefl.wire.protocol import DeviceStatus, Topics
 from edgefl_server.model_builder import build_mlp
+from edgefl_server.rounds import RoundState
 from edgefl_server.store import ServerStore
 
 DATA = Path(__file__).parent / "data"
@@ -216,3 +217,23 @@ def test_out_of_range_numbers_get_argparses_error(tmp_path, capsys, argv, messag
         server.main(["--fleet", FLEET, "--state-dir", str(tmp_path), *argv])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_failed_first_start_does_not_fix_the_model_and_another_model_is_refused(
+        broker, tmp_path, capsys):
+    state = tmp_path / "state"
+    cli, args = cli_args("--insecure", "--broker", "ftp://x", "--fleet", FLEET, "--state-dir", str(state),
+                         "--model", "mlp:8-3")
+    assert cli.run(args) == 2
+    assert "ftp://x" in capsys.readouterr().err
+    store = ServerStore(state, fleet=FLEET, strategy="fedavg")
+    try:
+        assert store.load() is None  # the failed start fixed no model
+        store.initialize(build_mlp((8, 3), seed=0), RoundState(1, 0))
+    finally:
+        store.close()
+    cli, args = cli_args("--insecure", "--broker", broker.url, "--fleet", FLEET,
+                         "--state-dir", str(state), "--model", "mlp:8-4-3")
+    assert cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a different model" in err and "drop --model" in err, err

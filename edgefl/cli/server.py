@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("rounds")
     env_option(run, "--state-dir", env="EDGEFL_STATE_DIR", required=True, metavar="DIR",
                help="durable server state; reuse it to resume after a crash")
-    env_option(run, "--model", env="EDGEFL_MODEL", default="mlp:64-32-10", metavar="SPEC",
-               help="initial model of a new state dir: mlp:IN-HIDDEN...-CLASSES, your own "
+    env_option(run, "--model", env="EDGEFL_MODEL", metavar="SPEC",
+               help="initial model of a new state dir (default mlp:64-32-10; a state dir "
+                    "holding another model is refused): mlp:IN-HIDDEN...-CLASSES, your own "
                     "model as a plain .onnx file (imported: its trailing dense layers train), or "
                     "a model envelope (edgefl model import)")
     env_option(run, "--trainable-layers", env="EDGEFL_TRAINABLE_LAYERS", type=int, metavar="N",
@@ -180,6 +181,10 @@ def central_privacy_from_args(args):
                           server_lr=args.server_lr)
 
 
+#: The model of a new state directory without --model.
+DEFAULT_MODEL = "mlp:64-32-10"
+
+
 def load_initial_model(spec: str, seed: int, trainable_layers: int | None = None):
     """The model of a new state directory: ``mlp:64-32-10``, an ``.onnx`` file or an envelope."""
     if spec.startswith("mlp:"):
@@ -242,7 +247,8 @@ def _serve(args, stop: threading.Event) -> int:
     server = None
     try:
         # The model first: a file edgefl cannot use is reported before anything has started.
-        initial_model = load_initial_model(args.model, args.model_seed, args.trainable_layers)
+        initial_model = load_initial_model(args.model or DEFAULT_MODEL, args.model_seed,
+                                           args.trainable_layers)
         if args.fleet_dir is None and not args.insecure:
             raise ValueError("give --fleet-dir DIR (create it with `edgefl fleet init`), or "
                              "--insecure for a plain test broker")
@@ -258,7 +264,7 @@ def _serve(args, stop: threading.Event) -> int:
                      "add-device`", broker.url)
         config = config_from_args(args, args.broker or broker.url)
         server = AggregationServer(
-            config, initial_model=initial_model,
+            config, initial_model=initial_model, model_given=args.model is not None,
             evaluate=digits_evaluator(args.seed) if args.evaluate == "digits" else None)
         server.start()
     except BaseException as exc:
