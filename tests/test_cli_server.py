@@ -222,8 +222,8 @@ def test_out_of_range_numbers_get_argparses_error(tmp_path, capsys, argv, messag
 def test_a_failed_first_start_does_not_fix_the_model_and_another_model_is_refused(
         broker, tmp_path, capsys):
     state = tmp_path / "state"
-    cli, args = cli_args("--insecure", "--broker", "ftp://x", "--fleet", FLEET, "--state-dir", str(state),
-                         "--model", "mlp:8-3")
+    cli, args = cli_args("--insecure", "--broker", "ftp://x", "--fleet", FLEET,
+                         "--state-dir", str(state), "--model", "mlp:8-3")
     assert cli.run(args) == 2
     assert "ftp://x" in capsys.readouterr().err
     store = ServerStore(state, fleet=FLEET, strategy="fedavg")

@@ -281,7 +281,8 @@ def _serve(args, stop: threading.Event) -> int:
             return 2
         if isinstance(exc, OSError):
             # A taken port, a state dir that cannot be one, a missing CA file: name the cause.
-            where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+            named = exc.filename and str(exc.filename) in str(exc)
+            where = f" ({exc.filename})" if exc.filename and not named else ""
             print(f"edgefl server: {exc}{where}", file=sys.stderr)
             return 2
         raise
