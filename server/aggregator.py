@@ -350,8 +350,12 @@ class AggregationServer:
         """The port metrics are served on (useful with ``metrics_port=0``)."""
         return None if self._metrics_http is None else self._metrics_http.port
 
-    def start(self, timeout: float = 30.0) -> "AggregationServer":
-        """Load or create the state, connect to the broker, publish, start the round thread."""
+    def start(self, timeout: float = 30.0,
+              cancel: threading.Event | None = None) -> "AggregationServer":
+        """Load or create the state, connect to the broker, publish, start the round thread.
+
+        Waiting for the broker ends early (BrokerUnreachable) once ``cancel`` is set.
+        """
         cfg = self.config
         # Checked before the store exists: a start that fails on its URL must not have fixed
         # the model of a new state directory.
@@ -463,8 +467,8 @@ class AggregationServer:
                                               self.model.manifest.num_params, self._on_report,
                                               self.metrics.count_worker_restart)
                 self._workers.start(timeout=timeout)
-            self._control.start(timeout=timeout)
-            self._conn.start(timeout=timeout)
+            self._control.start(timeout=timeout, cancel=cancel)
+            self._conn.start(timeout=timeout, cancel=cancel)
         except BaseException:
             self._shutdown_io()
             raise

@@ -4,6 +4,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -170,8 +171,6 @@ def test_insecure_runs_only_when_asked_and_say_so(tmp_path):
 
 def test_an_os_error_at_start_up_is_reported_and_stops_the_embedded_broker(tmp_path, capsys,
                                                                            monkeypatch):
-    import socket
-
     started = []
 
     class RecordedBroker(server.MosquittoBroker):
@@ -237,3 +236,28 @@ def test_a_failed_first_start_does_not_fix_the_model_and_another_model_is_refuse
     assert cli.run(args) == 2
     err = capsys.readouterr().err
     assert "already holds a different model" in err and "drop --model" in err, err
+
+
+def test_sigterm_while_waiting_for_the_broker_stops_the_server(tmp_path):
+    """Start-up waits up to 30 s for the broker; a SIGTERM ends that wait in a clean stop."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: nothing answers there
+        port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefl", "server", "--insecure", "--broker",
+             f"mqtt://127.0.0.1:{port}", "--fleet", FLEET, "--state-dir", str(tmp_path)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if "INSECURE" in line:  # logged as start() begins, before it connects
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.stderr.read()
+            assert proc.wait(60) == 0, "".join(lines) + rest
+            assert "stopped during start-up" in rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

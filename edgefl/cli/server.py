@@ -266,13 +266,16 @@ def _serve(args, stop: threading.Event) -> int:
         server = AggregationServer(
             config, initial_model=initial_model, model_given=args.model is not None,
             evaluate=digits_evaluator(args.seed) if args.evaluate == "digits" else None)
-        server.start()
+        server.start(cancel=stop)
     except BaseException as exc:
         # Whatever ends start-up, the broker it started must not outlive it.
         if server is not None:
             server.close()
         if broker is not None:
             broker.stop()
+        if isinstance(exc, BrokerUnreachable) and stop.is_set():
+            log.info("stopped during start-up")
+            return 0
         if isinstance(exc, (BrokerUnavailable, BrokerUnreachable)):
             print(f"edgefl server: {exc}", file=sys.stderr)
             return 1

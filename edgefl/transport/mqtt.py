@@ -273,8 +273,10 @@ class MqttConnection:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> "MqttConnection":
-        """Connect and start the network and dispatcher threads; wait up to ``timeout`` seconds.
+    def start(self, timeout: float = 10.0,
+              cancel: threading.Event | None = None) -> "MqttConnection":
+        """Connect and start the network and dispatcher threads; wait up to ``timeout`` seconds,
+        or until ``cancel`` is set (a SIGTERM during start-up).
 
         Raises
         ------
@@ -310,10 +312,11 @@ class MqttConnection:
                     f"{self.username or '(anonymous)'!r} as {self.client_id!r}: {reason}; check "
                     "the user name and password (a device's are in its bundle from `edgefl fleet "
                     "add-device`; a revoked device needs a new bundle)")
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
                 break
         if not self.connected.is_set():
-            reason = self.last_error or "no answer"
+            reason = "start-up cancelled" if cancel is not None and cancel.is_set() else \
+                self.last_error or "no answer"
             self.stop()
             raise BrokerUnreachable(
                 f"could not connect to the MQTT broker at {self.address.url} as {self.client_id!r} "
