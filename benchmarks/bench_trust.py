@@ -15,7 +15,10 @@ repetitions; ``/proc/loadavg`` is recorded with every figure):
    update.
 3. **device memory**: peak RSS of a fresh device process (import, decode a model, one
    prediction) with the trust path loaded and used (verify a signed model, seal an update)
-   against the same process without it. Target: <= +5 MiB.
+   against the same process without it. Both processes already hold ``cryptography``'s
+   extension (the device's secure-noise module imports it), so the difference is the trust
+   path's own cost; the issue's target (<= +5 MiB over 66.7 MiB, the device before signing and
+   sealing) compares the absolute figure with 66.7 MiB.
 
 Writes ``benchmarks/results/trust.json``. Run: ``python benchmarks/bench_trust.py``.
 """
@@ -55,8 +58,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "trust.json"
 FLEET = "bench"
 
 
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+def loadavg() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, as numbers."""
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def model_verification(reps: int) -> dict:
@@ -229,7 +233,7 @@ def main(argv=None) -> int:
           f"{s['first_update_of_a_device_seal_and_open_us']:.1f} us")
     print(f"device peak RSS: {m['device_peak_rss_mib_with_trust']:.1f} MiB with the trust path, "
           f"{m['device_peak_rss_mib_without']:.1f} MiB without (+{m['added_mib']:.1f} MiB; "
-          f"target <= +5 MiB)")
+          f"both hold cryptography; target <= 66.7 + 5 MiB)")
     print(f"wrote {RESULTS}")
     return 0
 
