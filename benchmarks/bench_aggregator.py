@@ -60,6 +60,39 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and of every live descendant (its workers)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
+class CpuMeter:
+    """CPU seconds each party of a trial spent between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, **pids: list[int]):
+        self.pids = pids
+
+    def start(self) -> "CpuMeter":
+        self._t0 = {name: sum(map(cpu_seconds, pids)) for name, pids in self.pids.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        return {name: sum(map(cpu_seconds, pids)) - self._t0[name]
+                for name, pids in self.pids.items()}
+
+
 def _client(client_id: str, broker_port: int, *, clean: bool, subscribe: str | None = None,
             on_message=None) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -172,6 +205,7 @@ def server_process(broker_url: str, state_dir: str, devices: int, workers: int, 
         time.sleep(1.0)  # py-spy attaches
     result.put(("open",))
     closed.wait(900)
+    result.put(("closed",))  # the workers still run: the parent reads their CPU time now
     if spy is not None:
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         spy.wait(30)
@@ -226,19 +260,23 @@ def publish_online(broker_port: int, names: list[str]) -> None:
     _stop(client)
 
 
-def trial_raw(ctx, broker_port, pubs, devices) -> dict:
+def trial_raw(ctx, broker, pubs, devices) -> dict:
     result = ctx.Queue()
-    proc = ctx.Process(target=raw_subscriber, args=(broker_port, devices, result))
+    proc = ctx.Process(target=raw_subscriber, args=(broker.port, devices, result))
     proc.start()
     result.get(timeout=60)
     load = loadavg()
+    meter = CpuMeter(receiver=[proc.pid], broker=[broker.process.pid],
+                     publishers=[p.pid for p in pubs.procs]).start()
     start = pubs.go()
     pubs.wait()
     _, last, count = result.get(timeout=900)
+    cpu = meter.stop()
     proc.join(30)
     if count != devices:
         raise RuntimeError(f"the raw subscriber counted {count} of {devices} updates")
-    return {"updates_per_s": devices / (last - start), "seconds": last - start, "loadavg": load}
+    return {"updates_per_s": devices / (last - start), "seconds": last - start, "loadavg": load,
+            "cpu_us_per_update": {k: v / devices * 1e6 for k, v in cpu.items()}}
 
 
 def trial_server(ctx, broker, pubs, devices, workers, n, profile=None) -> dict:
@@ -251,8 +289,12 @@ def trial_server(ctx, broker, pubs, devices, workers, n, profile=None) -> dict:
         proc.start()
         result.get(timeout=600)
         load = loadavg()
+        meter = CpuMeter(receiver=[proc.pid], broker=[broker.process.pid],
+                         publishers=[p.pid for p in pubs.procs]).start()
         start = pubs.go()
         pubs.wait()
+        result.get(timeout=900)  # closed
+        cpu = meter.stop()  # includes the round's close (aggregation): a few percent
         _, decided, accepted, rejected = result.get(timeout=900)
         proc.join(60)
     for suffix in ["", *(f".w{i}" for i in range(workers))]:
@@ -260,7 +302,7 @@ def trial_server(ctx, broker, pubs, devices, workers, n, profile=None) -> dict:
     if accepted != devices:
         raise RuntimeError(f"the server accepted {accepted} of {devices} updates ({rejected})")
     return {"updates_per_s": devices / (decided - start), "seconds": decided - start,
-            "loadavg": load}
+            "loadavg": load, "cpu_us_per_update": {k: v / devices * 1e6 for k, v in cpu.items()}}
 
 
 def main(argv=None) -> int:
@@ -291,7 +333,7 @@ def main(argv=None) -> int:
             n = 0
             for trial in range(args.trials):
                 for w in worker_counts:  # raw and server alternate, same payloads
-                    raw = trial_raw(ctx, broker.port, pubs, args.devices)
+                    raw = trial_raw(ctx, broker, pubs, args.devices)
                     n += 1
                     server = trial_server(ctx, broker, pubs, args.devices, w, n, args.profile)
                     ratio = server["updates_per_s"] / raw["updates_per_s"]
@@ -299,6 +341,9 @@ def main(argv=None) -> int:
                     print(f"  trial {trial + 1} workers {w}: server {server['updates_per_s']:7.0f}"
                           f" updates/s  raw {raw['updates_per_s']:7.0f} updates/s  ratio "
                           f"{ratio:.2f}  load {' '.join(map(str, server['loadavg']))}", flush=True)
+                    for name, t in (("server", server), ("raw", raw)):
+                        print(f"    CPU us per update, {name} trial: " + ", ".join(
+                            f"{k} {v:.0f}" for k, v in t["cpu_us_per_update"].items()), flush=True)
         finally:
             pubs.close()
     summary = {}

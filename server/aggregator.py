@@ -59,7 +59,8 @@ from .buffer import BufferConfig, scaled_by_staleness
 from .downlink import DownlinkCompressor, DownlinkConfig
 from .accounting import CentralPrivacy, ParametersChanged, PrivacyBudgetReached
 from .influence import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM, InfluenceBounds
-from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
+from .ingest import (ACCEPTED, DUPLICATE, MAX_BATCH, RECEIVE_MAXIMUM, UpdateIngestor,
+                     answer_batch)
 from .local_dp import swamp_warning
 from .metrics import MetricsHttpServer, ServerMetrics
 from .provisioning import open_fleet
@@ -77,8 +78,6 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT = 10.0
 #: Seconds without a new device status before a round opens (the retained burst has arrived).
 STATUS_SETTLE = 0.2
-#: Most update messages stored in one transaction (group commit).
-MAX_BATCH = 256
 
 
 @dataclass
@@ -450,7 +449,7 @@ class AggregationServer:
         subscriptions = [(self.topics.all_status, 1)] if cfg.ingest_workers > 1 else \
             [(self.topics.all_updates, 1), (self.topics.all_status, 1)]
         self._conn = MqttConnection(
-            cfg.server_id, cfg.broker_url, **login, manual_ack=True, subscriptions=subscriptions,
+            cfg.server_id, cfg.broker_url, **login, manual_ack=True, receive_maximum=RECEIVE_MAXIMUM, subscriptions=subscriptions,
             on_message=self._on_message, intake=self._take_update,
         )
         # A second connection for models and announcements: the client library sends a

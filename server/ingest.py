@@ -57,6 +57,14 @@ log = logging.getLogger(__name__)
 
 ACCEPTED, DUPLICATE, REJECTED, DROPPED = "accepted", "duplicate", "rejected", "dropped"
 
+#: Most update messages judged and stored in one transaction (group commit: one fsync).
+MAX_BATCH = 256
+#: Unacknowledged updates the broker may have in flight to one ingesting session (the MQTT v5
+#: Receive Maximum its CONNECT asks for). An update is acknowledged only after its batch was
+#: committed, so the window must hold the batch being stored and the next one arriving:
+#: Mosquitto's default of 20 capped every batch at 20 updates and ingestion at 20 per fsync.
+RECEIVE_MAXIMUM = 4 * MAX_BATCH
+
 
 @dataclass(frozen=True)
 class Outcome:

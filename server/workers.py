@@ -40,13 +40,12 @@ from edgefl.wire.protocol import Topics
 from edgefl.transport.mqtt import BrokerUnreachable, MqttConnection
 
 from .influence import InfluenceBounds
-from .ingest import ACCEPTED, DUPLICATE, UpdateIngestor, answer_batch
+from .ingest import (ACCEPTED, DUPLICATE, MAX_BATCH, RECEIVE_MAXIMUM, UpdateIngestor,
+                     answer_batch)
 from .store import ServerStore
 
 log = logging.getLogger(__name__)
 
-#: Most update messages a worker judges and stores in one transaction.
-MAX_BATCH = 256
 #: How often the coordinator looks for dead workers, in seconds.
 SUPERVISE_INTERVAL = 0.5
 
@@ -116,7 +115,7 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     conn = MqttConnection(
         worker_client_id(config.server_id, index), config.broker_url,
         username=config.username, password=config.password, tls=config.tls,
-        ca_certs=config.ca_certs, manual_ack=True,
+        ca_certs=config.ca_certs, manual_ack=True, receive_maximum=RECEIVE_MAXIMUM,
         subscriptions=[(topics.shared_updates(config.server_id), 1)],
         on_message=lambda msg: inbox.put((msg, time.time())))
     try:

@@ -329,6 +329,69 @@ def test_intake_takes_messages_on_the_network_thread_with_their_v5_properties(br
         conn.stop()
 
 
+
+@pytest.mark.parametrize("window, expected", [(None, 20), (64, 64)])
+def test_receive_maximum_sets_how_many_unacknowledged_messages_the_broker_sends(
+        broker, window, expected):
+    """A receiver that acknowledges late gets Mosquitto's 20 messages in flight by default, and
+    as many as its Receive Maximum asks for."""
+    got = queue.Queue()
+    name = f"late-acker-{window}"
+    conn = MqttConnection(name, broker.url, subscriptions=[("t/window", 1)], manual_ack=True,
+                          receive_maximum=window, on_message=got.put).start()
+    peer = raw_client(broker, f"peer-{window}")
+    try:
+        for i in range(100):
+            peer.publish("t/window", str(i).encode(), qos=1)
+        held = [got.get(timeout=10) for _ in range(expected)]
+        with pytest.raises(queue.Empty):  # nothing more until something is acknowledged
+            got.get(timeout=1.0)
+        conn.ack(held[0])
+        assert got.get(timeout=10).payload == str(expected).encode()
+        for msg in held[1:]:
+            conn.ack(msg)
+    finally:
+        stop_raw(peer)
+        conn.stop()
+
+
+@pytest.mark.parametrize("receive_maximum", [0, 65536, -1])
+def test_receive_maximum_outside_the_mqtt_range_is_refused(receive_maximum):
+    with pytest.raises(ValueError, match="receive_maximum"):
+        MqttConnection("x", "mqtt://127.0.0.1:1", receive_maximum=receive_maximum)
+
+
+@pytest.mark.parametrize("packet, name, identifier", [
+    ("PUBACK", "Success", -1), ("CONNACK", "Success", -1), ("DISCONNECT", "Success", -1),
+    ("PUBACK", "Not authorized", -1), ("SUBACK", "Granted QoS 1", -1), ("PUBACK", "", 0),
+    ("PUBACK", "", 135), ("PUBACK", "", 16), ("DISCONNECT", "", 4), ("CONNACK", "", 134)])
+def test_shared_table_reason_codes_behave_as_pahos(packet, name, identifier):
+    """The reason code paho builds here has paho's own value, name, bytes and failure flag."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    import paho.mqtt.client as paho_client
+    from edgefl.transport.mqtt import _SharedTableReasonCode
+
+    assert paho_client.ReasonCode is _SharedTableReasonCode
+    kind = getattr(PacketTypes, packet)
+    args = (kind, name or "Success", identifier)
+    ours, pahos = _SharedTableReasonCode(*args), ReasonCode(*args)
+    assert (ours.value, ours.getName(), ours.pack(), ours.is_failure, str(ours)) == \
+        (pahos.value, pahos.getName(), pahos.pack(), pahos.is_failure, str(pahos))
+    assert ours == pahos and ours == pahos.value
+
+
+def test_shared_table_reason_codes_refuse_what_paho_refuses():
+    from paho.mqtt.packettypes import PacketTypes
+
+    from edgefl.transport.mqtt import _SharedTableReasonCode
+
+    with pytest.raises(KeyError):
+        _SharedTableReasonCode(PacketTypes.PUBACK, "No such reason")
+    with pytest.raises(KeyError):
+        _SharedTableReasonCode(PacketTypes.PUBACK, identifier=3)
+
 def test_rejects_an_empty_client_id():
     with pytest.raises(ValueError, match="client id"):
         MqttConnection("", "mqtt://127.0.0.1:1883")
