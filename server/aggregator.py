@@ -63,7 +63,7 @@ from .ingest import (ACCEPTED, DUPLICATE, MAX_BATCH, RECEIVE_MAXIMUM, UpdateInge
                      answer_batch)
 from .local_dp import swamp_warning
 from .metrics import MetricsHttpServer, ServerMetrics
-from .provisioning import open_fleet
+from .provisioning import MAX_INGEST_WORKERS, open_fleet
 from .rounds import (
     FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, poisson_select,
     randomk_seed, select_clients,
@@ -150,8 +150,9 @@ class ServerConfig:
         Passed to the MQTT connection (taken from ``fleet_dir`` when it is given).
     ingest_workers : int
         1: this process ingests updates. N >= 2: N worker processes share them through an MQTT
-        shared subscription and this process coordinates (:mod:`edgefl_server.workers`); only
-        with ``insecure`` so far (the workers would each need a login and the signing key).
+        shared subscription and this process coordinates (:mod:`edgefl_server.workers`). On a
+        provisioned fleet at most :data:`~edgefl_server.provisioning.MAX_INGEST_WORKERS` (the
+        worker logins ``edgefl fleet`` makes).
     """
 
     broker_url: str
@@ -191,11 +192,11 @@ class ServerConfig:
                              "made by `edgefl fleet init`) for its keys and logins, or "
                              "insecure=True (--insecure) for a plain test broker")
         InfluenceBounds(self.max_samples, self.max_update_norm)  # bad bounds fail now
-        if self.ingest_workers > 1 and not self.insecure:
-            raise ValueError("ingest workers run only with insecure=True (--insecure) so far: "
-                             "each would need its own broker login and the signing key for its "
-                             "receipts, which `edgefl fleet` does not provision yet; use one "
-                             "ingesting process (--ingest-workers 1)")
+        if not self.insecure and isinstance(self.ingest_workers, int) \
+                and self.ingest_workers > MAX_INGEST_WORKERS:
+            raise ValueError(f"a fleet directory provisions {MAX_INGEST_WORKERS} ingestion worker "
+                             f"logins: use --ingest-workers {MAX_INGEST_WORKERS} or fewer, not "
+                             f"{self.ingest_workers}")
         if self.server_id is None:
             self.server_id = f"edgefl-server-{self.fleet}"
         check_name("server id", self.server_id)

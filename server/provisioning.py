@@ -11,7 +11,8 @@ the operator's side owns (private keys mode 0600, never overwritten)::
     broker/acl                 who may publish and subscribe where (see :func:`acl_text`)
     server/signing.key         Ed25519: the server signs every message it publishes
     server/sealing.key         X25519: devices seal their updates to its public half
-    server/credentials.json    the server's broker login
+    server/credentials.json    the server's broker logins (one password: server, control,
+                               ingestion workers)
     server/trust.json          the public keys (what every device pins)
     devices/<id>/              one device bundle each (:func:`add_device`)
 
@@ -23,12 +24,22 @@ topics with one rule set for the whole fleet. The plugin earns its keep with tho
 devices changed at run time over MQTT; edgefl's provisioning is an operator action on files.
 Identity is the login: ``use_username_as_clientid`` makes the broker use the user name as the
 MQTT client id, so no device can take over another's session.
+
+Ingestion workers (``edgefl server --ingest-workers N``) log in as ``<server user>.w<i>``, up to
+:data:`MAX_INGEST_WORKERS`, each its own broker session, and may only read updates and write
+receipts. They share the updates through an MQTT v5 shared subscription whose group name is
+derived from the server's password (:meth:`Fleet.share_group`): Mosquitto's ACL file cannot
+refuse a *subscription*, and a member of a share group that may not read the topic still takes
+its turn of the messages, which the broker then drops. A device that could name the group could
+make the workers miss a share of the updates (the devices would resend them, late); a group
+name only the server's side can compute keeps it out.
 """
 from __future__ import annotations
 
 import base64
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -58,6 +69,8 @@ log = logging.getLogger(__name__)
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default; the passwords are 256-bit random tokens
 DEFAULT_PORT = 8883
 CERT_DAYS = 3650
+#: Ingestion worker logins a fleet directory provisions (``<server user>.w0`` ...).
+MAX_INGEST_WORKERS = 8
 
 
 class ProvisioningError(RuntimeError):
@@ -82,6 +95,14 @@ def control_principal(fleet: str) -> str:
     return f"{server_principal(fleet)}.control"
 
 
+def ingest_worker_principal(fleet: str, index: int) -> str:
+    """The broker user (and MQTT client id) of ingestion worker ``index`` (0 based)."""
+    if not 0 <= index < MAX_INGEST_WORKERS:
+        raise ProvisioningError(f"a fleet provisions {MAX_INGEST_WORKERS} ingestion worker "
+                                f"logins (0-{MAX_INGEST_WORKERS - 1}), not number {index}")
+    return f"{server_principal(fleet)}.w{index}"
+
+
 def observer_principal(fleet: str) -> str:
     """A read-only login for monitoring: models, announcements and device status."""
     return f"edgefl-observer-{fleet}"
@@ -91,11 +112,18 @@ def acl_text(fleet: str) -> str:
     """The Mosquitto ACL of a fleet: least privilege for each principal.
 
     A device (user name = client id, ``%u``) may publish only its own ``update`` and ``status``
-    and read only ``model``, ``refresh``, ``round``, ``key`` and its own ``receipt``; only the server's two
-    principals write models, announcements, key notices and receipts and read updates.
+    and read only ``model``, ``refresh``, ``round``, ``key`` and its own ``receipt``; only the
+    server's principals write models, announcements, key notices and receipts and read updates
+    (its ingestion workers: updates and receipts only).
     """
     t = Topics(fleet)
     client = f"{t.prefix}/clients"
+    workers = []
+    for i in range(MAX_INGEST_WORKERS):
+        workers += [f"user {ingest_worker_principal(fleet, i)}",
+                    f"topic read {client}/+/update",
+                    f"topic write {client}/+/receipt",
+                    ""]
     return "\n".join([
         "# Written by `edgefl fleet`; regenerated, not merged: change provisioning, not this file.",
         f"user {server_principal(fleet)}",
@@ -109,6 +137,7 @@ def acl_text(fleet: str) -> str:
         f"topic write {t.round}",
         f"topic write {t.prefix}/key",
         "",
+        *workers,
         f"user {observer_principal(fleet)}",
         f"topic read {t.model}",
         f"topic read {t.refresh}",
@@ -171,6 +200,13 @@ class Fleet:
     def server_credentials(self) -> dict:
         """``username``, ``control_username``, ``password`` of the server's broker logins."""
         return json.loads(self.path("server", "credentials.json").read_text())
+
+    def share_group(self) -> str:
+        """The name of the ingestion workers' MQTT share group: an HMAC of the server's
+        password, so only the server's side can name it (see the module docstring)."""
+        password = self.server_credentials()["password"].encode()
+        return "edgefl-" + hmac.new(password, b"edgefl ingest share group",
+                                    hashlib.sha256).hexdigest()[:32]
 
     def observer_credentials(self) -> dict:
         return json.loads(self.path("server", "observer.json").read_text())
@@ -392,27 +428,36 @@ def init_fleet(directory, fleet: str, *, host: str = "localhost",
         indent=1).encode(), 0o600)
     f.path("broker", "data").mkdir(exist_ok=True)
     new(f.mosquitto_conf, mosquitto_config(f).encode())
-    _sync_broker_files(f)
+    # A directory made by an older edgefl gains the logins added since (ingestion workers).
+    created += [p for p in _sync_broker_files(f) if p not in created]
     return f, created
 
 
-def _sync_broker_files(f: Fleet) -> None:
-    """Rewrite the ACL and make the password file hold exactly the fleet's principals."""
+def _sync_broker_files(f: Fleet) -> list[str]:
+    """Rewrite the ACL and make the password file hold exactly the fleet's principals; return
+    the broker files whose content changed (a running broker must reload them)."""
     server, observer = f.server_credentials(), f.observer_credentials()
     passwd = f.path("broker", "passwd")
     entries = _read_password_file(passwd)
-    wanted = {server["username"], server["control_username"], observer["username"],
+    workers = [ingest_worker_principal(f.fleet, i) for i in range(MAX_INGEST_WORKERS)]
+    wanted = {server["username"], server["control_username"], observer["username"], *workers,
               *f.devices()}
     for user in list(entries):
         if user not in wanted:
             del entries[user]
     for user, password in ((server["username"], server["password"]),
                            (server["control_username"], server["password"]),
+                           *((w, server["password"]) for w in workers),
                            (observer["username"], observer["password"])):
         if user not in entries:
             entries[user] = hash_password(password)
-    _replace(passwd, _password_file(entries), 0o600)
-    _replace(f.path("broker", "acl"), acl_text(f.fleet).encode())
+    changed = []
+    for path, data, mode in ((passwd, _password_file(entries), 0o600),
+                             (f.path("broker", "acl"), acl_text(f.fleet).encode(), 0o644)):
+        if not path.exists() or path.read_bytes() != data:
+            changed.append(str(path.relative_to(f.directory)))
+        _replace(path, data, mode)
+    return changed
 
 
 def _save_manifest(f: Fleet, devices: list[str], revoked: list[str]) -> None:
@@ -437,8 +482,8 @@ def add_device(directory, client_id: str) -> tuple[Path, bool]:
     """
     f = open_fleet(directory)
     check_name("client id", client_id)
-    if client_id in (server_principal(f.fleet), control_principal(f.fleet),
-                     observer_principal(f.fleet)):
+    server = server_principal(f.fleet)
+    if client_id in (server, observer_principal(f.fleet)) or client_id.startswith(server + "."):
         raise ProvisioningError(f"{client_id!r} is the name of one of the server's logins; "
                                 "choose another device id")
     bundle = f.bundle(client_id)

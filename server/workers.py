@@ -3,8 +3,12 @@
 With ``ingest_workers=N`` (``edgefl server --ingest-workers N``, N >= 2) the aggregator process
 becomes the **coordinator**: it tracks devices, opens, extends and closes rounds, aggregates and
 publishes, but no longer reads updates. N worker processes do, through one MQTT v5 shared
-subscription, ``$share/<server id>/edgefl/<fleet>/clients/+/update``: the broker hands each
-update to one of them. A worker decodes and validates its batch, then judges and stores it in one
+subscription, ``$share/<group>/edgefl/<fleet>/clients/+/update``: the broker hands each
+update to one of them. On a provisioned fleet each worker logs in as its own broker user
+(``<server user>.w<i>``, made by ``edgefl fleet``), opens sealed updates and signs its receipts
+with the server's keys from the fleet directory, and the group is a name only the server's side
+can compute (:meth:`edgefl_server.provisioning.Fleet.share_group`; why in
+:mod:`edgefl_server.provisioning`). With ``--insecure`` the group is the server id. A worker decodes and validates its batch, then judges and stores it in one
 write transaction of the shared state database that also reads the round as stored
 (:meth:`edgefl_server.store.ServerStore.shared_ingest`), acknowledges the messages and sends the
 receipts, and reports the batch to the coordinator (only to wake it and for the round's counts:
@@ -21,7 +25,7 @@ Why a worker that dies loses nothing: it acknowledges an update only after its t
 committed, so an acknowledged update is on disk; one it had not acknowledged stays in its broker
 session. Mosquitto 2 keeps the in-flight and queued messages of a shared-subscription member in
 that member's session (it does not hand them to the other members), so the coordinator restarts
-a dead worker under the same client id (``<server id>.w<i>``, a persistent session), and the
+a dead worker under the same login and client id (a persistent session), and the
 broker delivers them again; one the worker had stored but not acknowledged comes back as a
 duplicate and is not counted twice.
 """
@@ -37,9 +41,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edgefl.wire.protocol import Topics
-from edgefl.transport.mqtt import BrokerUnreachable, MqttConnection
+from edgefl.transport.mqtt import BrokerRefused, BrokerUnreachable, MqttConnection
+from edgefl.trust import Signer
 
 from .influence import InfluenceBounds
+from .provisioning import ingest_worker_principal, open_fleet
 from .ingest import (ACCEPTED, DUPLICATE, MAX_BATCH, RECEIVE_MAXIMUM, UpdateIngestor,
                      answer_batch)
 from .store import ServerStore
@@ -51,8 +57,30 @@ SUPERVISE_INTERVAL = 0.5
 
 
 def worker_client_id(server_id: str, index: int) -> str:
-    """The fixed MQTT client id of ingestion worker ``index`` (its broker session)."""
+    """The fixed MQTT client id of ingestion worker ``index`` (its broker session); on a
+    provisioned fleet the broker uses the worker's login instead, the same for every start."""
     return f"{server_id}.w{index}"
+
+
+def share_group(config) -> str:
+    """The MQTT share group of the workers of ``config``'s server (see the module docstring)."""
+    if config.insecure:
+        return config.server_id
+    return open_fleet(config.fleet_dir).share_group()
+
+
+def _worker_identity(config, index: int):
+    """``(broker login keywords, sealing key, receipt signer)`` of worker ``index``."""
+    if config.insecure:
+        return dict(username=config.username, password=config.password, tls=config.tls,
+                    ca_certs=config.ca_certs), None, None
+    fleet = open_fleet(config.fleet_dir)
+    login = dict(username=ingest_worker_principal(fleet.fleet, index),
+                 password=fleet.server_credentials()["password"], tls=True,
+                 ca_certs=str(fleet.ca_cert))
+    # Receipts are not ordered messages (a device accepts any sequence for them), so the
+    # workers need no shared sequence file: each signer counts from its clock.
+    return login, fleet.sealing_key(), Signer(fleet.signing_key(), config.fleet)
 
 
 @dataclass(frozen=True)
@@ -107,21 +135,32 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
     topics = Topics(config.fleet)
+    try:
+        login, sealing_key, signer = _worker_identity(config, index)
+        group = share_group(config)
+    except Exception as exc:  # noqa: BLE001 - e.g. a fleet directory it cannot read
+        reports.put(("failed", index, f"cannot load the fleet's keys and logins: {exc}"))
+        return
     store = ServerStore(config.state_dir, fleet=config.fleet, strategy=config.strategy)
     ingestor = UpdateIngestor(store, topics, num_params=num_params,
                               max_update_bytes=config.max_update_bytes,
-                              bounds=InfluenceBounds(config.max_samples, config.max_update_norm))
+                              bounds=InfluenceBounds(config.max_samples, config.max_update_norm),
+                              sealing_key=sealing_key)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     conn = MqttConnection(
-        worker_client_id(config.server_id, index), config.broker_url,
-        username=config.username, password=config.password, tls=config.tls,
-        ca_certs=config.ca_certs, manual_ack=True, receive_maximum=RECEIVE_MAXIMUM,
-        subscriptions=[(topics.shared_updates(config.server_id), 1)],
+        worker_client_id(config.server_id, index), config.broker_url, **login,
+        manual_ack=True, receive_maximum=RECEIVE_MAXIMUM,
+        subscriptions=[(topics.shared_updates(group), 1)],
         on_message=lambda msg: inbox.put((msg, time.time())))
     try:
         conn.start(timeout=30)
     except BrokerUnreachable as exc:
-        reports.put(("failed", index, str(exc)))
+        reason = str(exc)
+        if isinstance(exc, BrokerRefused) and not config.insecure:
+            reason += ("; a fleet directory made before ingestion workers existed lacks their "
+                       "logins: re-run `edgefl fleet init` with its --fleet, --host and --port "
+                       "(it adds them and reloads a running broker)")
+        reports.put(("failed", index, reason))
         store.close()
         return
     reports.put(("ready", index))
@@ -137,13 +176,13 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
                     batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
-            _ingest(ingestor, conn, topics, config, index, batch, reports, stop)
+            _ingest(ingestor, conn, topics, config, index, batch, reports, stop, signer)
     finally:
         conn.stop()  # what was not acknowledged stays in the broker session
         store.close()
 
 
-def _ingest(ingestor, conn, topics, config, index, batch, reports, stop) -> None:
+def _ingest(ingestor, conn, topics, config, index, batch, reports, stop, signer) -> None:
     messages = [m for m, _ in batch]
     payloads = [bytes(m.payload) for m in messages]
     delay = 0.5
@@ -159,7 +198,7 @@ def _ingest(ingestor, conn, topics, config, index, batch, reports, stop) -> None
             delay = min(2 * delay, 30.0)
     counts = _BatchCounts()
     answer_batch(conn, topics, messages, outcomes, [len(p) for p in payloads], metrics=counts,
-                 confirm=round_state.round_id >= config.rounds)
+                 confirm=round_state.round_id >= config.rounds, signer=signer)
     arrivals = [t for (_, t), o in zip(batch, outcomes) if o.status == ACCEPTED]
     reports.put(BatchReport(index, round_state.round_id, counts.accepted - sum(
         o.status == DUPLICATE for o in outcomes), dict(counts.rejected), counts.uplink,
@@ -225,8 +264,9 @@ class IngestWorkers:
             thread = threading.Thread(target=target, name=f"edgefl-workers-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("%d ingestion workers share %s", self.count,
-                 Topics(self.config.fleet).shared_updates(self.config.server_id))
+        log.info("%d ingestion workers share the updates of fleet %s (%s)", self.count,
+                 self.config.fleet, "share group " + self.config.server_id
+                 if self.config.insecure else "a share group named from the server's password")
         return self
 
     def _spawn(self, index: int) -> None:

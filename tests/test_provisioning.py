@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefl_server.provisioning import (ProvisioningError, add_device, check_private_files,
-                                        hash_password, init_fleet, open_fleet, revoke_device)
+from edgefl_server.provisioning import (MAX_INGEST_WORKERS, ProvisioningError, add_device,
+                                        check_private_files, hash_password, init_fleet,
+                                        open_fleet, reload_broker, revoke_device)
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,69 @@ def test_a_device_reads_no_other_devices_updates_and_only_its_own_receipts(secur
         p.close()
 
 
+def test_ingestion_worker_logins_read_updates_and_write_receipts_only(secure_broker, fleet):
+    password = fleet.server_credentials()["password"]
+    workers = [Probe(secure_broker, fleet, f"edgefl-server-demo.w{i}", password,
+                     client_id=f"edgefl-server-demo.w{i}") for i in (0, MAX_INGEST_WORKERS - 1)]
+    for worker in workers:
+        assert not worker.code.is_failure
+        worker.subscribe("edgefl/demo/clients/+/update")
+        worker.subscribe("edgefl/demo/clients/+/status")
+    device = _device(secure_broker, fleet, "dev-1")
+    assert not device.publish("edgefl/demo/clients/dev-1/update", b"u1").is_failure
+    assert not device.publish("edgefl/demo/clients/dev-1/status", b"online").is_failure
+    assert not workers[0].publish("edgefl/demo/clients/dev-1/receipt", b"r").is_failure
+    for topic in ("edgefl/demo/model", "edgefl/demo/round", "edgefl/demo/key",
+                  "edgefl/demo/clients/dev-1/update", "edgefl/demo/clients/dev-1/status"):
+        code = workers[0].publish(topic, b"x")
+        assert code.is_failure and "authorized" in str(code), topic
+    deadline = time.monotonic() + 10
+    while not all(w.messages for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a status, were it readable, arrives now
+    for worker in workers:
+        assert worker.messages == [("edgefl/demo/clients/dev-1/update", b"u1")]
+    beyond = Probe(secure_broker, fleet, f"edgefl-server-demo.w{MAX_INGEST_WORKERS}", password,
+                   client_id=f"edgefl-server-demo.w{MAX_INGEST_WORKERS}")
+    assert beyond.code.is_failure
+    for p in (*workers, device, beyond):
+        p.close()
+
+
+def test_rerunning_init_gives_an_older_fleet_directory_the_worker_logins(secure_broker, fleet):
+    passwd = fleet.path("broker", "passwd")
+    older = [line for line in passwd.read_text().splitlines() if ".w" not in line.split(":")[0]]
+    passwd.write_text("\n".join(older) + "\n")
+    acl = fleet.path("broker", "acl")
+    acl.write_text(acl.read_text().split("user edgefl-server-demo.w0")[0])
+    assert reload_broker(fleet)
+    password = fleet.server_credentials()["password"]
+
+    def worker_login():
+        probe = Probe(secure_broker, fleet, "edgefl-server-demo.w1", password,
+                      client_id="edgefl-server-demo.w1")
+        probe.close()
+        return probe.code
+
+    assert worker_login().is_failure
+    _, written = init_fleet(fleet.directory, "demo", port=fleet.port)
+    assert sorted(written) == ["broker/acl", "broker/passwd"]
+    assert reload_broker(fleet)
+    deadline = time.monotonic() + 10
+    while worker_login().is_failure:  # the broker reloads its files asynchronously
+        assert time.monotonic() < deadline, "the worker login stayed refused"
+        time.sleep(0.1)
+
+
+def test_the_share_group_is_named_from_the_servers_password(fleet, tmp_path):
+    group = fleet.share_group()
+    assert group == open_fleet(fleet.directory).share_group()  # stable: every worker agrees
+    assert fleet.server_credentials()["password"] not in group
+    assert group.startswith("edgefl-") and len(group) == len("edgefl-") + 32
+    other, _ = init_fleet(tmp_path / "other", "demo", port=fleet.port)
+    assert other.share_group() != group  # another fleet directory, another password
+
+
 def test_revoking_a_device_disconnects_it_and_refuses_its_login(secure_broker, fleet):
     dev = _device(secure_broker, fleet, "dev-3")
     password = (fleet.bundle("dev-3") / "password").read_text()
@@ -193,8 +257,10 @@ def test_a_device_bundle_holds_what_the_device_needs(fleet):
         fleet.trust_file.read_text())
     assert (bundle / "ca.crt").read_bytes() == fleet.ca_cert.read_bytes()
     assert f"--bundle {bundle}" in (bundle / "command.txt").read_text()
-    with pytest.raises(ProvisioningError, match="server's logins"):
-        add_device(fleet.directory, "edgefl-server-demo")
+    for name in ("edgefl-server-demo", "edgefl-server-demo.control", "edgefl-server-demo.w0",
+                 "edgefl-server-demo.w9", "edgefl-observer-demo"):
+        with pytest.raises(ProvisioningError, match="server's logins"):
+            add_device(fleet.directory, name)
 
 
 def _listening_sockets(pid):

@@ -41,7 +41,9 @@ def main(argv) -> int:
             fleet, created = provisioning.init_fleet(args.dir, args.fleet, host=args.host,
                                                      port=args.port)
             print(f"fleet {fleet.fleet} in {fleet.directory}: "
-                  + (f"created {', '.join(created)}" if created else "complete, nothing changed"))
+                  + (f"wrote {', '.join(created)}" if created else "complete, nothing changed"))
+            if created and provisioning.reload_broker(fleet):
+                print("the running broker reloaded its logins and ACL")
             print(f"broker:  mosquitto -c {fleet.mosquitto_conf}   (TLS on {fleet.url})")
             print(f"server:  edgefl server --fleet {fleet.fleet} --fleet-dir {fleet.directory} "
                   f"--broker {fleet.url} --state-dir STATE_DIR")

@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_option(run, "--ingest-workers", env="EDGEFL_INGEST_WORKERS", type=int, default=1,
                metavar="N", help="ingestion processes: 1 (default) ingests in this process; N "
                ">= 2 starts N workers sharing the updates through an MQTT shared subscription "
-               "(same results; see docs/operations.md)")
+               "(same results; at most 8 on a provisioned fleet; see docs/operations.md)")
     ops = parser.add_argument_group("operations")
     env_option(ops, "--metrics-port", env="EDGEFL_METRICS_PORT", type=port_number, metavar="PORT",
                help="serve Prometheus metrics on http://HOST:PORT/metrics until the process "
