@@ -8,15 +8,26 @@ alternating in the same run, for the same payloads:
 * **raw**: a bare paho-mqtt subscriber process (MQTT v5, QoS 1, paho acknowledges on receipt)
   that only counts messages: what the broker and a Python MQTT client can move here;
 * **server**: the aggregator in its own process (``--ingest-workers`` 1, 2 or 3), from a fresh
-  state directory: every update decoded, validated, stored durably (group commit) and
-  acknowledged before the round closes with all devices answered.
+  state directory: every update opened, decoded, validated, stored durably (group commit),
+  acknowledged and answered with a signed receipt before the round closes with all devices
+  answered.
+
+By default both run as deployed: a fleet provisioned by ``edgefl fleet init`` (Mosquitto's
+generated configuration: TLS, logins, ACL), updates sealed to the server's key, receipts
+signed; the benchmark adds logins of its own for its publishers (allowed to write every
+device's update and status topic: one connection stands for many devices) and for the raw
+subscriber (allowed to read updates). ``--insecure`` measures the plain path instead (no TLS,
+no sealing, no signatures).
 
 Both rates are ``devices / (end - start)``: start when the publishers are told to go; end when
 the raw subscriber counted the last message, or when the server's round thread decided to close
 the round (every update stored). Each configuration is run ``--trials`` times; reported are
 medians of both rates and the median of the per-trial ratios (server / the raw trial just
 before). ``/proc/loadavg`` is recorded before every trial: on a shared machine a figure taken
-under load says little about the product.
+under load says little about the product. Each party's CPU time per update (the receiver with
+its worker processes, Mosquitto, the publishers) is read from ``/proc`` for every trial: as the
+load runs on the same machine as the server, the sum of the three bounds what the machine can
+carry (printed as "carry at most"), and the receiver's share says what one more core would buy.
 
 Writes ``benchmarks/results/aggregator.json``. Run: ``python benchmarks/bench_aggregator.py``
 (defaults: 4,000 devices, 3 publishers, 5 trials); ``--devices 500 --trials 1`` for a quick check.
@@ -28,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -35,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +55,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefl.trust import seal
 from edgefl.wire import Update, encode_update
 from edgefl.wire.protocol import DeviceStatus, Topics
 from edgefl_server.aggregator import AggregationServer, ServerConfig
 from edgefl_server.model_builder import build_mlp
-from edgefl_server.mosquitto import MosquittoBroker
+from edgefl_server.mosquitto import MosquittoBroker, free_port
+from edgefl_server.provisioning import (MAX_INGEST_WORKERS, hash_password, ingest_worker_principal,
+                                        init_fleet, open_fleet, server_principal)
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,10 +109,52 @@ class CpuMeter:
                 for name, pids in self.pids.items()}
 
 
-def _client(client_id: str, broker_port: int, *, clean: bool, subscribe: str | None = None,
+@dataclass(frozen=True)
+class Link:
+    """How the benchmark's processes reach the broker: plain and anonymous, or the provisioned
+    fleet's TLS listener with a login per client (the broker takes the login as client id)."""
+
+    port: int
+    fleet_dir: str | None = None  # None: plain MQTT (--insecure)
+    passwords: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtt' if self.fleet_dir is None else 'mqtts'}://127.0.0.1:{self.port}"
+
+
+def provision(root: Path, publishers: int) -> tuple:
+    """A fleet for the benchmark, plus logins for its load: ``(fleet, passwords)``.
+
+    The publishers stand for many devices each, so their logins may write every device's
+    update and status topics; the raw subscriber's may read the updates. Everything else is the
+    configuration ``edgefl fleet init`` writes.
+    """
+    fleet, _ = init_fleet(root / "fleet", FLEET, port=free_port())
+    server = fleet.server_credentials()
+    passwords = {server_principal(FLEET): server["password"],
+                 **{ingest_worker_principal(FLEET, i): server["password"]
+                    for i in range(MAX_INGEST_WORKERS)}}
+    rules = {f"bench-publisher-{i}": "write edgefl/bench/clients/+/update"
+             for i in range(publishers)}
+    rules.update({"bench-status": "write edgefl/bench/clients/+/status",
+                  "bench-raw": "read edgefl/bench/clients/+/update"})
+    with open(fleet.path("broker", "passwd"), "a") as passwd, \
+            open(fleet.path("broker", "acl"), "a") as acl:
+        for user, rule in rules.items():
+            passwords[user] = f"bench-{user}-password"
+            passwd.write(f"{user}:{hash_password(passwords[user])}\n")
+            acl.write(f"\nuser {user}\ntopic {rule}\n")
+    return fleet, passwords
+
+
+def _client(client_id: str, link: Link, *, clean: bool, subscribe: str | None = None,
             on_message=None) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5)
+    if link.fleet_dir is not None:
+        client.tls_set(ca_certs=str(Path(link.fleet_dir, "ca", "ca.crt")))
+        client.username_pw_set(client_id, link.passwords[client_id])
     client.max_inflight_messages_set(1000)
     ready = threading.Event()
 
@@ -112,7 +170,7 @@ def _client(client_id: str, broker_port: int, *, clean: bool, subscribe: str | N
         client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 0 if clean else 3600
-    client.connect("127.0.0.1", broker_port, clean_start=clean, properties=props)
+    client.connect("127.0.0.1", link.port, clean_start=clean, properties=props)
     client.loop_start()
     if not ready.wait(30):
         raise TimeoutError(f"{client_id} could not connect to the broker")
@@ -124,28 +182,33 @@ def _stop(client: mqtt.Client) -> None:
     client.loop_stop()
 
 
-def forget_session(client_id: str, broker_port: int) -> None:
+def forget_session(client_id: str, link: Link) -> None:
     """End a persistent session so the broker stops queueing updates for a finished receiver."""
-    _stop(_client(client_id, broker_port, clean=True))
+    _stop(_client(client_id, link, clean=True))
 
 
 # -- processes --------------------------------------------------------------------------------
 
-def publisher(broker_port: int, index: int, names: list[str], commands, done) -> None:
-    """Encode one update per device once, then publish them all at QoS 1 on every "go"."""
+def publisher(link: Link, index: int, names: list[str], commands, done) -> None:
+    """Encode (and seal) one update per device once, then publish them all at QoS 1 on every
+    "go"."""
 
     topics = Topics(FLEET)
     num_params = _num_params()
     k = int(num_params * DENSITY)
     rng = np.random.default_rng([7, index])
+    sealing = None if link.fleet_dir is None else \
+        open_fleet(link.fleet_dir).sealing_key().public_key()
     messages = []
     for i, name in enumerate(names):
         indices = np.sort(rng.choice(num_params, k, replace=False)).astype(np.uint32)
         values = rng.normal(0, 0.01, k).astype(np.float16).astype(np.float32)
         payload = encode_update(Update(name, 1, 0, 1000 + i, 10 + i % 50, num_params, indices,
                                        values, "f16"))
+        if sealing is not None:
+            payload = seal(payload, sealing, fleet=FLEET, client_id=name, round_id=1)
         messages.append((topics.update(name), payload))
-    client = _client(f"bench-publisher-{index}", broker_port, clean=True)
+    client = _client(f"bench-publisher-{index}", link, clean=True)
     done.put(("ready", index, len(messages[0][1])))
     while commands.get() == "go":
         infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
@@ -155,7 +218,7 @@ def publisher(broker_port: int, index: int, names: list[str], commands, done) ->
     _stop(client)
 
 
-def raw_subscriber(broker_port: int, expected: int, result) -> None:
+def raw_subscriber(link: Link, expected: int, result) -> None:
     """Count ``expected`` update messages; report the time the last one arrived."""
     count = [0]
     finished = threading.Event()
@@ -167,7 +230,7 @@ def raw_subscriber(broker_port: int, expected: int, result) -> None:
             last[0] = time.time()
             finished.set()
 
-    client = _client("bench-raw", broker_port, clean=True,
+    client = _client("bench-raw", link, clean=True,
                      subscribe=f"edgefl/{FLEET}/clients/+/update", on_message=on_message)
     result.put(("ready",))
     finished.wait(600)
@@ -175,7 +238,7 @@ def raw_subscriber(broker_port: int, expected: int, result) -> None:
     _stop(client)
 
 
-def server_process(broker_url: str, state_dir: str, devices: int, workers: int, server_id: str,
+def server_process(link: Link, state_dir: str, devices: int, workers: int, server_id: str,
                    result, profile: str | None) -> None:
     """Run one round of the aggregator; report when it decided to close (all updates stored)."""
 
@@ -188,10 +251,9 @@ def server_process(broker_url: str, state_dir: str, devices: int, workers: int, 
         closed.set()
 
     options = {"ingest_workers": workers} if workers > 1 else {}
-    config = ServerConfig(broker_url=broker_url, fleet=FLEET, state_dir=state_dir, rounds=1,
+    config = ServerConfig(broker_url=link.url, fleet=FLEET, state_dir=state_dir, rounds=1,
                           min_clients=devices, round_timeout=600.0, server_id=server_id,
-                          insecure=True,  # the plain path: bench_trust.py measures trust's cost
-                          **options)
+                          insecure=link.fleet_dir is None, fleet_dir=link.fleet_dir, **options)
     server = AggregationServer(config, initial_model=build_mlp(LAYERS, seed=0), on_round=on_round)
     server.start(timeout=60)
     while server.round.phase != "open":
@@ -221,11 +283,11 @@ def _num_params() -> int:
 # -- the run ----------------------------------------------------------------------------------
 
 class Publishers:
-    def __init__(self, ctx, broker_port: int, names: list[str], count: int):
+    def __init__(self, ctx, link: Link, names: list[str], count: int):
         self.done = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(count)]
         self.procs = [ctx.Process(target=publisher,
-                                  args=(broker_port, i, names[i::count], self.commands[i], self.done))
+                                  args=(link, i, names[i::count], self.commands[i], self.done))
                       for i in range(count)]
         for p in self.procs:
             p.start()
@@ -248,11 +310,11 @@ class Publishers:
             p.join(30)
 
 
-def publish_online(broker_port: int, names: list[str]) -> None:
+def publish_online(link: Link, names: list[str]) -> None:
     """Every device's retained "online" status, so the round selects all of them."""
 
     topics = Topics(FLEET)
-    client = _client("bench-status", broker_port, clean=True)
+    client = _client("bench-status", link, clean=True)
     payload = DeviceStatus("online").to_json()
     infos = [client.publish(topics.status(n), payload, qos=1, retain=True) for n in names]
     for info in infos:
@@ -260,9 +322,9 @@ def publish_online(broker_port: int, names: list[str]) -> None:
     _stop(client)
 
 
-def trial_raw(ctx, broker, pubs, devices) -> dict:
+def trial_raw(ctx, broker, link, pubs, devices) -> dict:
     result = ctx.Queue()
-    proc = ctx.Process(target=raw_subscriber, args=(broker.port, devices, result))
+    proc = ctx.Process(target=raw_subscriber, args=(link, devices, result))
     proc.start()
     result.get(timeout=60)
     load = loadavg()
@@ -279,12 +341,12 @@ def trial_raw(ctx, broker, pubs, devices) -> dict:
             "cpu_us_per_update": {k: v / devices * 1e6 for k, v in cpu.items()}}
 
 
-def trial_server(ctx, broker, pubs, devices, workers, n, profile=None) -> dict:
+def trial_server(ctx, broker, link, pubs, devices, workers, n, profile=None) -> dict:
     result = ctx.Queue()
     server_id = f"bench-server-{n}"
     with tempfile.TemporaryDirectory() as state:
         proc = ctx.Process(target=server_process,
-                           args=(broker.url, state, devices, workers, server_id, result,
+                           args=(link, state, devices, workers, server_id, result,
                                  profile and f"{profile}/server-w{workers}-{n}.txt"))
         proc.start()
         result.get(timeout=600)
@@ -297,8 +359,13 @@ def trial_server(ctx, broker, pubs, devices, workers, n, profile=None) -> dict:
         cpu = meter.stop()  # includes the round's close (aggregation): a few percent
         _, decided, accepted, rejected = result.get(timeout=900)
         proc.join(60)
-    for suffix in ["", *(f".w{i}" for i in range(workers))]:
-        forget_session(server_id + suffix, broker.port)
+    if link.fleet_dir is None:
+        sessions = [server_id, *(f"{server_id}.w{i}" for i in range(workers))]
+    else:  # the broker names sessions after the logins
+        sessions = [server_principal(FLEET), *(ingest_worker_principal(FLEET, i)
+                                               for i in range(workers))]
+    for session in sessions:
+        forget_session(session, link)
     if accepted != devices:
         raise RuntimeError(f"the server accepted {accepted} of {devices} updates ({rejected})")
     return {"updates_per_s": devices / (decided - start), "seconds": decided - start,
@@ -313,6 +380,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="1,2,3",
                         help="comma-separated ingest worker counts to measure")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--insecure", action="store_true",
+                        help="the plain path: no TLS, sealing or signatures (default: a "
+                             "provisioned fleet, as deployed)")
     parser.add_argument("--profile", metavar="DIR",
                         help="record a py-spy GIL profile of every server trial into DIR "
                              "(collapsed stacks; it slows the server down)")
@@ -323,19 +393,30 @@ def main(argv=None) -> int:
     names = [f"dev-{i:05d}" for i in range(args.devices)]
     worker_counts = [int(w) for w in args.workers.split(",")]
     rows = {w: [] for w in worker_counts}
-    with MosquittoBroker() as broker:
-        publish_online(broker.port, names)
-        pubs = Publishers(ctx, broker.port, names, args.publishers)
+    root = Path(tempfile.mkdtemp(prefix="edgefl-bench-aggregator-"))
+    if args.insecure:
+        broker = MosquittoBroker(persistence_dir=root / "broker")
+    else:
+        fleet, passwords = provision(root, args.publishers)
+        broker = MosquittoBroker(fleet=fleet, any_port=True)
+    transport = "insecure (plain MQTT)" if args.insecure else \
+        "provisioned (TLS, logins, ACL, sealed updates, signed receipts)"
+    with broker:
+        link = Link(broker.port) if args.insecure else \
+            Link(broker.port, str(fleet.directory), passwords)
+        publish_online(link, names)
+        pubs = Publishers(ctx, link, names, args.publishers)
         print(f"{args.devices} devices, {_num_params()} parameters at {DENSITY:.0%} density, f16: "
               f"{pubs.payload_bytes} B per update, {args.publishers} publisher processes, "
-              f"{os.cpu_count()} CPUs", flush=True)
+              f"{os.cpu_count()} CPUs, {transport}", flush=True)
         try:
             n = 0
             for trial in range(args.trials):
                 for w in worker_counts:  # raw and server alternate, same payloads
-                    raw = trial_raw(ctx, broker, pubs, args.devices)
+                    raw = trial_raw(ctx, broker, link, pubs, args.devices)
                     n += 1
-                    server = trial_server(ctx, broker, pubs, args.devices, w, n, args.profile)
+                    server = trial_server(ctx, broker, link, pubs, args.devices, w, n,
+                                          args.profile)
                     ratio = server["updates_per_s"] / raw["updates_per_s"]
                     rows[w].append({"raw": raw, "server": server, "ratio": ratio})
                     print(f"  trial {trial + 1} workers {w}: server {server['updates_per_s']:7.0f}"
@@ -346,6 +427,7 @@ def main(argv=None) -> int:
                             f"{k} {v:.0f}" for k, v in t["cpu_us_per_update"].items()), flush=True)
         finally:
             pubs.close()
+    shutil.rmtree(root, ignore_errors=True)
     summary = {}
     for w, trials in rows.items():
         summary[w] = {
@@ -354,17 +436,30 @@ def main(argv=None) -> int:
             "ratio": statistics.median(t["ratio"] for t in trials),
             "loadavg_1min": [t["server"]["loadavg"][0] for t in trials] +
                             [t["raw"]["loadavg"][0] for t in trials],
+            "cpu_us_per_update": {
+                kind: {party: statistics.median(t[kind]["cpu_us_per_update"][party]
+                                                for t in trials)
+                       for party in ("receiver", "broker", "publishers")}
+                for kind in ("server", "raw")},
         }
         s = summary[w]
+        cpu = s["cpu_us_per_update"]["server"]
+        # Every party runs on this machine: their CPU time per update bounds the rate it can carry.
+        s["cpu_bound_updates_per_s"] = os.cpu_count() * 1e6 / sum(cpu.values())
         print(f"workers {w}: server {s['server_updates_per_s']:.0f} updates/s, raw "
               f"{s['raw_updates_per_s']:.0f} updates/s, ratio {s['ratio']:.2f} (medians of "
               f"{len(trials)}; 1-min load {min(s['loadavg_1min']):.2f}-"
-              f"{max(s['loadavg_1min']):.2f})", flush=True)
+              f"{max(s['loadavg_1min']):.2f})\n"
+              f"  CPU per update: server {cpu['receiver']:.0f} us (bare paho "
+              f"{s['cpu_us_per_update']['raw']['receiver']:.0f} us), broker {cpu['broker']:.0f} "
+              f"us, publishers {cpu['publishers']:.0f} us: {os.cpu_count()} CPUs carry at most "
+              f"{s['cpu_bound_updates_per_s']:.0f} updates/s of this load", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"devices": args.devices, "num_params": _num_params(), "density": DENSITY,
                "value_encoding": "f16", "payload_bytes": pubs.payload_bytes,
                "publishers": args.publishers, "cpus": os.cpu_count(),
+               "transport": "insecure" if args.insecure else "provisioned",
                "python": platform.python_version(), "machine": platform.machine(),
                "workers": {str(w): {"trials": rows[w], **summary[w]} for w in worker_counts}}
     (out / "aggregator.json").write_text(json.dumps(results, indent=1))
