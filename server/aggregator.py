@@ -398,6 +398,11 @@ class AggregationServer:
             self._store.initialize(self.model, self._round)
         else:
             self.model, self._round = saved.model, saved.round
+            if cfg.buffer is not None and self._round.open_to_all:
+                # Announce the bound ingestion applies from now on: --max-staleness may have
+                # changed since the round was stored.
+                self._round = dataclasses.replace(self._round,
+                                                  max_staleness=cfg.buffer.max_staleness)
             self.strategy.load_state_dict(saved.strategy_state)
             residual = saved.downlink_state.get("residual")
             self.history = [RoundResult.from_dict(r) for r in saved.history]
@@ -913,7 +918,8 @@ class AggregationServer:
         return dataclasses.replace(
             r, phase=OPEN, deadline=now + 365 * 86400.0, selected=(), open_to_all=True,
             randomk_seed=randomk_seed(cfg.seed, r.round_id),
-            config=self.strategy.configure_training(cfg.training), extended=False, opened_at=now)
+            config=self.strategy.configure_training(cfg.training), extended=False, opened_at=now,
+            max_staleness=cfg.buffer.max_staleness)
 
     def _finish_early(self, r: RoundState, reason: str) -> None:
         """End the run before round ``r``: its privacy target does not allow another round."""

@@ -45,7 +45,9 @@ class RoundState:
     resolved when the round opens, so the server knows whom it waits for). ``extended`` records
     that the one deadline extension was used, ``opened_at`` when the round opened (Unix time).
     ``open_to_all`` marks a round of buffered asynchronous aggregation (:mod:`edgefl_server.buffer`):
-    every device may send, nobody is waited for, and the round closes when the buffer is full.
+    every device may send, nobody is waited for, and the round closes when the buffer is full;
+    its ``max_staleness`` is announced, so that a device keeps an update of an earlier round
+    while the server would still accept it.
     ``expected_clients`` is the expected number of participants of a Poisson-sampled round
     (central DP divides the noised sum by it).
     """
@@ -61,6 +63,7 @@ class RoundState:
     opened_at: float = 0.0
     open_to_all: bool = False
     expected_clients: float = 0.0  # central DP's fixed denominator: rate * online devices
+    max_staleness: int | None = None  # of an open_to_all round
 
     @functools.cached_property
     def selected_set(self) -> frozenset[str]:
@@ -73,7 +76,7 @@ class RoundState:
         state = {OPEN: "open", FINISHED: "finished"}.get(self.phase, "closed")
         return RoundAnnouncement(self.round_id, self.model_version, self.deadline, self.config,
                                  None if self.open_to_all else self.selected, self.randomk_seed,
-                                 state)
+                                 state, self.max_staleness)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -699,6 +699,7 @@ def test_fedbuff_aggregates_every_k_updates_by_staleness_and_refuses_too_stale(b
     with AggregationServer(config, initial_model=initial) as server:
         ann = observer.wait_for(TOPICS.round, announcement("open", 1))
         assert ann.selected is None and ann.model_version == 0  # every device, no selection
+        assert ann.max_staleness == 1  # announced: devices keep updates that still count
         for c in ("d1", "d2"):
             devices[c].send(good_update(c, 1, 0, n))
             assert devices[c].receipt().status == "accepted"
@@ -764,6 +765,22 @@ def test_fedbuff_server_killed_mid_buffer_resumes_without_losing_or_double_count
     from edgefl_server.store import ServerStore
     saved = ServerStore(state, fleet=FLEET, strategy="fedavg").load()
     assert saved.model.version == 1 and saved.history[0]["accepted"] == 3
+
+
+def test_fedbuff_announces_the_staleness_bound_it_applies_after_a_restart(broker, clients,
+                                                                          tmp_path):
+    """The bound is announced with each round; a server resumed with another --max-staleness
+    announces the one its ingestion now applies, not the one stored with the round."""
+    from edgefl_server.buffer import BufferConfig
+
+    observer, _ = clients
+    initial = build_mlp((64, 32, 10), seed=0)
+    for bound in (1, 3):
+        config = server_config(broker, tmp_path, rounds=2, min_clients=1,
+                               buffer=BufferConfig(buffer_size=2, max_staleness=bound))
+        with AggregationServer(config, initial_model=initial):
+            observer.wait_for(TOPICS.round,
+                              lambda p: RoundAnnouncement.from_json(p).max_staleness == bound)
 
 
 # -- privacy -------------------------------------------------------------------------------------

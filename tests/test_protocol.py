@@ -27,15 +27,19 @@ names = st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=64)
     seed=st.integers(0, 2**64 - 1),
     state=st.sampled_from(["open", "closed", "finished"]),
     mu=st.floats(0, 10),
+    staleness=st.none() | st.integers(0, 2**32 - 1),
 )
-def test_round_announcement_round_trip(round_id, version, deadline, selected, seed, state, mu):
+def test_round_announcement_round_trip(round_id, version, deadline, selected, seed, state, mu,
+                                       staleness):
     config = TrainingConfig(
         epochs=2, mu=mu,
         privacy=PrivacyConfig("laplace", epsilon=0.5, clip=2.0),
         compression=CompressionConfig("topk", density=0.01, values="ternary"),
     )
-    msg = RoundAnnouncement(round_id, version, deadline, config, selected, seed, state)
+    msg = RoundAnnouncement(round_id, version, deadline, config, selected, seed, state, staleness)
     assert RoundAnnouncement.from_json(msg.to_json()) == msg
+    # only buffered rounds carry the bound: a synchronous one reads as it did before the field
+    assert ("max_staleness" in json.loads(msg.to_json())) == (staleness is not None)
 
 
 def test_selection_follows_state_and_list():
@@ -53,6 +57,9 @@ def test_selection_follows_state_and_list():
         ({"round_id": True}, "'round_id'"),
         ({"model_version": 1.5}, "'model_version'"),
         ({"state": "paused"}, "unknown state"),
+        ({"max_staleness": -1}, "'max_staleness'"),
+        ({"max_staleness": 1.5}, "'max_staleness'"),
+        ({"max_staleness": "4"}, "'max_staleness'"),
         ({"selected": "dev-1"}, "'selected'"),
         ({"selected": ["ok", "bad/id"]}, "client id 'bad/id'"),
         ({"config": {"epochs": 0}}, "'epochs'"),

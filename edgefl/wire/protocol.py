@@ -232,6 +232,11 @@ class RoundAnnouncement:
     "finished" (the run is over: devices keep serving the last model and stop training).
     ``selected`` None means every device. ``randomk_seed`` is the server's seed for
     data-independent random-k sparsification, the same for every device in the round.
+
+    ``max_staleness`` marks a round of buffered asynchronous aggregation (FedBuff): the server
+    accepts an update of this round or of any earlier one, from any device, as long as the model
+    version it was trained on is at most ``max_staleness`` versions behind ``model_version``.
+    None (absent from the JSON) in synchronous rounds, where only updates of this round count.
     """
 
     round_id: int
@@ -241,6 +246,7 @@ class RoundAnnouncement:
     selected: tuple[str, ...] | None = None
     randomk_seed: int = 0
     state: str = "open"
+    max_staleness: int | None = None
 
     def is_selected(self, client_id: str) -> bool:
         return self.state == "open" and (self.selected is None or client_id in self.selected)
@@ -248,6 +254,8 @@ class RoundAnnouncement:
     def to_json(self) -> bytes:
         d = asdict(self)
         d["selected"] = None if self.selected is None else list(self.selected)
+        if self.max_staleness is None:
+            del d["max_staleness"]  # synchronous rounds say what they said before the field
         return _dumps(d)
 
     @classmethod
@@ -267,7 +275,9 @@ class RoundAnnouncement:
                 raise ProtocolError(f"{kind}: 'selected' must be a list of client ids or null")
             selected = tuple(check_name("client id", c) for c in selected)
         config = TrainingConfig.from_dict(obj.get("config", {}))
-        return cls(round_id, version, float(deadline), config, selected, seed, state)
+        staleness = None if obj.get("max_staleness") is None else \
+            _number(obj, "max_staleness", kind, lo=0, hi=2**32 - 1, integer=True)
+        return cls(round_id, version, float(deadline), config, selected, seed, state, staleness)
 
 
 @dataclass(frozen=True)
