@@ -5,8 +5,11 @@ Asynchronous Aggregation", AISTATS 2022. Devices do not wait for a round: each t
 newest model it has and sends when it can. The server
 
 * accepts an update trained on any of the last ``max_staleness + 1`` versions (its *staleness*
-  ``current - base`` is at most ``max_staleness``); an older one gets a receipt saying it is too
-  stale, and the device trains again on the newest model;
+  ``current - base`` is at most ``max_staleness``), whatever round it was sent for; an older one
+  gets a receipt saying it is too stale, and the device trains again on the newest model. Each
+  round announcement carries ``max_staleness``, so a device keeps (and resends) an update of an
+  earlier round while it can still count and drops it once it cannot
+  (:func:`edgefl.device.outbox.why_expired`);
 * scales each update by ``1 / sqrt(1 + staleness)`` (the paper's polynomial staleness weight), so
   an update computed on an older model moves the model less;
 * aggregates every ``buffer_size`` accepted updates with the server's strategy into a new version.

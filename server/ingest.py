@@ -36,7 +36,8 @@ sample count capped, its norm clipped; :attr:`Outcome.bounded` names what was bo
 payload stored for it is the opened (plain) update.
 
 Malformed and oversized payloads cannot be trusted to name their round and update id, so they get
-no receipt: they are dropped with a log line (a device's outbox entry then expires with its round).
+no receipt: they are dropped with a log line (a device's outbox entry then expires with its round,
+or under buffered aggregation once it is more than ``max_staleness`` versions old).
 """
 from __future__ import annotations
 
@@ -288,9 +289,11 @@ def answer_batch(conn, topics: Topics, messages, outcomes: list[Outcome], payloa
     Called only after :meth:`UpdateIngestor.ingest_batch` returned: an acknowledged update is
     on disk. Receipts go at QoS 0, which saves the PUBACK the server would handle for every
     update: a receipt only lets the device forget what the server already stored, so a lost one
-    loses no update. The device keeps that update in its outbox a little longer: until the
-    next round's announcement drops the round's entries, or, after a restart of the device,
-    until its resend is judged a duplicate and answered with the same receipt. With ``confirm`` (the batch ends the run: devices may stop listening once
+    loses no update. The device keeps that update in its outbox a little longer: until an
+    announcement shows it can no longer count (the next round's, in synchronous rounds; under
+    buffered aggregation, one more than ``max_staleness`` versions ahead of its base), or until
+    its resend (overdue receipt, restart of the device) is judged a duplicate and answered with
+    the same receipt. With ``confirm`` (the batch ends the run: devices may stop listening once
     "finished" is announced) they go at QoS 1 and this waits until the broker confirmed them
     (one connection's messages are handled in order, so the last PUBACK confirms them all).
     """

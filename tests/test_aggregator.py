@@ -9,6 +9,7 @@ model of a run without it. Two tests of message flow control run on a plain brok
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -27,6 +28,7 @@ import pytest
 
 from edgefl.wire.protocol import (DeviceStatus, PrivacyConfig, Receipt, RoundAnnouncement, Topics,
                                   TrainingConfig)
+from edgefl.simulation.datasets import dirichlet_partition, load_digits
 from edgefl.trust import open_signed, seal
 from edgefl.wire import Update, decode_model, encode_model, encode_update
 from edgefl_server.accounting import CentralPrivacy, noise_multiplier_for, run_epsilon
@@ -781,6 +783,146 @@ def test_fedbuff_announces_the_staleness_bound_it_applies_after_a_restart(broker
         with AggregationServer(config, initial_model=initial):
             observer.wait_for(TOPICS.round,
                               lambda p: RoundAnnouncement.from_json(p).max_staleness == bound)
+
+
+def _open_round(server, round_id=1, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not (server.round is not None and server.round.phase == "open"
+               and server.round.round_id == round_id):
+        assert time.monotonic() < deadline, f"round {round_id} did not open"
+        time.sleep(0.05)
+
+
+def _until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _away_device(broker, tmp_path):
+    """The EdgeClient "away" on its own state directory, with a part of digits to train on.
+
+    Its receipt timeout is an hour, so it resends only when it starts: what a test sees
+    it send, it sent on purpose."""
+    from edgefl.device.client import EdgeClient
+
+    X, y, _, _ = load_digits(0)
+    part = dirichlet_partition(y, 4, alpha=0.5, seed=0)[0]
+    device = EdgeClient("away", FLEET, broker.url, tmp_path / "away", reconnect_delay=(0.1, 0.5),
+                        receipt_timeout=3600.0, **device_login(broker, "away"))
+    device.add_data(X[part], y[part])
+    return device
+
+
+@contextlib.contextmanager
+def _fedbuff_with_a_lost_update(fleet, tmp_path, buffer, rounds):
+    """A FedBuff server on round 1 (version 0), and the device "away" with its update of round
+    1 in its outbox, never receipted and never counted: the server was stopped, so the update
+    waited in the server's session on the broker, which acknowledged it and crashed before
+    saving it (nothing is saved between its start and the crash). Yields ``(broker, server,
+    device, update id)`` once the restarted server is back on round 1 without the update."""
+    initial = build_mlp((64, 32, 10), seed=0)
+
+    def server():
+        config = server_config(broker, tmp_path, rounds=rounds, min_clients=1, buffer=buffer)
+        return AggregationServer(config, initial_model=initial).start()
+
+    with MosquittoBroker(fleet=fleet, autosave_interval=3600, any_port=True) as broker:
+        opener = Device(broker, "d3")  # online, so that round 1 opens
+        first = server()
+        try:
+            _open_round(first)
+        finally:
+            first.close()
+            opener.close()
+        device = _away_device(broker, tmp_path).start(timeout=30)
+        restarted = None
+        try:
+            assert wait_for_counter(device, "updates_sent", 1), "the device sent no update"
+            [entry] = device.outbox.entries()
+            assert (entry.round_id, entry.base_version) == (1, 0)
+            time.sleep(0.5)  # the broker's PUBACK
+            broker.kill()
+            broker.start()
+            restarted = server()
+            _open_round(restarted)
+            assert _until(device.connected.is_set)
+            yield broker, restarted, device, entry.update_id
+        finally:
+            device.stop()
+            if restarted is not None:
+                restarted.close()
+
+
+def _counted(tmp_path, round_id, client):
+    """The id of ``client``'s update of ``round_id`` that the server's store holds, or None."""
+    from edgefl_server.store import ServerStore
+
+    store = ServerStore(tmp_path / "state", fleet=FLEET, strategy="fedavg")
+    try:
+        return store.find_update(round_id, client)
+    finally:
+        store.close()
+
+
+def test_fedbuff_an_update_in_flight_while_rounds_advance_is_kept_resent_and_counted_once(
+        fleet, tmp_path):
+    """K = 2, S = 1. The device's update of round 1 is lost on the way; d1 and d2 fill round 1's
+    buffer, so round 2 (version 1) is announced while the update waits for its receipt. The
+    server still accepts it (one version old), so the device keeps it rather than giving it up
+    with the round; resent when the device reboots, it fills round 2's buffer with the
+    device's own update of round 2, and counts once."""
+    from edgefl_server.buffer import BufferConfig
+
+    with _fedbuff_with_a_lost_update(fleet, tmp_path, BufferConfig(buffer_size=2, max_staleness=1),
+                                     rounds=2) as (broker, server, device, lost):
+        n = server.model.manifest.num_params
+        for c in ("d1", "d2"):
+            peer = Device(broker, c)
+            peer.send(good_update(c, 1, 0, n))
+            assert peer.receipt().status == "accepted"
+            peer.close()
+        # round 2 announced: the device trains it and its update is the first of round 2
+        assert wait_for_counter(device, "accepted", 1)
+        assert server.round.round_id == 2 and server.round.max_staleness == 1
+        assert [(e.round_id, e.update_id) for e in device.outbox.entries()] == [(1, lost)], \
+            "the announcement of round 2 dropped an update the server would still accept"
+        device.stop()
+        with _away_device(broker, tmp_path) as rebooted:
+            assert server.wait(30), f"rounds done: {[r.round_id for r in server.history]}"
+            assert _until(lambda: len(rebooted.outbox) == 0)
+            assert rebooted.counters["accepted"] == 1 and rebooted.rejections == []
+        assert [r.accepted for r in server.history] == [2, 2]
+    assert _counted(tmp_path, 1, "away") == lost
+
+
+def test_fedbuff_an_update_past_the_staleness_bound_is_dropped_and_says_why(fleet, tmp_path,
+                                                                            caplog):
+    """K = 1, S = 1: every accepted update makes a version. The lost update of round 1 (on
+    version 0) is kept while round 2 announces version 1, and dropped with a log line saying
+    why once round 3 announces version 2, which the server would refuse as too stale."""
+    from edgefl_server.buffer import BufferConfig
+
+    caplog.set_level("INFO", logger="edgefl.device.outbox")
+    with _fedbuff_with_a_lost_update(fleet, tmp_path, BufferConfig(buffer_size=1, max_staleness=1),
+                                     rounds=3) as (broker, server, device, lost):
+        n = server.model.manifest.num_params
+        peer = Device(broker, "d1")
+        peer.send(good_update("d1", 1, 0, n))
+        assert peer.receipt().status == "accepted"
+        peer.close()
+        # rounds 2 and 3 are the device's own: each of its updates makes the next version
+        assert server.wait(30), f"rounds done: {[r.round_id for r in server.history]}"
+        assert _until(lambda: len(device.outbox) == 0)
+        assert device.counters["accepted"] == 2
+    assert [r.accepted for r in server.history] == [1, 1, 1]
+    assert (f"dropped update {lost} of round 1 without a receipt: it was trained on model "
+            "version 0, 2 versions behind the announced 2, and the server accepts at most 1"
+            ) in caplog.text
+    assert _counted(tmp_path, 1, "away") is None
 
 
 # -- privacy -------------------------------------------------------------------------------------

@@ -92,10 +92,11 @@ class FakeServer:
         self.publish(TOPICS.model, encode_model(model))
 
     def round(self, round_id, model_version, *, state="open", selected=None, deadline=None,
-              config=TrainingConfig(epochs=1, lr=0.1), seed=7):
+              config=TrainingConfig(epochs=1, lr=0.1), seed=7, max_staleness=None):
         deadline = time.time() + 60 if deadline is None else deadline
         self.publish(TOPICS.round, RoundAnnouncement(
-            round_id, model_version, deadline, config, selected, seed, state).to_json())
+            round_id, model_version, deadline, config, selected, seed, state,
+            max_staleness).to_json())
 
     def receipt(self, client_id, round_id, update_id, status="accepted", reason=""):
         self.publish(TOPICS.receipt(client_id), Receipt(round_id, update_id, status, reason).to_json(),
@@ -408,6 +409,41 @@ def test_updates_of_a_round_that_is_over_are_dropped(broker, server, tmp_path, m
         server.round(2, 0, state="closed")
         assert wait_for(lambda: len(client.outbox) == 0)
     assert "round 1 without a receipt" in caplog.text
+
+
+@pytest.mark.parametrize("max_staleness, version, sent, why", [
+    (1, 1, True, ""),
+    (1, 2, False, "it was trained on model version 0, 2 versions behind the announced 2, and the "
+                  "server accepts at most 1"),
+    (None, 1, False, "the server has moved on to round 2, where it can no longer count"),
+], ids=["buffered", "buffered-too-stale", "synchronous"])
+def test_an_update_whose_round_advanced_during_training_is_sent_if_it_can_count(
+        broker, server, tmp_path, model0, local_data, caplog, max_staleness, version, sent, why):
+    """Round 2 is announced while round 1 trains (long enough to be sure). Under buffered
+    aggregation the update of round 1, on version 0, still counts one version behind, so it is
+    sent and kept; two versions behind, or in synchronous rounds, it is not sent, and the log
+    says why."""
+    caplog.set_level("INFO", logger="edgefl.device.client")
+    server.model(model0)
+    X, y = local_data
+    slow = TrainingConfig(epochs=500, batch_size=32, lr=0.01)
+    with make_client(broker, tmp_path, (np.tile(X, (40, 1)), np.tile(y, 40))) as client:
+        server.round(1, 0, config=slow, max_staleness=max_staleness)
+        assert client.training.wait(10)
+        server.round(2, version, max_staleness=max_staleness)
+        # The device is behind the announced version, so it asks for the full model: the
+        # announcement has been handled, and must have been while round 1 still trained.
+        assert wait_for(lambda: client.counters["refresh_fallbacks"] == 1)
+        assert client.training.is_set(), "training ended before round 2 was announced"
+        if sent:
+            _, update = server.next_update(timeout=30)
+            assert (update.round_id, update.base_version) == (1, 0)
+            assert [e.round_id for e in client.outbox.entries()] == [1]
+        else:
+            assert wait_for(lambda: not client.training.is_set(), timeout=30)
+            server.assert_no_update()
+            assert len(client.outbox) == 0 and client.counters["rounds_skipped"] == 1
+            assert f"round 1: the update is not sent: {why}" in caplog.text
 
 
 def test_update_sent_while_the_broker_is_down_arrives_after_it_returns(broker, server, tmp_path,

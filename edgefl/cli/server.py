@@ -120,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env_option(buffered, "--max-staleness", env="EDGEFL_MAX_STALENESS", type=int, default=4,
                metavar="S", help="with --buffer-size: accept updates trained on a version at "
                                  "most S versions old (scaled by 1/sqrt(1 + staleness)); older "
-                                 "ones get a receipt saying they are too stale")
+                                 "ones get a receipt saying they are too stale. S is announced: "
+                                 "devices keep and resend an update as long as it can count")
     down = parser.add_argument_group("model refreshes (downlink compression)")
     env_option(down, "--downlink-density", env="EDGEFL_DOWNLINK_DENSITY", type=positive_float,
                metavar="D", help="also publish each new model as a refresh carrying this "

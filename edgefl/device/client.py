@@ -30,7 +30,14 @@
   it is published with QoS 1; the server's receipt removes it. An update whose receipt is
   overdue is published again, with back-off, whatever paho believes it delivered (a broker that
   crashed after acknowledging it has lost it); after a crash or reboot the device resends every
-  stored update on connecting. The server counts each update once.
+  stored update on connecting. The server counts each update once. An update is given up (with
+  a log line) only when an announcement shows that it can no longer count
+  (:func:`~edgefl.device.outbox.why_expired`): in synchronous rounds once a later round is
+  announced; in rounds of buffered asynchronous aggregation (FedBuff, the announcement carries
+  ``max_staleness``) only once its base model version is more than ``max_staleness`` versions
+  behind the announced one, however many rounds passed, so an update in flight while the
+  buffered rounds advance is still sent, kept and resent until its receipt. The same rule
+  decides whether an update whose round advanced while it was being trained is sent at all.
 
 Threads: the transport's dispatcher thread handles every incoming message (and never trains);
 one worker thread trains and sends; any number of caller threads predict. No exception leaves a
@@ -71,7 +78,7 @@ from edgefl import __version__, kernels
 from edgefl.durable import replace_file
 from edgefl.device.local_data import all_labels_out_of_range, check_samples, describe_skipped
 from edgefl.wire.model import ModelManifest
-from edgefl.device.outbox import Outbox
+from edgefl.device.outbox import Outbox, why_expired
 from edgefl.device.predictor import ModelRejected, Predictor, graph_optimization_level
 from edgefl.device.privacy import PrivacyAccountant, PrivacyBudgetExhausted
 from edgefl.wire.protocol import (
@@ -165,7 +172,8 @@ class EdgeClient:
     max_model_bytes : int
         Larger model messages are refused unread.
     outbox_entries : int
-        Most updates kept waiting for their receipts.
+        Most updates kept waiting for their receipts (storing one more drops the oldest); under
+        buffered aggregation updates of several rounds may wait at once.
     reconnect_delay, keepalive, session_expiry
         Passed to the transport.
     model_refresh : bool
@@ -794,7 +802,7 @@ class EdgeClient:
             self._announcement = announcement
         self._accept(message)
         self._check_behind()
-        for entry in self._outbox.drop_rounds_before(announcement.round_id):
+        for entry in self._outbox.expire(announcement):
             self._handed.pop((entry.round_id, entry.update_id), None)
         with self._lock:
             self._schedule()
@@ -980,13 +988,15 @@ class EdgeClient:
         if self._trust is not None:
             payload = self._trust.seal(payload, client_id=self.client_id, round_id=a.round_id)
         with self._lock:
-            over = self._announcement is not None and self._announcement.round_id > a.round_id
+            current = self._announcement
+        # A newer announcement may have come while training: under buffered aggregation the
+        # update still counts as long as its base version is recent enough.
+        over = "" if current is None else why_expired(current, a.round_id, a.model_version)
         if over:
             self._count("rounds_skipped")
-            log.info("%s: round %d ended while training; the update is not sent", self.client_id,
-                     a.round_id)
+            log.info("%s: round %d: the update is not sent: %s", self.client_id, a.round_id, over)
             return
-        self._outbox.put(a.round_id, update.update_id, payload)
+        self._outbox.put(a.round_id, update.update_id, payload, base_version=a.model_version)
         self._last_round = a.round_id
         replace_file(self.state_dir / "state.json",
                           json.dumps({"last_round": a.round_id}).encode())
