@@ -218,8 +218,12 @@ def publisher(link: Link, index: int, names: list[str], commands, done) -> None:
     _stop(client)
 
 
-def raw_subscriber(link: Link, expected: int, result) -> None:
-    """Count ``expected`` update messages; report the time the last one arrived."""
+def raw_subscriber(link: Link, expected: int, result, resume=None) -> None:
+    """Count ``expected`` update messages; report the time the last one arrived.
+
+    With ``resume`` (a queue), subscribe in a persistent session, leave, wait for the word and
+    connect again: what was published meanwhile waits in the broker's session.
+    """
     count = [0]
     finished = threading.Event()
     last = [0.0]
@@ -230,17 +234,30 @@ def raw_subscriber(link: Link, expected: int, result) -> None:
             last[0] = time.time()
             finished.set()
 
-    client = _client("bench-raw", link, clean=True,
-                     subscribe=f"edgefl/{FLEET}/clients/+/update", on_message=on_message)
-    result.put(("ready",))
+    topic = f"edgefl/{FLEET}/clients/+/update"
+    if resume is None:
+        client = _client("bench-raw", link, clean=True, subscribe=topic, on_message=on_message)
+        result.put(("ready",))
+    else:
+        _stop(_client("bench-raw", link, clean=False, subscribe=topic))
+        result.put(("ready",))
+        resume.get()
+        result.put(("starting", time.time()))
+        client = _client("bench-raw", link, clean=False, subscribe=topic, on_message=on_message)
     finished.wait(600)
     result.put(("done", last[0], count[0]))
     _stop(client)
+    if resume is not None:
+        forget_session("bench-raw", link)
 
 
 def server_process(link: Link, state_dir: str, devices: int, workers: int, server_id: str,
-                   result, profile: str | None) -> None:
-    """Run one round of the aggregator; report when it decided to close (all updates stored)."""
+                   result, profile: str | None, resume=None) -> None:
+    """Run one round of the aggregator; report when it decided to close (all updates stored).
+
+    With ``resume`` (a queue), stop once the round is open, wait for the word, and start again
+    on the same state: the updates published meanwhile wait in the broker's sessions.
+    """
 
     closed = threading.Event()
     outcome = {}
@@ -258,6 +275,14 @@ def server_process(link: Link, state_dir: str, devices: int, workers: int, serve
     server.start(timeout=60)
     while server.round.phase != "open":
         time.sleep(0.05)
+    if resume is not None:
+        server.stop()  # its sessions stay: the broker queues the updates for them
+        result.put(("stopped",))
+        resume.get()
+        server = AggregationServer(config, on_round=on_round)
+        result.put(("starting", time.time()))
+        server.start(timeout=60)
+        result.put(("started", time.time()))
     spy = None
     if profile:  # GIL-holding samples only: where the server's one interpreter spends its time
         spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--gil",
@@ -322,16 +347,23 @@ def publish_online(link: Link, names: list[str]) -> None:
     _stop(client)
 
 
-def trial_raw(ctx, broker, link, pubs, devices) -> dict:
-    result = ctx.Queue()
-    proc = ctx.Process(target=raw_subscriber, args=(link, devices, result))
+def trial_raw(ctx, broker, link, pubs, devices, backlog=False) -> dict:
+    result, resume = ctx.Queue(), ctx.Queue() if backlog else None
+    proc = ctx.Process(target=raw_subscriber, args=(link, devices, result, resume))
     proc.start()
     result.get(timeout=60)
+    if backlog:
+        pubs.go()
+        pubs.wait()
     load = loadavg()
     meter = CpuMeter(receiver=[proc.pid], broker=[broker.process.pid],
                      publishers=[p.pid for p in pubs.procs]).start()
-    start = pubs.go()
-    pubs.wait()
+    if backlog:
+        resume.put("go")
+        start = result.get(timeout=60)[1]
+    else:
+        start = pubs.go()
+        pubs.wait()
     _, last, count = result.get(timeout=900)
     cpu = meter.stop()
     proc.join(30)
@@ -341,20 +373,34 @@ def trial_raw(ctx, broker, link, pubs, devices) -> dict:
             "cpu_us_per_update": {k: v / devices * 1e6 for k, v in cpu.items()}}
 
 
-def trial_server(ctx, broker, link, pubs, devices, workers, n, profile=None) -> dict:
-    result = ctx.Queue()
+def trial_server(ctx, broker, link, pubs, devices, workers, n, profile=None,
+                 backlog=False) -> dict:
+    result, resume = ctx.Queue(), ctx.Queue() if backlog else None
     server_id = f"bench-server-{n}"
+    startup = None
     with tempfile.TemporaryDirectory() as state:
         proc = ctx.Process(target=server_process,
                            args=(link, state, devices, workers, server_id, result,
-                                 profile and f"{profile}/server-w{workers}-{n}.txt"))
+                                 profile and f"{profile}/server-w{workers}-{n}.txt", resume))
         proc.start()
-        result.get(timeout=600)
-        load = loadavg()
-        meter = CpuMeter(receiver=[proc.pid], broker=[broker.process.pid],
-                         publishers=[p.pid for p in pubs.procs]).start()
-        start = pubs.go()
-        pubs.wait()
+        if backlog:
+            result.get(timeout=600)  # stopped, its round open
+            pubs.go()
+            pubs.wait()
+            load = loadavg()
+            meter = CpuMeter(receiver=[proc.pid], broker=[broker.process.pid],
+                             publishers=[p.pid for p in pubs.procs]).start()
+            resume.put("go")
+            start = result.get(timeout=60)[1]
+            startup = result.get(timeout=120)[1] - start
+            result.get(timeout=600)  # open
+        else:
+            result.get(timeout=600)
+            load = loadavg()
+            meter = CpuMeter(receiver=[proc.pid], broker=[broker.process.pid],
+                             publishers=[p.pid for p in pubs.procs]).start()
+            start = pubs.go()
+            pubs.wait()
         result.get(timeout=900)  # closed
         cpu = meter.stop()  # includes the round's close (aggregation): a few percent
         _, decided, accepted, rejected = result.get(timeout=900)
@@ -369,7 +415,8 @@ def trial_server(ctx, broker, link, pubs, devices, workers, n, profile=None) -> 
     if accepted != devices:
         raise RuntimeError(f"the server accepted {accepted} of {devices} updates ({rejected})")
     return {"updates_per_s": devices / (decided - start), "seconds": decided - start,
-            "loadavg": load, "cpu_us_per_update": {k: v / devices * 1e6 for k, v in cpu.items()}}
+            "loadavg": load, "cpu_us_per_update": {k: v / devices * 1e6 for k, v in cpu.items()},
+            **({} if startup is None else {"startup_seconds": startup})}
 
 
 def main(argv=None) -> int:
@@ -383,6 +430,11 @@ def main(argv=None) -> int:
     parser.add_argument("--insecure", action="store_true",
                         help="the plain path: no TLS, sealing or signatures (default: a "
                              "provisioned fleet, as deployed)")
+    parser.add_argument("--backlog", action="store_true",
+                        help="publish every update while the receiver is away, then time how "
+                             "fast it drains its broker sessions: the publishers do not share "
+                             "the CPUs with it (at most 10,000 updates: Mosquitto's queue per "
+                             "session)")
     parser.add_argument("--profile", metavar="DIR",
                         help="record a py-spy GIL profile of every server trial into DIR "
                              "(collapsed stacks; it slows the server down)")
@@ -413,10 +465,10 @@ def main(argv=None) -> int:
             n = 0
             for trial in range(args.trials):
                 for w in worker_counts:  # raw and server alternate, same payloads
-                    raw = trial_raw(ctx, broker, link, pubs, args.devices)
+                    raw = trial_raw(ctx, broker, link, pubs, args.devices, args.backlog)
                     n += 1
                     server = trial_server(ctx, broker, link, pubs, args.devices, w, n,
-                                          args.profile)
+                                          args.profile, args.backlog)
                     ratio = server["updates_per_s"] / raw["updates_per_s"]
                     rows[w].append({"raw": raw, "server": server, "ratio": ratio})
                     print(f"  trial {trial + 1} workers {w}: server {server['updates_per_s']:7.0f}"
@@ -460,6 +512,7 @@ def main(argv=None) -> int:
                "value_encoding": "f16", "payload_bytes": pubs.payload_bytes,
                "publishers": args.publishers, "cpus": os.cpu_count(),
                "transport": "insecure" if args.insecure else "provisioned",
+               "load": "backlog" if args.backlog else "live",
                "python": platform.python_version(), "machine": platform.machine(),
                "workers": {str(w): {"trials": rows[w], **summary[w]} for w in worker_counts}}
     (out / "aggregator.json").write_text(json.dumps(results, indent=1))
