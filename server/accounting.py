@@ -40,10 +40,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 # At small fractional orders (1.1 to 1.5) and z near 1 the accountant's series for the sampled
 # Gaussian does not converge; it then leaves that order out (its RDP counts as infinite, which
@@ -60,8 +57,23 @@ class ParametersChanged(ValueError):
     """Rounds a run already released used another noise multiplier or sampling rate."""
 
 
-def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
-    """One DP-FedAvg round: Gaussian with multiplier ``z`` on a Poisson sample of rate ``q``."""
+def _dp():
+    """``(dp_accounting, its rdp module, compute_epsilon)``, imported on first use.
+
+    dp-accounting imports SciPy, about a second of CPU: a server without central DP, and each
+    ingestion worker process it spawns (which imports this module with the server's
+    configuration), should not pay it.
+    """
+    import dp_accounting  # deferred for start-up time (see the docstring), as are the next two
+    from dp_accounting import rdp  # deferred
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon  # deferred
+    return dp_accounting, rdp, compute_epsilon
+
+
+def round_event(noise_multiplier: float, sampling_rate: float):
+    """One DP-FedAvg round (a ``dp_accounting.DpEvent``): Gaussian with multiplier ``z`` on a
+    Poisson sample of rate ``q``."""
+    dp_accounting = _dp()[0]
     return dp_accounting.PoissonSampledDpEvent(
         sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
 
@@ -70,7 +82,7 @@ def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.
 def _round_rdp(noise_multiplier: float, sampling_rate: float) -> tuple[tuple, np.ndarray]:
     """The RDP curve of one round at the accountant's default orders (computed once: RDP
     composes by addition, so ``T`` rounds are ``T`` times this curve)."""
-    accountant = rdp.RdpAccountant()
+    accountant = _dp()[1].RdpAccountant()
     accountant.compose(round_event(noise_multiplier, sampling_rate))
     return tuple(accountant.orders), np.asarray(accountant.rdp, dtype=np.float64)
 
@@ -80,7 +92,7 @@ def run_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delt
     if rounds == 0:
         return 0.0
     orders, curve = _round_rdp(float(noise_multiplier), float(sampling_rate))
-    return float(compute_epsilon(orders, rounds * curve, delta)[0])
+    return float(_dp()[2](orders, rounds * curve, delta)[0])
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: float,
@@ -100,6 +112,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: flo
         raise ValueError(f"target epsilon must be positive and finite, got {target_epsilon!r}")
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    dp_accounting, rdp, _ = _dp()
     z = float(dp_accounting.calibrate_dp_mechanism(
         rdp.RdpAccountant,
         lambda z: dp_accounting.SelfComposedDpEvent(round_event(z, sampling_rate), rounds),
@@ -162,6 +175,7 @@ class RunAccountant:
         observer (no amplification by sampling): the Gaussian mechanism composed that often."""
         if participations == 0:
             return 0.0
+        dp_accounting, rdp, _ = _dp()
         accountant = rdp.RdpAccountant()
         accountant.compose(dp_accounting.GaussianDpEvent(self.noise_multiplier), participations)
         return float(accountant.get_epsilon(self.delta))
