@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from collections import Counter
@@ -134,6 +135,12 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     """
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
+    # Ctrl-C in a terminal reaches every process of the group: the coordinator stops its workers
+    # itself (each finishes its batch). A SIGTERM for a worker alone ends it as cleanly; what it
+    # had not acknowledged stays in its session, and the coordinator starts it again.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     topics = Topics(config.fleet)
     try:
         login, sealing_key, signer = _worker_identity(config, index)
@@ -166,7 +173,8 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     reports.put(("ready", index))
     parent = mp.parent_process()
     try:
-        while not stop.is_set() and (parent is None or parent.is_alive()):
+        while not (stop.is_set() or terminated.is_set()) and \
+                (parent is None or parent.is_alive()):
             try:
                 batch = [inbox.get(timeout=0.2)]
             except queue.Empty:

@@ -302,3 +302,27 @@ def test_a_provisioned_fleet_takes_at_most_its_worker_logins(fleet, tmp_path):
     with pytest.raises(ValueError, match=f"--ingest-workers {MAX_INGEST_WORKERS} or fewer"):
         ServerConfig(broker_url="mqtts://localhost:1", fleet="demo", state_dir=tmp_path,
                      ingest_workers=MAX_INGEST_WORKERS + 1, fleet_dir=fleet.directory)
+
+
+def test_ctrl_c_leaves_the_workers_to_the_coordinator_and_sigterm_ends_one_cleanly(
+        broker, devices_online, tmp_path):
+    n = build_mlp(LAYERS, seed=3).manifest.num_params
+    messages = [(TOPICS.update(d), update_of(d, n)) for d in DEVICES]
+    reference, _, _ = run_round(broker, tmp_path / "ref", 1, messages, server_id="srv-sig-ref")
+    codes = []
+
+    def signal_the_workers(server, publish):
+        first, second = server.workers._procs
+        os.kill(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole group
+        os.kill(second.pid, signal.SIGTERM)
+        second.join(10)
+        codes.append(second.exitcode)
+        publish(messages)
+        wait_until(lambda: server.workers.restarts >= 1, what="the worker's restart")
+        codes.append(first.is_alive())
+
+    model, result, _ = run_round(broker, tmp_path / "signals", 2, messages,
+                                 server_id="srv-signals", during=signal_the_workers)
+    assert codes == [0, True]  # SIGTERM: a clean exit; SIGINT: ignored
+    assert (result.accepted, result.stragglers) == (len(DEVICES), ())
+    np.testing.assert_array_equal(model.weights, reference.weights)
