@@ -66,6 +66,29 @@ def test_rotation_needs_the_current_key_and_then_only_the_new_key_counts(server,
     # Updates now go to the new sealing key, and the rotation survives a reboot.
     sealed = _pinned(server, tmp_path / "trust.json").seal(b"u", client_id="d", round_id=1)
     assert open_sealed(sealed, new_sealing, fleet="demo", client_id="d")[1] == b"u"
+    # The device's own copy of a model saved before the rotation still opens (after a reboot
+    # too), though the network's copy of it no longer verifies.
+    saved = signer.sign("model", b"saved")
+    rebooted = _pinned(server, tmp_path / "trust.json")
+    assert rebooted.open_saved(saved, "model").payload == b"saved"
+    with pytest.raises(SignatureInvalid):
+        rebooted.open_saved(Signer(Ed25519PrivateKey.generate(), "demo").sign("model", b"x"),
+                            "model")
+
+
+def test_a_device_provisioned_after_a_rotation_passes_over_its_notice(server):
+    signer, _ = server
+    new_signer = Signer(Ed25519PrivateKey.generate(), "demo")
+    new_sealing = X25519PrivateKey.generate()
+    notice = signer.sign("key", key_notice(new_signer.public_key, new_sealing.public_key()))
+    fresh = _pinned((new_signer, new_sealing))  # its bundle names the new keys already
+    fresh.rotate(notice)  # signed with a key it never pinned, and nothing to change: no error
+    assert fresh.signing_key_id == _pinned((new_signer, new_sealing)).signing_key_id
+    # A notice naming other keys, signed with the key it replaced, is still refused.
+    other = key_notice(Ed25519PrivateKey.generate().public_key(),
+                       X25519PrivateKey.generate().public_key())
+    with pytest.raises(SignatureInvalid):
+        fresh.rotate(signer.sign("key", other))
 
 
 def test_a_reprovisioned_device_starts_from_its_new_key(server, tmp_path):

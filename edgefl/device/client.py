@@ -88,7 +88,7 @@ from edgefl.wire.protocol import (
 from edgefl.device.trainer import LocalTrainer
 from edgefl.transport.mqtt import Message, MqttConnection
 from edgefl.trust import (MessageMisbound, PinnedKeys, ReplayedMessage, SignatureInvalid,
-                          TrustError, open_signed)
+                          TrustError)
 from edgefl.device.update_pipeline import DeviceUpdates
 from edgefl.device.saved_model import MAX_REFRESHES, SavedModel
 from edgefl.wire import (
@@ -287,10 +287,13 @@ class EdgeClient:
             self.client_id, broker_url, username=username, password=password, tls=tls,
             ca_certs=ca_certs, session_expiry=session_expiry, keepalive=keepalive,
             will=(self.topics.status(self.client_id), DeviceStatus("offline").to_json(), 1, True),
-            subscriptions=([(self.topics.model, 1)] if self._wants_full else [])
+            # The key notice first: the broker sends retained messages in the order of the
+            # subscriptions, and a device that missed a rotation must read the notice before
+            # the retained model and announcement signed with the new key.
+            subscriptions=([(self.topics.key, 1)] if self._trust is not None else [])
+            + ([(self.topics.model, 1)] if self._wants_full else [])
             + ([(self.topics.refresh, 1)] if self.model_refresh else [])
-            + [(self.topics.round, 1), (self.topics.receipt(self.client_id), 1)]
-            + ([(self.topics.key, 1)] if self._trust is not None else []),
+            + [(self.topics.round, 1), (self.topics.receipt(self.client_id), 1)],
             on_message=self._on_message, reconnect_delay=reconnect_delay,
         )
         self._conn.on_connect_hooks.append(self._on_connected)
@@ -448,6 +451,7 @@ class EdgeClient:
             "outbox": len(self._outbox), "last_loss": self.last_loss, "predictor": latency,
             "announcement_age_s": round(self.announcement_age, 3),
             "secure": self._trust is not None,
+            "signing_key": None if self._trust is None else self._trust.signing_key_id,
             "refused_publishes": self._conn.refused_publishes,
             **self._counted(),
         }
@@ -540,11 +544,11 @@ class EdgeClient:
         return message, message.payload
 
     def _saved_payload(self, data: bytes, kind: str) -> bytes:
-        """The payload of a signed message this device saved (its signature checked again)."""
+        """The payload of a signed message this device saved (its signature checked again; one
+        saved before a key rotation verifies with the key the rotation replaced)."""
         if self._trust is None:
             return data
-        return open_signed(data, self._trust.signing_key, fleet=self.topics.fleet,
-                           kind=kind).payload
+        return self._trust.open_saved(data, kind).payload
 
     def _accept(self, message) -> None:
         if message is None:
@@ -568,6 +572,10 @@ class EdgeClient:
             "announcement_age_s": round(self.announcement_age, 1),
             "secure": self._trust is not None,
         }
+        if self._trust is not None:
+            # Which server key the device follows: the operator sees who has read a rotation
+            # notice before finishing the rotation.
+            caps["signing_key"] = self._trust.signing_key_id
         if unavailable:
             caps["unavailable"] = unavailable
         if declined is not None:
@@ -611,6 +619,7 @@ class EdgeClient:
                 self._send(entry.round_id, entry.update_id, payload)
 
     def _on_key(self, payload: bytes) -> None:
+        before = self._trust.signing_key_id
         try:
             self._trust.rotate(payload)
         except TrustError as exc:
@@ -618,6 +627,9 @@ class EdgeClient:
             log.warning("%s: refused a key rotation notice: %s", self.client_id, exc)
         except OSError as exc:
             log.error("%s: could not save the rotated keys (%s)", self.client_id, exc)
+        else:
+            if self._trust.signing_key_id != before and self._conn.connected.is_set():
+                self._publish_status()  # it names the key now followed
 
     def _decoded(self, decode, payload: bytes, what: str):
         """``decode(payload)``, or None (counted and logged) for a malformed message."""

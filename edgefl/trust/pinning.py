@@ -11,7 +11,8 @@ acted on.
 
 Key rotation: a ``key`` message signed with the current key names the next signing and sealing
 keys; from then on only the new signing key is trusted. A key never changes any other way (a
-device that must forget a compromised key is re-provisioned).
+device that must forget a compromised key is re-provisioned). A notice naming the keys pinned
+already (a device provisioned after the rotation) changes nothing and is passed over.
 """
 from __future__ import annotations
 
@@ -88,6 +89,9 @@ class PinnedKeys:
         self.fleet = fleet
         self._provisioned = raw_public(signing_key).hex()
         self.signing_key, self.sealing_key = signing_key, sealing_key
+        # The signing key the last rotation replaced: only the device's own saved copies of
+        # messages, verified when they arrived, may still be signed with it.
+        self.replaced_signing_key: Ed25519PublicKey | None = None
         self.sequences = {kind: 0 for kind in ORDERED_KINDS}
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
@@ -124,6 +128,8 @@ class PinnedKeys:
         self.signing_key = signing_public_key(signing)
         self.sealing_key = sealing_public_key(sealing)
         self.sequences = sequences
+        replaced = obj.get("replaced_signing_key")
+        self.replaced_signing_key = None if replaced is None else signing_public_key(replaced)
 
     @property
     def signing_key_id(self) -> str:
@@ -169,10 +175,15 @@ class PinnedKeys:
             # The notice already acted on, delivered again (it is retained): it is signed with
             # the key it replaced, so it no longer verifies, and it changes nothing.
             return seen
+        if seen.kind == "key" and self._announces_pinned(seen.payload):
+            # A device provisioned after the rotation pins the new keys already: the notice,
+            # signed with the key it replaced, changes nothing for it (and needs no check).
+            return seen
         message = self.verify(frame, "key")
         signing, sealing = parse_key_notice(message.payload)
         with self._lock:
             old = key_id(self.signing_key).hex()
+            self.replaced_signing_key = self.signing_key
             self.signing_key, self.sealing_key = signing, sealing
             self._sealer = Sealer(sealing)
             self.sequences["key"] = message.sequence
@@ -180,6 +191,30 @@ class PinnedKeys:
         log.warning("the server rotated its keys: signing key %s replaces %s",
                     key_id(signing).hex(), old)
         return message
+
+    def open_saved(self, frame, kind: str) -> SignedMessage:
+        """Verify a message the device saved itself (its model): signed with the pinned key, or
+        with the key the last rotation replaced (saved before the rotation). No replay check.
+
+        Raises
+        ------
+        SignatureInvalid, MessageMisbound
+        """
+        try:
+            return open_signed(frame, self.signing_key, fleet=self.fleet, kind=kind)
+        except SignatureInvalid:
+            if self.replaced_signing_key is None:
+                raise
+            return open_signed(frame, self.replaced_signing_key, fleet=self.fleet, kind=kind)
+
+    def _announces_pinned(self, payload: bytes) -> bool:
+        """Whether a notice's payload names exactly the keys pinned now."""
+        try:
+            signing, sealing = parse_key_notice(payload)
+        except (SignatureInvalid, ValueError):
+            return False
+        return (raw_public(signing), raw_public(sealing)) == (raw_public(self.signing_key),
+                                                              raw_public(self.sealing_key))
 
     def seal(self, update: bytes, *, client_id: str, round_id: int) -> bytes:
         """Seal an encoded update to the pinned sealing key (:class:`edgefl.trust.Sealer`)."""
@@ -192,4 +227,6 @@ class PinnedKeys:
             "v": 1, "fleet": self.fleet, "provisioned": self._provisioned,
             "signing_key": raw_public(self.signing_key).hex(),
             "sealing_key": raw_public(self.sealing_key).hex(), "sequences": self.sequences,
+            "replaced_signing_key": None if self.replaced_signing_key is None
+            else raw_public(self.replaced_signing_key).hex(),
         }, indent=1).encode())
