@@ -29,7 +29,12 @@ Trust (``docs/security.md``): with a provisioned fleet directory (``edgefl fleet
 server logs in with its own principals over TLS, signs everything it publishes with the fleet's
 Ed25519 key (:class:`edgefl.trust.Signer`) and opens updates sealed to its X25519 key; it bounds
 each device's influence (:mod:`edgefl_server.influence`). ``insecure=True`` runs without any of
-it, with a warning. Updates that devices sent while the server was
+it, with a warning. A key rotation made with ``edgefl fleet rotate-keys`` is promoted on start
+or within :data:`~edgefl_server.provisioning.KEY_CHECK_INTERVAL` seconds while running
+(:meth:`AggregationServer._check_keys`): the notice, signed with the current key, is published
+retained on ``key`` before anything signed with the new key, and again first on every
+reconnection; updates sealed to the replaced sealing key are opened until the rotation is
+finished. Updates that devices sent while the server was
 down wait in its persistent MQTT session (fixed client id, ``clean_start=False``); updates it had
 received but not yet acknowledged are redelivered by the broker.
 """
@@ -63,7 +68,7 @@ from .ingest import (ACCEPTED, DUPLICATE, MAX_BATCH, RECEIVE_MAXIMUM, UpdateInge
                      answer_batch)
 from .local_dp import swamp_warning
 from .metrics import MetricsHttpServer, ServerMetrics
-from .provisioning import MAX_INGEST_WORKERS, open_fleet
+from .provisioning import KEY_CHECK_INTERVAL, MAX_INGEST_WORKERS, open_fleet, promote_rotation
 from .rounds import (
     FINISHED, OPEN, WAITING, Decision, RoundResult, RoundState, decide, poisson_select,
     randomk_seed, select_clients,
@@ -319,6 +324,10 @@ class AggregationServer:
         self._round_downlink = 0
         self._model_payload = b""
         self._signer: Signer | None = None
+        self._fleet = None  # the provisioned fleet directory (None when insecure)
+        self._key_lock = threading.Lock()  # a key notice goes out before the new key signs
+        self._key_state: tuple | None = None  # the fleet's key files, as last acted on
+        self._keys_checked_at = 0.0  # time.monotonic() of the last look for a rotation
         self._announced_at = 0.0  # time.monotonic() of the last announcement published
         self._status_seen_at = 0.0  # time.monotonic() of the last device status handled
         self.history: list[RoundResult] = []
@@ -376,10 +385,12 @@ class AggregationServer:
             login = dict(username=creds["username"], password=creds["password"], tls=True,
                          ca_certs=str(fleet.ca_cert))
             control_login = dict(login, username=creds["control_username"])
-            sealing_key = fleet.sealing_key()
             Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-            self._signer = Signer(fleet.signing_key(), cfg.fleet,
-                                  sequence_file=Path(cfg.state_dir) / "signing-sequence.json")
+            self._fleet = fleet
+            self._signer = self._new_signer()
+            self._promote_rotation()  # not connected yet: the connect hook publishes the notice
+            self._key_state = fleet.key_state()
+            sealing_key = fleet.sealing_keys()
         self._store = ServerStore(cfg.state_dir, fleet=cfg.fleet, strategy=cfg.strategy)
         saved = self._store.load()
         if saved is not None and self._model_given and self._initial_model is not None \
@@ -644,11 +655,67 @@ class AggregationServer:
         self.close()
 
     def _republish(self, session_present: bool = False) -> None:
-        """Publish the retained model and announcement again (connect hook, refresh)."""
-        with self._lock:
-            model_payload, announcement = self._model_payload, self._round.announcement()
-        self._publish(self.topics.model, model_payload, "model", retain=True, wait=False)
-        self._publish(self.topics.round, announcement.to_json(), "round", retain=True, wait=False)
+        """Publish the retained key notice, model and announcement again (connect hook,
+        refresh, key rotation)."""
+        with self._key_lock:
+            # The notice first: a device that pins the replaced key learns the new one before
+            # the model and announcement signed with it arrive.
+            notice = None if self._fleet is None else self._fleet.key_notice()
+            if notice is not None and self._control is not None:
+                self._control.publish(self.topics.key, notice, qos=1, retain=True)
+            with self._lock:
+                model_payload, announcement = self._model_payload, self._round.announcement()
+            self._publish(self.topics.model, model_payload, "model", retain=True, wait=False)
+            self._publish(self.topics.round, announcement.to_json(), "round", retain=True,
+                          wait=False)
+
+    # -- key rotation ----------------------------------------------------------------------------
+
+    def _new_signer(self) -> Signer:
+        """A signer with the fleet's current signing key; the sequence file is shared by every
+        key, so sequences keep growing across a rotation (devices keep theirs)."""
+        return Signer(self._fleet.signing_key(), self.config.fleet,
+                      sequence_file=Path(self.config.state_dir) / "signing-sequence.json")
+
+    def _promote_rotation(self) -> bool:
+        """Promote a pending key rotation of the fleet directory; True if there was one.
+
+        The notice is signed with the current key and published before the signer changes: on
+        the one control connection the broker keeps that order, so a device reads the notice
+        before the first message signed with the new key.
+        """
+        promoted = promote_rotation(self._fleet.directory,
+                                    lambda payload: self._signer.sign("key", payload))
+        if promoted is None:
+            return False
+        rotation, notice = promoted
+        with self._key_lock:
+            if self._control is not None:
+                self._control.publish(self.topics.key, notice, qos=1, retain=True)
+            self._signer = self._new_signer()
+        log.warning("key rotation: signing key %s replaces %s, sealing key %s replaces %s (still "
+                    "opened until `edgefl fleet rotate-keys --finish`); the notice is retained "
+                    "on %s", rotation.signing_to, rotation.signing_from, rotation.sealing_to,
+                    rotation.sealing_from, self.topics.key)
+        return True
+
+    def _check_keys(self) -> None:
+        """Act on a change of the fleet's key files: promote a pending rotation, and open
+        updates sealed to exactly the keys the directory holds (a finished rotation's replaced
+        key no longer). Errors are logged and tried again at the next change."""
+        self._keys_checked_at = time.monotonic()
+        state = self._fleet.key_state()
+        if state == self._key_state:
+            return
+        self._key_state = state
+        try:
+            if self._promote_rotation():
+                self._republish()  # the retained model and announcement, signed with the new key
+            self._ingestor.set_sealing_keys(self._fleet.sealing_keys())
+            self._key_state = self._fleet.key_state()
+        except Exception:  # noqa: BLE001 - e.g. a key file of the wrong mode: keep the rounds
+            log.exception("acting on the changed key files of %s failed; the server keeps its "
+                          "keys until they change again", self._fleet.directory)
 
     # -- messages (dispatcher thread) ------------------------------------------------------------
 
@@ -816,6 +883,9 @@ class AggregationServer:
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
+                if self._fleet is not None \
+                        and time.monotonic() - self._keys_checked_at > KEY_CHECK_INTERVAL:
+                    self._check_keys()
                 if time.monotonic() - self._announced_at > self.config.announce_refresh:
                     self._republish()  # re-signed: devices see the server is alive
                 with self._lock:

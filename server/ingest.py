@@ -11,8 +11,9 @@ Checks, in order, each with its reason code:
 ============================  =====================================================================
 ``oversized``                 payload above ``max_update_bytes`` (not decoded at all)
 ``bad_topic``                 not ``edgefl/<fleet>/clients/<id>/update``
-``bad_seal``                  not sealed to this server's key by the topic's device, or altered,
-                              or sealed for another round than the update inside
+``bad_seal``                  not sealed to this server's key (or, during a key rotation, to the
+                              one it replaced) by the topic's device, or altered, or sealed for
+                              another round than the update inside
                               (:class:`edgefl.trust.Opener`); only with a sealing key
 ``malformed``                 :func:`edgefl.wire.decode_update` refused it (truncated, bad checksum,
                               wrong dimensions, indices out of range, NaN/Inf, ...)
@@ -45,7 +46,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from edgefl.trust import Opener, SealError, Signer
+from edgefl.trust import Opener, SealError, Signer, parse_sealed
 from edgefl.wire.protocol import Receipt, Topics
 from edgefl.wire import Update, UpdateDecodeError, decode_update
 
@@ -108,9 +109,10 @@ class UpdateIngestor:
     bounds : InfluenceBounds
         The cap on claimed samples and the norm updates are clipped to (the defaults unless
         given).
-    sealing_key : X25519PrivateKey, optional
+    sealing_key : X25519PrivateKey or list of them, optional
         Updates must be sealed to it (:mod:`edgefl.trust.sealing`); None accepts plain updates
-        (``--insecure``).
+        (``--insecure``). A list holds the current key first, then one a key rotation replaced
+        (see :meth:`set_sealing_keys`).
     """
 
     def __init__(self, store: ServerStore, topics: Topics, *, num_params: int,
@@ -121,8 +123,30 @@ class UpdateIngestor:
         self.num_params = num_params
         self.max_update_bytes = max_update_bytes
         self.bounds = bounds if bounds is not None else InfluenceBounds()
-        self._opener = Opener(sealing_key) if sealing_key is not None else None
+        # (openers by key id, the current key's opener), swapped as one: see set_sealing_keys
+        self._opener: tuple[dict[bytes, Opener], Opener] | None = None
+        if sealing_key is not None:
+            self.set_sealing_keys(sealing_key if isinstance(sealing_key, (list, tuple))
+                                  else [sealing_key])
         self.buffer = buffer
+
+    def set_sealing_keys(self, keys) -> None:
+        """Open updates sealed to any of ``keys`` (the current sealing key first) from now on.
+
+        A key rotation's grace period: devices that have not yet seen the rotation notice seal
+        to the old key. Safe while another thread ingests (the openers are swapped at once).
+        """
+        openers = [Opener(k) for k in keys]
+        if not openers:
+            raise ValueError("at least one sealing key is needed")
+        self._opener = ({o.key_id: o for o in openers}, openers[0])
+
+    def _open(self, payload, client_id: str):
+        """Open a sealed update with the opener of the key it names (the current one's error
+        for a key this server does not hold)."""
+        openers, current = self._opener
+        opener = openers.get(parse_sealed(payload)[0].recipient_key_id, current)
+        return opener.open(payload, fleet=self.topics.fleet, client_id=client_id)
 
     def ingest(self, topic: str, payload: bytes, round_state: RoundState, *, now: float) -> Outcome:
         """Validate one update message against ``round_state`` and store it if it is accepted."""
@@ -199,8 +223,7 @@ class UpdateIngestor:
         sealed_round = None
         if self._opener is not None:
             try:
-                header, payload = self._opener.open(payload, fleet=self.topics.fleet,
-                                                    client_id=topic_client)
+                header, payload = self._open(payload, topic_client)
             except SealError as exc:
                 return Outcome(DROPPED, "bad_seal", str(exc), topic_client)
             sealed_round = header.round_id

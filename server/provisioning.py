@@ -14,6 +14,10 @@ the operator's side owns (private keys mode 0600, never overwritten)::
     server/credentials.json    the server's broker logins (one password: server, control,
                                ingestion workers)
     server/trust.json          the public keys (what every device pins)
+    server/next/               a pending key rotation: the next signing and sealing keys
+    server/previous/           the sealing key a rotation replaced, opened until it is finished
+    server/key-notice          the signed notice of the last rotation (retained on ``key``)
+    server/rotation.json       what the last rotation changed, and when
     devices/<id>/              one device bundle each (:func:`add_device`)
 
 Why a password file and an ACL file, not Mosquitto's dynamic-security plugin: both are plain
@@ -33,11 +37,31 @@ refuse a *subscription*, and a member of a share group that may not read the top
 its turn of the messages, which the broker then drops. A device that could name the group could
 make the workers miss a share of the updates (the devices would resend them, late); a group
 name only the server's side can compute keeps it out.
+
+Key rotation (``edgefl fleet rotate-keys``) has three steps, each its own operator or server
+action, so that no key changes under a running server without the devices being told:
+
+1. :func:`rotate_keys` writes the next keys into ``server/next/`` (nothing else changes);
+2. the server, on start or within :data:`KEY_CHECK_INTERVAL` seconds while running, signs the
+   key notice with the current key and calls :func:`promote_rotation`: the notice is stored,
+   the current sealing key is kept in ``server/previous/``, the next keys become the current
+   ones (the old signing key is gone: the stored notice is all it is still needed for), and
+   ``trust.json`` and every bundle's copy name the new keys. The server publishes the notice
+   retained on ``edgefl/<fleet>/key`` (again on every reconnection) before anything it signs
+   with the new key, and opens updates sealed to either sealing key;
+3. :func:`finish_rotation` (``--finish``) deletes the previous sealing key: updates still sealed
+   to it are dropped from then on, and another rotation may start.
+
+Every step of :func:`promote_rotation` is an atomic file replacement, and the stored notice
+names the keys it moves to, so a server that crashed half way repeats the rest on its next
+start with the same notice.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
+import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -47,6 +71,7 @@ import os
 import secrets
 import signal
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +84,7 @@ from cryptography.x509.oid import NameOID
 
 from edgefl.wire.protocol import Topics, check_name
 from edgefl.durable import create_file, replace_file
+from edgefl.trust import SignatureInvalid, key_id, key_notice, parse_key_notice, parse_signed
 from edgefl.trust.keys import raw_public
 
 from .key_files import load_private_key, write_private_key
@@ -71,6 +97,8 @@ DEFAULT_PORT = 8883
 CERT_DAYS = 3650
 #: Ingestion worker logins a fleet directory provisions (``<server user>.w0`` ...).
 MAX_INGEST_WORKERS = 8
+#: Seconds between a running server's (and ingestion worker's) looks for a key rotation.
+KEY_CHECK_INTERVAL = 1.0
 
 
 class ProvisioningError(RuntimeError):
@@ -216,6 +244,36 @@ class Fleet:
 
     def sealing_key(self) -> X25519PrivateKey:
         return load_private_key(self.path("server", "sealing.key"), X25519PrivateKey)
+
+    def sealing_keys(self) -> list[X25519PrivateKey]:
+        """The sealing keys updates may be sealed to: the current one first, then the one a
+        rotation replaced until the rotation is finished."""
+        keys = [self.sealing_key()]
+        previous = self.path("server", "previous", "sealing.key")
+        if previous.exists():
+            keys.append(load_private_key(previous, X25519PrivateKey))
+        return keys
+
+    def key_notice(self) -> bytes | None:
+        """The signed notice of the last key rotation (published retained), if any."""
+        try:
+            return self.path("server", "key-notice").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def key_state(self) -> tuple:
+        """What changes when a rotation is made, promoted or finished (cheap to compare)."""
+        return tuple((p.stat().st_ino, p.stat().st_ctime_ns) if p.exists() else None
+                     for p in (self.path("server", "next", "sealing.key"),
+                               self.path("server", "sealing.key"),
+                               self.path("server", "previous", "sealing.key")))
+
+    def rotation(self) -> dict | None:
+        """The record of the last promoted rotation (``server/rotation.json``), if any."""
+        try:
+            return json.loads(self.path("server", "rotation.json").read_text())
+        except FileNotFoundError:
+            return None
 
     def bundle(self, client_id: str) -> Path:
         return self.path("devices", check_name("client id", client_id))
@@ -558,7 +616,196 @@ def check_private_files(f: Fleet) -> list[Path]:
     """Private files of the fleet that group or others may access (should be empty)."""
     private = [f.path("ca", "ca.key"), f.path("broker", "broker.key"),
                f.path("server", "signing.key"), f.path("server", "sealing.key"),
+               f.path("server", "next", "signing.key"), f.path("server", "next", "sealing.key"),
+               f.path("server", "previous", "sealing.key"),
                f.path("server", "credentials.json"), f.path("server", "observer.json"),
                f.path("broker", "passwd")]
     return [p for p in private
             if p.exists() and stat.S_IMODE(p.stat().st_mode) & (stat.S_IRWXG | stat.S_IRWXO)]
+
+
+# -- key rotation ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rotation:
+    """A pending or promoted key rotation: the key ids it moves from and to (hex)."""
+
+    signing_from: str
+    signing_to: str
+    sealing_from: str
+    sealing_to: str
+
+
+class _RotationLock:
+    """An exclusive lock on the fleet's key files: the CLI and a server never interleave."""
+
+    def __init__(self, f: Fleet):
+        self.path = f.path("server", "rotation.lock")
+
+    def __enter__(self):
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)  # releases the lock
+
+
+def _key_bytes(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pending_keys(f: Fleet):
+    """The next (signing, sealing) private keys of a pending rotation, or None."""
+    signing, sealing = f.path("server", "next", "signing.key"), f.path("server", "next",
+                                                                      "sealing.key")
+    if not (signing.exists() and sealing.exists()):
+        return None
+    return (load_private_key(signing, Ed25519PrivateKey),
+            load_private_key(sealing, X25519PrivateKey))
+
+
+def _rotation(f: Fleet, signing, sealing) -> Rotation:
+    return Rotation(key_id(f.signing_key()).hex(), key_id(signing).hex(),
+                    key_id(f.sealing_key()).hex(), key_id(sealing).hex())
+
+
+def pending_rotation(directory) -> Rotation | None:
+    """The rotation :func:`rotate_keys` made that no server has promoted yet, if any."""
+    f = open_fleet(directory)
+    keys = _pending_keys(f)
+    return None if keys is None else _rotation(f, *keys)
+
+
+def rotate_keys(directory, *, replace: bool = False) -> Rotation:
+    """Write the next signing and sealing keys of the fleet (``server/next/``, mode 0600).
+
+    The keys in use do not change: the server promotes the rotation (:func:`promote_rotation`)
+    when it starts, or within :data:`KEY_CHECK_INTERVAL` seconds while it runs.
+
+    Parameters
+    ----------
+    replace : bool
+        Discard a pending rotation that no server promoted yet and make new keys; without it a
+        pending rotation is refused.
+
+    Raises
+    ------
+    ProvisioningError
+        If a rotation is pending (without ``replace``), or the last one is not finished.
+    """
+    f = open_fleet(directory)
+    with _RotationLock(f):
+        if f.path("server", "previous", "sealing.key").exists():
+            done = f.rotation() or {}
+            raise ProvisioningError(
+                f"the rotation to signing key {done.get('signing_to', '?')} is not finished: the "
+                "server still opens updates sealed to the key it replaced. Run `edgefl fleet "
+                "rotate-keys --finish` first (a device that has not read that notice by the next "
+                "rotation must then be re-provisioned); nothing was changed")
+        pending = _pending_keys(f)
+        if pending is not None and not replace:
+            raise ProvisioningError(
+                f"a rotation to signing key {key_id(pending[0]).hex()} is pending already (no "
+                "server has published it yet); nothing was changed. Start the server (or wait "
+                f"{KEY_CHECK_INTERVAL:g} s for a running one) to publish it, or pass --replace to "
+                "discard it and make new keys")
+        directory = f.path("server", "next")
+        directory.mkdir(mode=0o700, exist_ok=True)
+        signing, sealing = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+        # The sealing key last: a server sees a rotation only once both files exist.
+        for name in ("sealing.key", "signing.key"):
+            (directory / name).unlink(missing_ok=True)
+        replace_file(directory / "signing.key", _key_bytes(signing), mode=0o600)
+        replace_file(directory / "sealing.key", _key_bytes(sealing), mode=0o600)
+        return _rotation(f, signing, sealing)
+
+
+def promote_rotation(directory, sign) -> tuple[Rotation, bytes] | None:
+    """Make a pending rotation the fleet's keys; None if there is none.
+
+    Parameters
+    ----------
+    sign : callable(bytes) -> bytes
+        Signs a key notice payload (:func:`edgefl.trust.key_notice`) as a ``key`` message with
+        the current signing key (the server's :class:`~edgefl.trust.Signer`). Not called when
+        the stored notice already names the pending keys (a promotion a crash interrupted).
+
+    Returns
+    -------
+    (Rotation, bytes)
+        The rotation and its signed notice, to publish retained on ``edgefl/<fleet>/key``
+        before anything is signed with the new key.
+    """
+    f = open_fleet(directory)
+    with _RotationLock(f):
+        keys = _pending_keys(f)
+        if keys is None:
+            return None
+        signing, sealing = keys
+        announced = (raw_public(signing), raw_public(sealing))
+        notice = f.key_notice()
+        if notice is None or _announces(notice) != announced:
+            notice = sign(key_notice(signing.public_key(), sealing.public_key()))
+            f.path("server", "rotation.json").unlink(missing_ok=True)  # the last rotation's
+            replace_file(f.path("server", "key-notice"), notice, mode=0o644)
+        server = f.path("server")
+        rotation = f.rotation()
+        if rotation is None:  # recorded before the first key file changes
+            rotation = dataclasses.asdict(_rotation(f, signing, sealing))
+            rotation["rotated_at"] = time.time()
+            replace_file(server / "rotation.json", json.dumps(rotation, indent=1).encode(),
+                         mode=0o644)
+        previous = server / "previous"
+        previous.mkdir(mode=0o700, exist_ok=True)
+        if not (previous / "sealing.key").exists():
+            replace_file(previous / "sealing.key", (server / "sealing.key").read_bytes(),
+                         mode=0o600)
+        replace_file(server / "sealing.key", _key_bytes(sealing), mode=0o600)
+        replace_file(server / "signing.key", _key_bytes(signing), mode=0o600)
+        trust = json.dumps({"fleet": f.fleet, "signing_key": announced[0].hex(),
+                            "sealing_key": announced[1].hex()}, indent=1).encode()
+        _replace(f.trust_file, trust)
+        for device in f.devices():
+            if (f.bundle(device) / "trust.json").exists():
+                _replace(f.bundle(device) / "trust.json", trust)
+        for name in ("signing.key", "sealing.key"):
+            (server / "next" / name).unlink(missing_ok=True)
+        (server / "next").rmdir()
+        return Rotation(**{k: rotation[k] for k in ("signing_from", "signing_to",
+                                                    "sealing_from", "sealing_to")}), notice
+
+
+def _announces(notice: bytes) -> tuple[bytes, bytes] | None:
+    """The raw (signing, sealing) keys a stored notice names; None if it is unreadable."""
+    try:
+        signing, sealing = parse_key_notice(parse_signed(notice)[0].payload)
+    except SignatureInvalid:
+        return None
+    return raw_public(signing), raw_public(sealing)
+
+
+def finish_rotation(directory) -> Rotation:
+    """Delete the sealing key the last rotation replaced: the end of its grace period.
+
+    Raises
+    ------
+    ProvisioningError
+        If no promoted rotation is waiting to be finished.
+    """
+    f = open_fleet(directory)
+    with _RotationLock(f):
+        previous = f.path("server", "previous", "sealing.key")
+        if not previous.exists():
+            pending = _pending_keys(f)
+            raise ProvisioningError(
+                "no rotation to finish: " + (
+                    f"the rotation to signing key {key_id(pending[0]).hex()} is not published "
+                    "yet (start the server; it publishes it)" if pending is not None else
+                    "start one with `edgefl fleet rotate-keys`") + "; nothing was changed")
+        record = f.rotation() or {}
+        previous.unlink()
+        f.path("server", "previous").rmdir()
+        return Rotation(**{k: record.get(k, "?") for k in ("signing_from", "signing_to",
+                                                           "sealing_from", "sealing_to")})

@@ -14,6 +14,13 @@ write transaction of the shared state database that also reads the round as stor
 receipts, and reports the batch to the coordinator (only to wake it and for the round's counts:
 the database is the truth).
 
+Key rotation: a worker looks at the fleet's key files every
+:data:`~edgefl_server.provisioning.KEY_CHECK_INTERVAL` seconds and, after a rotation the
+coordinator promoted, signs its receipts with the new key and opens updates sealed to the new
+and (until the rotation is finished) the replaced sealing key. A receipt a device cannot verify
+in the moment between the two is refused by it, and the update it answers is resent and
+answered again.
+
 Why a round's result does not depend on the number of workers: the coordinator closes a round in
 one transaction that freezes its updates (:meth:`~edgefl_server.store.ServerStore.closing_round`):
 an update is stored before it, and aggregated, or judged after it against the next round (late).
@@ -46,7 +53,7 @@ from edgefl.transport.mqtt import BrokerRefused, BrokerUnreachable, MqttConnecti
 from edgefl.trust import Signer
 
 from .influence import InfluenceBounds
-from .provisioning import ingest_worker_principal, open_fleet
+from .provisioning import KEY_CHECK_INTERVAL, ingest_worker_principal, open_fleet
 from .ingest import (ACCEPTED, DUPLICATE, MAX_BATCH, RECEIVE_MAXIMUM, UpdateIngestor,
                      answer_batch)
 from .store import ServerStore
@@ -71,7 +78,7 @@ def share_group(config) -> str:
 
 
 def _worker_identity(config, index: int):
-    """``(broker login keywords, sealing key, receipt signer)`` of worker ``index``."""
+    """``(broker login keywords, sealing keys, receipt signer)`` of worker ``index``."""
     if config.insecure:
         return dict(username=config.username, password=config.password, tls=config.tls,
                     ca_certs=config.ca_certs), None, None
@@ -81,7 +88,35 @@ def _worker_identity(config, index: int):
                  ca_certs=str(fleet.ca_cert))
     # Receipts are not ordered messages (a device accepts any sequence for them), so the
     # workers need no shared sequence file: each signer counts from its clock.
-    return login, fleet.sealing_key(), Signer(fleet.signing_key(), config.fleet)
+    return login, fleet.sealing_keys(), Signer(fleet.signing_key(), config.fleet)
+
+
+class _Keys:
+    """A worker's keys, reloaded from the fleet directory when its key files change."""
+
+    def __init__(self, config, ingestor, signer):
+        self.fleet = None if config.insecure else open_fleet(config.fleet_dir)
+        self.ingestor, self.signer = ingestor, signer
+        # Unknown: the first look reloads the keys, in case they changed since they were read.
+        self.state = None
+        self.checked_at = time.monotonic()
+
+    def check(self) -> None:
+        """Reload the keys if the fleet's key files changed (looks every
+        :data:`KEY_CHECK_INTERVAL` seconds at most)."""
+        if self.fleet is None or time.monotonic() - self.checked_at < KEY_CHECK_INTERVAL:
+            return
+        self.checked_at = time.monotonic()
+        state = self.fleet.key_state()
+        if state == self.state:
+            return
+        self.state = state
+        try:
+            self.ingestor.set_sealing_keys(self.fleet.sealing_keys())
+            self.signer = Signer(self.fleet.signing_key(), self.fleet.fleet)
+        except Exception:  # noqa: BLE001 - keep ingesting with the keys it has
+            log.exception("reloading the keys of %s failed; keeping the current ones",
+                          self.fleet.directory)
 
 
 @dataclass(frozen=True)
@@ -143,7 +178,7 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     topics = Topics(config.fleet)
     try:
-        login, sealing_key, signer = _worker_identity(config, index)
+        login, sealing_keys, signer = _worker_identity(config, index)
         group = share_group(config)
     except Exception as exc:  # noqa: BLE001 - e.g. a fleet directory it cannot read
         reports.put(("failed", index, f"cannot load the fleet's keys and logins: {exc}"))
@@ -152,7 +187,7 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
     ingestor = UpdateIngestor(store, topics, num_params=num_params,
                               max_update_bytes=config.max_update_bytes,
                               bounds=InfluenceBounds(config.max_samples, config.max_update_norm),
-                              sealing_key=sealing_key)
+                              sealing_key=sealing_keys)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     conn = MqttConnection(
         worker_client_id(config.server_id, index), config.broker_url, **login,
@@ -172,9 +207,11 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
         return
     reports.put(("ready", index))
     parent = mp.parent_process()
+    keys = _Keys(config, ingestor, signer)
     try:
         while not (stop.is_set() or terminated.is_set()) and \
                 (parent is None or parent.is_alive()):
+            keys.check()
             try:
                 batch = [inbox.get(timeout=0.2)]
             except queue.Empty:
@@ -184,7 +221,7 @@ def run_worker(config, index: int, num_params: int, reports, stop, log_level: in
                     batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
-            _ingest(ingestor, conn, topics, config, index, batch, reports, stop, signer)
+            _ingest(ingestor, conn, topics, config, index, batch, reports, stop, keys.signer)
     finally:
         conn.stop()  # what was not acknowledged stays in the broker session
         store.close()
