@@ -185,7 +185,9 @@ def test_the_keys_rotate_between_rounds_and_every_device_follows(secure_broker, 
         wait_for(lambda: all(d.stats()["signing_key"] == key_id(new_signing).hex()
                              for d in devices.values()), "a device did not follow the notice")
         # dev-1 as it would be after a reboot now: its saved model 1 is signed with the old key.
-        shutil.copytree(tmp_path / "dev-1", tmp_path / "dev-1-rebooted")
+        # (Files are replaced by rename: a temporary file may vanish while the copy runs.)
+        shutil.copytree(tmp_path / "dev-1", tmp_path / "dev-1-rebooted",
+                        ignore=shutil.ignore_patterns("*.tmp"))
         time.sleep(2 * KEY_CHECK_INTERVAL + 0.5)  # every ingestion worker has looked since
         # An update sealed to the replaced key, by a device that has not read the notice, is
         # accepted, and its receipt is signed with the new key.
