@@ -29,7 +29,8 @@ its worker processes, Mosquitto, the publishers) is read from ``/proc`` for ever
 load runs on the same machine as the server, the sum of the three bounds what the machine can
 carry (printed as "carry at most"), and the receiver's share says what one more core would buy.
 
-Writes ``benchmarks/results/aggregator.json``. Run: ``python benchmarks/bench_aggregator.py``
+Writes ``benchmarks/results/aggregator.json`` (``aggregator-insecure.json``,
+``aggregator-backlog.json`` for the other modes). Run: ``python benchmarks/bench_aggregator.py``
 (defaults: 4,000 devices, 3 publishers, 5 trials); ``--devices 500 --trials 1`` for a quick check.
 """
 from __future__ import annotations
@@ -515,8 +516,9 @@ def main(argv=None) -> int:
                "load": "backlog" if args.backlog else "live",
                "python": platform.python_version(), "machine": platform.machine(),
                "workers": {str(w): {"trials": rows[w], **summary[w]} for w in worker_counts}}
-    (out / "aggregator.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {out / 'aggregator.json'}")
+    path = out / ("aggregator" + "-insecure" * args.insecure + "-backlog" * args.backlog + ".json")
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
     return 0
 
 
