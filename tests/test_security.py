@@ -320,21 +320,29 @@ def test_forged_and_replayed_announcements_are_refused(secure_broker, tmp_path, 
 
 
 def test_forged_receipts_are_refused(secure_broker, tmp_path, clean):
+    sent = {}
+
     def attack(fed):
         server = server_login(fed.broker)
         signer = Signer(fed.fleet.signing_key(), FLEET)
-        for entry in fed.devices["dev-1"].outbox.entries():  # the worst case: the right ids
+        entries = fed.devices["dev-1"].outbox.entries()  # the worst case: the right ids
+        for entry in entries:
             server.publish(TOPICS.receipt("dev-1"), Receipt(
                 entry.round_id, entry.update_id, "accepted").to_json())
         server.publish(TOPICS.receipt("dev-1"), Receipt(2, 1, "rejected", "forged").to_json())
+        sent["unsigned"] = len(entries) + 1
         server.publish(TOPICS.receipt("dev-1"), signer.sign(
             "receipt", Receipt(2, 1, "rejected", "for dev-2").to_json(), subject="dev-2"))
         server.close()
 
-    # The run can end (model 2 installed) a moment before dev-1 handles its last real receipt:
-    # the devices stop only once it has (or the run fails).
+    # The devices stop once dev-1's round-2 update has its real receipt. (Logging in with the
+    # server's own login takes the server's MQTT session over for a moment: receipts it sends
+    # then are lost; dev-1 resends an update still in its outbox, but one of round 1 that round
+    # 2 already ended gets no second receipt, which is harmless: the server counted it.)
     federation = run_attacked(secure_broker, tmp_path, clean, attack,
-                              settled=lambda fed: fed.devices["dev-1"].counters["accepted"] >= 2)
+                              settled=lambda fed: fed.devices["dev-1"].outbox.entries() == [])
     dev1 = federation.devices["dev-1"]
-    assert dev1.counters["refused_signature"] >= 1 and dev1.counters["refused_misbound"] == 1
-    assert dev1.rejections == [] and dev1.counters["accepted"] == 2
+    # every forged receipt was refused, and none was counted as an answer
+    assert dev1.counters["refused_signature"] == sent["unsigned"]
+    assert dev1.counters["refused_misbound"] == 1
+    assert dev1.rejections == [] and 1 <= dev1.counters["accepted"] <= 2
