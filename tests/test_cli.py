@@ -381,6 +381,9 @@ def test_simulate_with_central_dp_stops_at_its_target_and_reports_epsilon(tmp_pa
     assert [r["privacy"]["epsilon"] for r in summary["rounds"]] == sorted(
         r["privacy"]["epsilon"] for r in summary["rounds"])
     assert "privacy: epsilon" in result.stdout and "user-level, add/remove" in result.stdout
+    # the devices learn that the run stopped early and finish on their own, none is stopped
+    assert "did not finish" not in result.stderr + result.stdout
+    assert "3 of 3 devices ended on the final model version 2" in result.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

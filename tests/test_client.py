@@ -262,6 +262,17 @@ def test_not_selected_closed_or_finished_rounds_send_nothing(broker, server, tmp
         assert client.finished.wait(5)
 
 
+def test_a_run_that_stops_before_the_round_it_announced_still_finishes(broker, server, tmp_path,
+                                                                       model0, local_data):
+    """Central DP's privacy target can end a run after round 3 was announced as coming: the
+    "finished" announcement then names round 2, the last that ran, and still ends the run."""
+    server.model(model0)
+    with make_client(broker, tmp_path, local_data) as client:
+        server.round(3, 0, state="closed")
+        server.round(2, 0, state="finished")
+        assert client.finished.wait(5)
+
+
 def test_waits_for_the_round_model_before_training(broker, server, tmp_path, model0, local_data):
     server.model(model0)
     with make_client(broker, tmp_path, local_data) as client:

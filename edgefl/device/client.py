@@ -111,6 +111,19 @@ _REFUSAL_COUNTERS = {SignatureInvalid: "refused_signature", MessageMisbound: "re
                      ReplayedMessage: "refused_replay"}
 
 
+def _overtaken(new: RoundAnnouncement, current: RoundAnnouncement | None) -> bool:
+    """Whether ``new`` is older than the ``current`` announcement, so it changes nothing.
+
+    A run that stops before a round it already announced as coming ("closed", round N + 1: the
+    privacy target of central DP allows no more) says "finished" with the last round that ran,
+    N. That ends the run; it is not an announcement overtaken by the one of round N + 1.
+    """
+    if current is None or new.round_id >= current.round_id:
+        return False
+    return not (new.state == "finished" and current.state == "closed"
+                and new.round_id == current.round_id - 1)
+
+
 class NoModelYet(RuntimeError):
     """The device has not received a global model yet, so it cannot predict."""
 
@@ -808,9 +821,8 @@ class EdgeClient:
                 log.info("%s: fresh round announcements arrive again", self.client_id)
             self._freeze_logged = False
         with self._lock:
-            current = self._announcement
-            if current is not None and announcement.round_id < current.round_id:
-                return  # an announcement overtaken by a newer one
+            if _overtaken(announcement, self._announcement):
+                return
             self._announcement = announcement
         self._accept(message)
         self._check_behind()
