@@ -72,8 +72,9 @@ class Raw:
         return self.acks.get(mid)
 
     def close(self):
-        self.client.loop_stop()
+        # DISCONNECT first: the network thread then ends at once, not after its 1-s select
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def server_login(broker, control=False, topics=()):
