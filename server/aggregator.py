@@ -895,7 +895,9 @@ class AggregationServer:
                     return
                 if r.phase == WAITING:
                     if not self._try_open(r):
-                        self._wake.wait(0.5)
+                        # Statuses settle sooner than the next half-second poll: open then.
+                        settling = STATUS_SETTLE - (time.monotonic() - self._status_seen_at)
+                        self._wake.wait(min(0.5, settling) if settling > 0 else 0.5)
                     continue
                 with self._lock:
                     answered = self._answered()
