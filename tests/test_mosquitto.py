@@ -21,8 +21,9 @@ def _retained_payload(broker, topic, timeout=5.0):
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        client.loop_stop()
+        # DISCONNECT first: the network thread then ends at once, not after its 1-s select
         client.disconnect()
+        client.loop_stop()
     return got[0] if got else None
 
 
@@ -37,8 +38,8 @@ def test_broker_listens_on_loopback_and_keeps_retained_messages_across_restart(b
     publisher.connect(broker.host, broker.port)
     publisher.loop_start()
     publisher.publish("edgefl/t/model", b"v1", qos=1, retain=True).wait_for_publish(5)
-    publisher.loop_stop()
     publisher.disconnect()
+    publisher.loop_stop()
 
     broker.restart()
     assert _retained_payload(broker, "edgefl/t/model") == b"v1"
