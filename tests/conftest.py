@@ -48,11 +48,21 @@ from edgefl_server.provisioning import add_device, init_fleet  # noqa: E402
 FLEET_DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 
 
+def _run(broker: MosquittoBroker):
+    """Start ``broker`` for one test; kill it afterwards: a graceful stop saves state nobody
+    reads again, and Mosquitto can take 0.1 s to act on SIGTERM."""
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+        broker.close()
+
+
 @pytest.fixture
 def broker(tmp_path):
     """A fresh anonymous Mosquitto for one test; fails (never skips) when it is not installed."""
-    with MosquittoBroker(persistence_dir=tmp_path / "broker") as b:
-        yield b
+    yield from _run(MosquittoBroker(persistence_dir=tmp_path / "broker"))
 
 
 @pytest.fixture
@@ -68,5 +78,4 @@ def fleet(request, tmp_path):
 @pytest.fixture
 def secure_broker(fleet):
     """Mosquitto running ``fleet``'s generated configuration on loopback."""
-    with MosquittoBroker(fleet=fleet, any_port=True) as b:
-        yield b
+    yield from _run(MosquittoBroker(fleet=fleet, any_port=True))
