@@ -108,10 +108,6 @@ class FakeServer:
                                client_id=TOPICS.client_of(topic))
         return topic, decode_update(plain)
 
-    def assert_no_update(self, wait=0.7):
-        with pytest.raises(queue.Empty):
-            self.updates.get(timeout=wait)
-
     def status_of(self, client_id, timeout=5):
         while True:
             topic, payload = self.statuses.get(timeout=timeout)
@@ -166,6 +162,20 @@ def wait_for(predicate, timeout=10.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def assert_sends_nothing_more(server, client, announcements, sent):
+    """``client`` has decided on ``announcements`` round announcements, has no round left to
+    handle, and has sent ``sent`` updates in all: nothing more is on its way (it counts an
+    update as it hands it to paho, before the broker has it)."""
+    def settled():
+        with client._lock:
+            return client.counters["announcements"] >= announcements and client._job is None \
+                and not client.training.is_set()
+
+    assert wait_for(settled), client.counters
+    assert client.counters["updates_sent"] == sent, client.counters
+    assert server.updates.empty()
 
 
 # -- status and models ---------------------------------------------------------------------------
@@ -245,7 +255,7 @@ def test_selected_device_trains_on_the_round_model_and_sends_one_update(broker, 
         assert np.abs(update.values).max() > 0
         assert len(client.outbox) == 1  # kept until the receipt
         server.round(1, 0, selected=["dev-1", "dev-9"])  # the same announcement again
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=2, sent=1)
         server.receipt("dev-1", 1, update.update_id)
         assert wait_for(lambda: len(client.outbox) == 0)
         assert client.counters["accepted"] == 1
@@ -257,7 +267,7 @@ def test_not_selected_closed_or_finished_rounds_send_nothing(broker, server, tmp
     with make_client(broker, tmp_path, local_data) as client:
         server.round(1, 0, selected=["dev-2"])
         server.round(2, 0, state="closed")
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=2, sent=0)
         server.round(2, 0, state="finished")
         assert client.finished.wait(5)
 
@@ -278,7 +288,7 @@ def test_waits_for_the_round_model_before_training(broker, server, tmp_path, mod
     with make_client(broker, tmp_path, local_data) as client:
         assert wait_for(lambda: client.model_version == 0)
         server.round(2, 1)  # announces version 1, which has not arrived yet
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=1, sent=0)
         server.model(next_version(model0, 1))
         _, update = server.next_update()
         assert (update.round_id, update.base_version) == (2, 1)
@@ -298,15 +308,15 @@ def test_a_round_whose_deadline_passed_is_skipped(broker, server, tmp_path, mode
     server.model(model0)
     with make_client(broker, tmp_path, local_data) as client:
         server.round(1, 0, deadline=time.time() - 1)
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=1, sent=0)
         assert wait_for(lambda: client.counters["rounds_skipped"] == 1)
 
 
 def test_a_device_without_samples_sends_nothing_and_says_why(broker, server, tmp_path, model0, caplog):
     server.model(model0)
-    with make_client(broker, tmp_path):
+    with make_client(broker, tmp_path) as client:
         server.round(1, 0)
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=1, sent=0)
     assert "no local samples" in caplog.text
 
 
@@ -403,7 +413,8 @@ def test_an_unacknowledged_update_is_resent_after_a_reboot(broker, server, tmp_p
     with rebooted:
         _, again = server.next_update()
         assert again.update_id == first.update_id  # the same update, so the server counts it once
-        server.assert_no_update()  # and no second training for round 1
+        # and no second training for round 1 (its retained announcement came again)
+        assert_sends_nothing_more(server, rebooted, announcements=1, sent=1)
         server.receipt("dev-1", 1, first.update_id, status="rejected", reason="duplicate")
         assert wait_for(lambda: len(rebooted.outbox) == 0)
         assert rebooted.rejections == ["round 1: duplicate"]
@@ -452,7 +463,7 @@ def test_an_update_whose_round_advanced_during_training_is_sent_if_it_can_count(
             assert [e.round_id for e in client.outbox.entries()] == [1]
         else:
             assert wait_for(lambda: not client.training.is_set(), timeout=30)
-            server.assert_no_update()
+            assert_sends_nothing_more(server, client, announcements=2, sent=0)
             assert len(client.outbox) == 0 and client.counters["rounds_skipped"] == 1
             assert f"round 1: the update is not sent: {why}" in caplog.text
 
@@ -485,13 +496,13 @@ def test_privacy_budget_stops_updates_and_survives_a_reboot(broker, server, tmp_
         assert np.abs(update.values).sum() > 1.0  # clipped to L1 1.0, then Laplace noise added
         assert client.privacy_spent == pytest.approx(1.0)
         server.round(2, 0, config=private)
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=2, sent=1)
     assert "privacy budget spent" in caplog.text
     rebooted = make_client(broker, tmp_path, local_data, privacy_budget=1.5)
     assert rebooted.privacy_spent == pytest.approx(1.0)  # a reboot does not refill the budget
     with rebooted:
-        server.round(3, 0, config=private)
-        server.assert_no_update()
+        server.round(3, 0, config=private)  # after round 2's, retained
+        assert_sends_nothing_more(server, rebooted, announcements=2, sent=0)
         server.round(4, 0)  # without privacy the update costs nothing and is sent
         _, update = server.next_update()
         assert update.round_id == 4
@@ -529,7 +540,7 @@ def test_a_device_that_requires_privacy_skips_rounds_without_it(broker, server, 
     server.model(model0)
     with make_client(broker, tmp_path, local_data, require_privacy=True) as client:
         server.round(1, 0)  # announced with privacy "none"
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=1, sent=0)
         assert wait_for(lambda: client.counters["rounds_skipped"] == 1)
         server.round(2, 0, config=TrainingConfig(
             epochs=1, privacy=PrivacyConfig("laplace", epsilon=1.0, clip=1.0)))
@@ -674,7 +685,7 @@ def test_an_announced_mechanism_the_device_does_not_support_is_declined_in_its_s
         reason = status.capabilities["declined"]["reason"]
         assert f"privacy mechanism {mechanism!r} is not supported" in reason and why in reason
         assert status.available  # another round may announce a mechanism it takes part with
-        server.assert_no_update()
+        assert_sends_nothing_more(server, client, announcements=1, sent=0)
         server.round(2, 0, config=TrainingConfig(epochs=1, privacy=PrivacyConfig(
             "central-gaussian", clip=0.5)))
         _, update = server.next_update()

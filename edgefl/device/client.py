@@ -200,7 +200,8 @@ class EdgeClient:
         Set once the server announced that the last round is over and this device serves the
         final model.
     training : threading.Event
-        Set while local training for a round runs.
+        Set while the worker handles a round: from taking it until its update is sent or the
+        round skipped.
     """
 
     def __init__(self, client_id: str, fleet: str, broker_url: str, state_dir, *,
@@ -268,7 +269,7 @@ class EdgeClient:
                              models_installed=0, models_refused=0, rounds_skipped=0,
                              refreshes_applied=0, refresh_fallbacks=0,
                              refused_signature=0, refused_misbound=0, refused_replay=0,
-                             updates_resent=0)
+                             updates_resent=0, announcements=0)
         self.last_loss: float | None = None
         self.rejections: list[str] = []
 
@@ -831,6 +832,8 @@ class EdgeClient:
         with self._lock:
             self._schedule()
             self._check_finished()
+            # Counted once decided on: a training job it starts is queued by now.
+            self._count("announcements")
 
     def _on_receipt(self, frame: bytes) -> None:
         verified = self._verified(frame, "receipt", subject=self.client_id)
@@ -949,6 +952,8 @@ class EdgeClient:
                 if self._stopping:
                     return
                 job, self._job = self._job, None
+                if job is not None:  # set as it is taken: a job is always queued or training
+                    self.training.set()
             if job is None:
                 try:
                     self._housekeeping()
@@ -956,7 +961,6 @@ class EdgeClient:
                     log.exception("%s: housekeeping failed", self.client_id)
                 continue
             announcement, model = job
-            self.training.set()
             try:
                 self._take_part(announcement, model)
             except PrivacyBudgetExhausted as exc:
