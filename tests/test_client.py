@@ -726,7 +726,7 @@ def test_a_frozen_server_is_noticed_and_replays_do_not_hide_it(broker, server, t
         assert wait_for(lambda: "no fresh verified round announcement" in caplog.text, 10)
         # The same signed announcement again (a replay of the newest one) is not fresh.
         server.control.publish(TOPICS.round, frame, qos=1, retain=True).wait_for_publish(5)
-        time.sleep(0.3)
+        assert wait_for(lambda: client.counters["announcements"] == 3)  # the replay, handled
         assert client.announcement_age > 1.5
         assert client.stats()["announcement_age_s"] > 1.5
         server.round(1, 0, state="closed")  # signed anew: the server is alive
