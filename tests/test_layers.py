@@ -290,7 +290,15 @@ def test_a_running_edgefl_client_process_loads_nothing_of_the_server(secure_brok
     code = textwrap.dedent(f"""
         import sys, threading, signal, os
         from edgefl.cli import main
-        threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        from edgefl.device.client import EdgeClient
+        # SIGTERM once the device is up: connected, its status published, its outbox checked
+        connected, on_connected = threading.Event(), EdgeClient._on_connected
+        def on_connected_then_say_so(self, *args):
+            on_connected(self, *args)
+            connected.set()
+        EdgeClient._on_connected = on_connected_then_say_so
+        threading.Thread(target=lambda: (connected.wait(60), os.kill(os.getpid(), signal.SIGTERM)),
+                         daemon=True).start()
         rc = main.main(["client", "--bundle", {str(fleet.bundle("dev-1"))!r},
                         "--broker", {secure_broker.url!r},
                         "--state-dir", {str(tmp_path / "state")!r}, "--data", {str(tmp_path / "d.npz")!r}])
