@@ -309,7 +309,10 @@ def test_a_broker_without_persistence_restarts_and_a_device_reboots(fleet, tmp_p
     with MosquittoBroker(fleet=fleet, persistence=False, any_port=True) as broker:
         watch = OnlineWatch(broker)
         try:
-            fleet_devices = Fleet(broker, tmp_path / "devices", 2)
+            # An update that reaches the restarted broker before the server has subscribed again
+            # is dropped (nobody subscribed): the device's outbox sends it again, here after 3 s.
+            fleet_devices = Fleet(broker, tmp_path / "devices", 2,
+                                  extra=["--receipt-timeout", "3"])
             fleet_devices.start_all()
             watch.wait(lambda online: len(online) == 2)
             rounds_done = threading.Event()
