@@ -48,9 +48,12 @@ demo: setup
 test: setup
 	$(MAKE) --no-print-directory test-compiled test-numpy
 
+# In two worker processes (pytest-xdist), whole files each (a module's fixtures are built once):
+# the suite mostly waits (brokers, device processes, rounds), so two halve it even on two CPUs.
+# Every integration test has its own broker on a free port and its own temporary directories.
 test-compiled:
 	$(PY) -c "import edgefl.kernels as k; assert k.BACKEND == 'cython', 'compiled kernels did not import'"
-	$(PYTEST) -q
+	$(PYTEST) -q -n 2 --dist loadfile
 
 test-numpy:
 	EDGEFL_PUREPYTHON=1 $(PYTEST) -q -m "backend and not integration"
