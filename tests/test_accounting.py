@@ -1,18 +1,25 @@
 """The server's accountant of central DP against dp-accounting and a published reference value."""
 import math
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import rdp
 
 from edgefl_server.accounting import (CentralPrivacy, ParametersChanged, PrivacyBudgetReached,
                                       RunAccountant, noise_multiplier_for, run_epsilon)
 
 
-def test_epsilon_after_each_round_equals_dp_accountings_for_the_same_events():
+@pytest.fixture(scope="module", name="dp_accounting")
+def dp_accounting_module():
+    """dp-accounting, imported by the tests that compare with it: its import takes about a
+    second, which collecting the suite (twice in ``make test``) need not pay."""
+    import dp_accounting
+
+    return dp_accounting
+
+
+def test_epsilon_after_each_round_equals_dp_accountings_for_the_same_events(dp_accounting):
     ours = RunAccountant(noise_multiplier=1.1, sampling_rate=0.05, delta=1e-5)
-    theirs = rdp.RdpAccountant()
+    theirs = dp_accounting.rdp.RdpAccountant()
     for _ in range(25):
         epsilon, delta = ours.charge_round()
         theirs.compose(dp_accounting.PoissonSampledDpEvent(
@@ -21,7 +28,7 @@ def test_epsilon_after_each_round_equals_dp_accountings_for_the_same_events():
     assert ours.rounds == 25
 
 
-def test_abadi_et_al_2016_moments_accountant_value_is_reproduced():
+def test_abadi_et_al_2016_moments_accountant_value_is_reproduced(dp_accounting):
     """Abadi et al., "Deep Learning with Differential Privacy" (CCS 2016), Section 3.1: q = 0.01,
     sigma = 4, delta = 1e-5, T = 10,000 steps give epsilon ~= 1.26 with the moments accountant.
 
@@ -30,7 +37,7 @@ def test_abadi_et_al_2016_moments_accountant_value_is_reproduced():
     RDP values at those orders that conversion gives 1.26 to the paper's two decimals. The RDP
     accountant's own conversion (Balle et al. 2020) is tighter, so its epsilon is lower."""
     orders = np.arange(2, 34)
-    accountant = rdp.RdpAccountant(orders=list(orders))
+    accountant = dp_accounting.rdp.RdpAccountant(orders=list(orders))
     accountant.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(4.0)), 10_000))
     moments = min(accountant.rdp + math.log(1 / 1e-5) / (orders - 1))
@@ -85,7 +92,7 @@ def test_a_resumed_run_counts_its_recorded_rounds_and_refuses_other_parameters()
         central.accountant(100).resume([(first.noise_multiplier, 0.2)])
 
 
-def test_the_accountant_logs_no_absl_warning_at_small_orders(caplog):
+def test_the_accountant_logs_no_absl_warning_at_small_orders(caplog, dp_accounting):
     """dp-accounting's series for fractional orders near 1 does not converge at q 0.1, z ~1
     and it drops those orders (only ever raising epsilon); its absl warnings are kept out."""
     import logging
@@ -93,15 +100,15 @@ def test_the_accountant_logs_no_absl_warning_at_small_orders(caplog):
         z = noise_multiplier_for(8.0, 1e-5, 0.1, 100)
         epsilon = run_epsilon(z * 1.0001, 0.1, 50, 1e-5)
     assert "failed to converge" not in caplog.text
-    theirs = rdp.RdpAccountant()
+    theirs = dp_accounting.rdp.RdpAccountant()
     theirs.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(z * 1.0001)), 50))
     assert epsilon == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-12)
 
 
-def test_a_known_selection_loses_the_amplification():
+def test_a_known_selection_loses_the_amplification(dp_accounting):
     accountant = RunAccountant(noise_multiplier=1.0, sampling_rate=0.01, delta=1e-5, rounds=100)
-    plain = rdp.RdpAccountant()
+    plain = dp_accounting.rdp.RdpAccountant()
     plain.compose(dp_accounting.GaussianDpEvent(1.0), 3)
     assert accountant.epsilon_if_selection_known(3) == plain.get_epsilon(1e-5)
     assert accountant.epsilon_if_selection_known(0) == 0.0
