@@ -651,24 +651,30 @@ def _epochs_by_steps(K, layers, X, y, lr, rng, epochs, batch, **hyper):
 @example(sizes=[3, 2], n=1, batch=1, epochs=1, momentum=0.0, mu=0.0, seed=1)
 @example(sizes=[3, 2], n=5, batch=5, epochs=1, momentum=0.0, mu=0.0, seed=2)  # batch == n
 @example(sizes=[3, 2], n=5, batch=7, epochs=2, momentum=0.0, mu=0.0, seed=3)  # batch > n
+# 180 single-sample steps with momentum 0.9: at an effective step of 0.5 this diverged (loss 109),
+# where float32 rounding grows without bound and no two backends can agree
+@example(sizes=[12, 12, 3], n=60, batch=1, epochs=3, momentum=0.9, mu=0.0, seed=65)
 def test_epochs_are_the_steps_over_numpys_permutations(sizes, n, batch, epochs, momentum, mu,
                                                        seed):
+    # The same effective step, lr / (1 - momentum), with or without momentum: the comparison of
+    # the backends is one of stable training, as a device trains.
+    lr = 0.05 * (1.0 - momentum)
     rng = np.random.default_rng(seed)
     start, ref = make_model(sizes, rng), make_model(sizes, rng)
     X, y = make_batch(sizes, n, rng)
     hyper = dict(momentum=momentum, weight_decay=1e-3, mu=mu, ref=ref)
     ours, by_steps, theirs = copy_model(start), copy_model(start), copy_model(start)
     rngs = [np.random.default_rng(seed + 1) for _ in range(3)]
-    loss = COMPILED.mlp_sgd_epochs_(ours, X, y, 0.05, rng=rngs[0], epochs=epochs, batch_size=batch,
-                             **hyper)
+    loss = COMPILED.mlp_sgd_epochs_(ours, X, y, lr, rng=rngs[0], epochs=epochs, batch_size=batch,
+                                    **hyper)
     # The same backend stepping over the same permutations gives the same bits.
-    expected = _epochs_by_steps(COMPILED, by_steps, X, y, 0.05, rngs[1], epochs, batch, **hyper)
+    expected = _epochs_by_steps(COMPILED, by_steps, X, y, lr, rngs[1], epochs, batch, **hyper)
     assert loss == pytest.approx(expected, rel=1e-12)
     for (W, b), (W2, b2) in zip(ours, by_steps):
         np.testing.assert_array_equal(W, W2)
         np.testing.assert_array_equal(b, b2)
     # The twin agrees within float32 rounding.
-    loss_twin = twin.mlp_sgd_epochs_(theirs, X, y, 0.05, rng=rngs[2], epochs=epochs,
+    loss_twin = twin.mlp_sgd_epochs_(theirs, X, y, lr, rng=rngs[2], epochs=epochs,
                                      batch_size=batch, **hyper)
     assert loss == pytest.approx(loss_twin, rel=1e-4, abs=1e-5)
     for (W, b), (W2, b2) in zip(ours, theirs):
