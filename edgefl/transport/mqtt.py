@@ -31,6 +31,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
@@ -99,10 +100,13 @@ def _share_paho_tables() -> None:
     (paho 2.x only; a later paho keeps its own classes)."""
     if paho.mqtt.__version__.split(".")[0] != "2":
         return
+    # paho 2.0 and 2.1 build the reason-code names in each instance (2.2 made them a read-only
+    # class table, which the shared variant reads): theirs stays as it is.
+    share_reason_codes = isinstance(getattr(ReasonCode, "names", None), Mapping)
     for module in (paho.mqtt._packet, mqtt):
         if getattr(module, "Properties", None) is Properties:
             module.Properties = _SharedTableProperties
-        if getattr(module, "ReasonCode", None) is ReasonCode:
+        if share_reason_codes and getattr(module, "ReasonCode", None) is ReasonCode:
             module.ReasonCode = _SharedTableReasonCode
 
 
