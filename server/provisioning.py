@@ -514,7 +514,7 @@ def _sync_broker_files(f: Fleet) -> list[str]:
                              (f.path("broker", "acl"), acl_text(f.fleet).encode(), 0o644)):
         if not path.exists() or path.read_bytes() != data:
             changed.append(str(path.relative_to(f.directory)))
-        _replace(path, data, mode)
+            _replace(path, data, mode)
     return changed
 
 
