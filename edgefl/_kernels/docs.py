@@ -10,7 +10,9 @@ DOCS = {}
 
 # -- clip -------------------------------------------------------------------------------------------
 
-DOCS["clip_l2_"] = """Scale ``x`` in place so that its L2 norm is at most ``max_norm``.
+def _clip_doc(norm: str, notes: str) -> str:
+    """The shared text of the in-place clipping kernels, for the ``norm`` they bound."""
+    return f"""Scale ``x`` in place so that its {norm} norm is at most ``max_norm``.
 
 Parameters
 ----------
@@ -22,7 +24,7 @@ max_norm : float
 Returns
 -------
 float
-    The L2 norm of ``x`` before clipping, accumulated in double.
+    The {norm} norm of ``x`` before clipping, accumulated in double.
 
 Raises
 ------
@@ -34,37 +36,18 @@ ValueError
 
 Notes
 -----
-L2 clipping bounds the L2 sensitivity: pair it with Gaussian noise. Laplace noise needs
-:func:`clip_l1_`.
+{notes}
 """
 
-DOCS["clip_l1_"] = """Scale ``x`` in place so that its L1 norm is at most ``max_norm``.
 
-Parameters
-----------
-x : numpy.ndarray
-    float32, C-contiguous, writeable, any shape (the norm is over all elements).
-max_norm : float
-    The bound, finite and > 0.
+DOCS["clip_l2_"] = _clip_doc(
+    "L2", "L2 clipping bounds the L2 sensitivity: pair it with Gaussian noise. Laplace noise "
+          "needs\n:func:`clip_l1_`.")
 
-Returns
--------
-float
-    The L1 norm of ``x`` before clipping, accumulated in double.
-
-Raises
-------
-TypeError
-    ``x`` is not a float32 ndarray, or ``max_norm`` is not a number.
-ValueError
-    ``x`` is non-contiguous or read-only, contains NaN or Inf (``x`` is left unchanged), or
-    ``max_norm`` is not finite and positive.
-
-Notes
------
-After clipping to C, adding or removing one update moves a sum by at most C in L1 norm
-(replacing one: 2C); Laplace noise is calibrated to that L1 sensitivity, never to an L2 bound.
-"""
+DOCS["clip_l1_"] = _clip_doc(
+    "L1", "After clipping to C, adding or removing one update moves a sum by at most C in L1 "
+          "norm\n(replacing one: 2C); Laplace noise is calibrated to that L1 sensitivity, never "
+          "to an L2 bound.")
 
 # -- noise ------------------------------------------------------------------------------------------
 
