@@ -145,8 +145,9 @@ class UpdateIngestor:
         """Open a sealed update with the opener of the key it names (the current one's error
         for a key this server does not hold)."""
         openers, current = self._opener
-        opener = openers.get(parse_sealed(payload)[0].recipient_key_id, current)
-        return opener.open(payload, fleet=self.topics.fleet, client_id=client_id)
+        parsed = parse_sealed(payload)
+        opener = openers.get(parsed[0].recipient_key_id, current)
+        return opener.open(payload, fleet=self.topics.fleet, client_id=client_id, parsed=parsed)
 
     def ingest(self, topic: str, payload: bytes, round_state: RoundState, *, now: float) -> Outcome:
         """Validate one update message against ``round_state`` and store it if it is accepted."""

@@ -190,15 +190,19 @@ class Opener:
                 self._cache.popitem(last=False)
         return aead
 
-    def open(self, sealed, *, fleet: str, client_id: str) -> tuple[SealedHeader, bytes]:
+    def open(self, sealed, *, fleet: str, client_id: str,
+             parsed: tuple[SealedHeader, int] | None = None) -> tuple[SealedHeader, bytes]:
         """Open an update sealed by ``client_id`` of ``fleet``; the clear header and the update.
+
+        ``parsed`` is :func:`parse_sealed` of ``sealed``, when the caller has it already (to
+        choose the opener of the key the header names).
 
         Raises
         ------
         SealError
             Malformed, sealed for another fleet, device or key, or altered (authentication fails).
         """
-        header, start = parse_sealed(sealed)
+        header, start = parsed if parsed is not None else parse_sealed(sealed)
         if header.fleet != fleet or header.client_id != client_id:
             raise SealError(f"sealed for {header.client_id!r} of fleet {header.fleet!r}, but "
                             f"arrived from {client_id!r} of fleet {fleet!r}")
